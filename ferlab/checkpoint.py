@@ -1,0 +1,127 @@
+"""Checkpoints: safetensors weights carrying their full config, so a path is all evaluate/explain need.
+
+A checkpoint's metadata (JSON under the safetensors key ``ferlab``) holds the model
+name and arguments, the preprocessing and its statistics, the class names, the data
+fingerprint, the split protocol and the training config. The resumable training
+state (optimiser, schedule, callbacks) lives in ``RUN_DIR/last.pt``, written
+atomically and read back with ``torch.load(weights_only=True)``: nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ferlab.models import FerModel, create_model
+from ferlab.transforms import Normalizer
+
+FORMAT = "ferlab-checkpoint"
+FORMAT_VERSION = 1
+BEST = "best.safetensors"
+LAST_STATE = "last.pt"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, corrupt or not a ferlab checkpoint."""
+
+
+def atomic_write(path: Path, write: Any) -> None:
+    """Call ``write(tmp_path)`` then rename over ``path``, so a crash never leaves a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def state_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict as contiguous, detached CPU tensors (safetensors needs that)."""
+    return {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, meta: dict[str, Any]) -> None:
+    """Write ``model``'s weights and ``meta`` to a safetensors file, atomically."""
+    meta = {"format": FORMAT, "version": FORMAT_VERSION, **meta}
+    tensors = state_for_saving(model)
+    atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata={"ferlab": json.dumps(meta)}))
+
+
+def resolve(path: str | Path) -> Path:
+    """A run directory resolves to its best checkpoint; a file is taken as it is."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / BEST
+        if not p.is_file():
+            raise CheckpointError(f"{path}: run directory has no {BEST} (has training finished an epoch?)")
+    elif not p.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file or run directory")
+    return p
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """The metadata of a checkpoint (file or run directory) without loading its weights."""
+    from safetensors import safe_open
+
+    p = resolve(path)
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            raw = (f.metadata() or {}).get("ferlab")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{p}: not a readable safetensors file ({e})") from None
+    if raw is None:
+        raise CheckpointError(f"{p}: safetensors file has no ferlab metadata; not a ferlab checkpoint")
+    meta = json.loads(raw)
+    if meta.get("format") != FORMAT or meta.get("version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"{p}: unsupported checkpoint format {meta.get('format')} v{meta.get('version')}")
+    return meta
+
+
+def build_model(meta: dict[str, Any]) -> FerModel:
+    m = meta["model"]
+    return create_model(m["name"], num_classes=m["num_classes"], in_chans=m["in_chans"], **m.get("args", {}))
+
+
+def load_checkpoint(path: str | Path) -> tuple[FerModel, dict[str, Any]]:
+    """Rebuild the model of a checkpoint (file or run directory), in eval mode, with its metadata."""
+    p = resolve(path)
+    meta = read_meta(p)
+    model = build_model(meta)
+    try:
+        state = load_file(str(p))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{p}: cannot read weights ({e})") from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:  # missing, unexpected or mis-shaped tensors
+        first = str(e).strip().splitlines()[:3]
+        raise CheckpointError(f"{p}: weights do not fit model {meta['model']['name']}: {' '.join(first)}") from None
+    return model.eval(), meta
+
+
+def normalizer_from_meta(meta: dict[str, Any]) -> Normalizer:
+    return Normalizer(**meta["preprocess"]["normalize"])
+
+
+def save_state(path: str | Path, state: dict[str, Any]) -> None:
+    """Save the resumable training state atomically (only tensors, numbers, strings, lists and dicts)."""
+    atomic_write(Path(path), lambda tmp: torch.save(state, tmp))
+
+
+def load_state(path: str | Path) -> dict[str, Any]:
+    """Load a training state saved by :func:`save_state`; never unpickles arbitrary objects."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for corrupt or hostile files
+        raise CheckpointError(f"{path}: cannot load training state safely ({type(e).__name__}: {e})") from None

@@ -1,0 +1,259 @@
+"""The ``ferlab`` command: one sub-command per job, each mapped to a function (no if/elif chains)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
+
+
+# --------------------------------------------------------------------------- models
+def cmd_models(args: argparse.Namespace) -> int:
+    from ferlab.models.summary import model_table
+
+    rows = model_table(args.pattern)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    head = f"{'name':<16} {'source':<11} {'Keras-style total':>17} {'trainable':>12} {'MFLOPs/img':>11}  description"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(f"{r['name']:<16} {r['source']:<11} {r['keras_total']:>17,} {r['trainable']:>12,} "
+              f"{r['mflops']:>11.1f}  {r['description']}")
+    print("\nKeras-style total counts BatchNorm moving mean/variance as Keras does; MFLOPs = 2 x multiply-adds.")
+    return 0
+
+
+# --------------------------------------------------------------------------- train
+# Command-line flags that override TrainConfig fields: flag -> (field, type, help)
+TRAIN_FLAGS: dict[str, tuple[str, Callable[[str], Any], str]] = {
+    "--data": ("data", str, "data path (fer2013.csv[.gz], icml_face_data.csv, train.csv/test.csv dir, image "
+                            "folders); default: the embedded synthetic faces"),
+    "--synthetic": ("synthetic", json.loads, "options of the embedded synthetic data as JSON, e.g. "
+                                             "'{\"n_train\": 2000, \"seed\": 1}' (used when --data is absent)"),
+    "--model": ("model", str, "registered model name (see `ferlab models`)"),
+    "--epochs": ("epochs", int, "number of epochs"),
+    "--batch-size": ("batch_size", int, "batch size"),
+    "--optimizer": ("optimizer", str, "sgd (Nesterov) | adam | adamw"),
+    "--lr": ("lr", float, "(peak) learning rate"),
+    "--weight-decay": ("weight_decay", float, "weight decay"),
+    "--schedule": ("schedule", str, "onecycle | cosine | plateau | none"),
+    "--label-smoothing": ("label_smoothing", float, "label smoothing of the cross-entropy"),
+    "--normalize": ("normalize", str, "none | unit | image | dataset"),
+    "--augment": ("augment", str, "preset (none, flip, keras, standard) or JSON options"),
+    "--offline-copies": ("offline_copies", int, "offline expansion: augmented copies per training image"),
+    "--early-stopping": ("early_stopping", int, "patience in epochs (0: off)"),
+    "--monitor": ("monitor", str, "val_acc | val_loss: selects checkpoints, early stopping, plateau"),
+    "--init": ("init", str, "default | xavier | he"),
+    "--seed": ("seed", int, "random seed"),
+    "--precision": ("precision", str, "bf16 (fast path: bfloat16 autocast) | fp32"),
+    "--val-fraction": ("val_fraction", float, "validation part carved from train when the data has none"),
+    "--threads": ("threads", int, "torch threads (0: all cores)"),
+}
+
+
+def _parse_augment(v: str) -> str | dict:
+    return json.loads(v) if v.lstrip().startswith("{") else v
+
+
+def _train_config(args: argparse.Namespace):
+    from ferlab.train.config import TrainConfig
+
+    over: dict[str, Any] = {}
+    for flag, (field, _, _) in TRAIN_FLAGS.items():
+        v = getattr(args, flag[2:].replace("-", "_"))
+        if v is not None:
+            over[field] = _parse_augment(v) if field == "augment" else v
+    if args.skip_bad:
+        over["skip_bad"] = True
+    if args.fp32:
+        over["precision"] = "fp32"
+    if args.model_arg:
+        over["model_args"] = dict(_kv(a) for a in args.model_arg)
+    if args.config:
+        return TrainConfig.from_file(args.config, **over)
+    return TrainConfig.from_dict(over)
+
+
+def _kv(s: str) -> tuple[str, Any]:
+    if "=" not in s:
+        raise ValueError(f"--model-arg expects KEY=VALUE, got {s!r}")
+    k, v = s.split("=", 1)
+    try:
+        return k, json.loads(v)
+    except json.JSONDecodeError:
+        return k, v
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from ferlab.train.config import TrainConfig
+    from ferlab.train.fit import default_run_dir, fit
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        cfg_path = run_dir / "config.json"
+        if not cfg_path.is_file():
+            raise FileNotFoundError(f"{run_dir}: not a run directory (no config.json)")
+        cfg = TrainConfig.from_dict(json.loads(cfg_path.read_text())["train"])
+    else:
+        cfg = _train_config(args)
+        run_dir = Path(args.out) if args.out else default_run_dir(cfg)
+        if (run_dir / "last.pt").exists():
+            raise FileExistsError(f"{run_dir} already holds a run; use --resume {run_dir} or another --out")
+    summary = fit(cfg, run_dir, resume=bool(args.resume), progress=not args.no_progress)
+    best = summary.get(f"best_{cfg.monitor}")
+    print(f"{'finished' if summary['finished'] else 'stopped'}: best {cfg.monitor} {best:.4f} at epoch "
+          f"{summary['best_epoch']}; {summary['epochs_run']} epochs, {summary['train_seconds_total'] / 60:.1f} min; "
+          f"run directory {run_dir}")
+    print(f"next: ferlab evaluate {run_dir} --split test")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Train then evaluate on the embedded synthetic data: the whole cycle in a few minutes on 2 cores."""
+    from ferlab.evaluate import evaluate_checkpoints, format_report
+    from ferlab.train.config import TrainConfig
+    from ferlab.train.fit import fit
+
+    run_dir = Path(args.out)
+    cfg = TrainConfig(model=args.model, epochs=args.epochs)
+    resume = (run_dir / "last.pt").exists()
+    fit(cfg, run_dir, resume=resume, progress=not args.no_progress)
+    report = evaluate_checkpoints([run_dir], split="test", out_dir=run_dir / "eval-test", progress=False)
+    print(format_report(report))
+    print(f"\nrun directory {run_dir}: curves.png (training curves), eval-test/confusion.png, history.csv, "
+          "best.safetensors\nThe embedded data is synthetic: it proves the pipeline, not accuracy on real faces.")
+    return 0
+
+
+# --------------------------------------------------------------------------- evaluate
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from ferlab.evaluate import evaluate_checkpoints, format_report
+
+    first = Path(args.checkpoints[0])
+    out = Path(args.out) if args.out else (first if first.is_dir() else first.parent) / (
+        f"eval-{args.split}" + ("-ensemble" if len(args.checkpoints) > 1 else "") + ("-tta" if args.tta else ""))
+    report = evaluate_checkpoints(args.checkpoints, split=args.split, data_path=args.data, tta=args.tta,
+                                  batch_size=args.batch_size, out_dir=out, progress=not args.json)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
+def cmd_predict_csv(args: argparse.Namespace) -> int:
+    from ferlab.predict_csv import predict_csv
+
+    n = predict_csv(args.checkpoint, args.data, args.out, split=args.split, tta=args.tta)
+    print(f"wrote {n:,} predictions to {args.out}")
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from ferlab.data.source import open_data
+
+    data = open_data(args.path, skip_bad=args.skip_bad)
+    rows: dict[str, list[int]] = {}
+    for s in sorted(set(data.split.tolist())):
+        lab = data.labels[data.split == s]
+        rows[s] = [int((lab == k).sum()) for k in range(len(data.class_names))] + [int(len(lab))]
+    print(f"{data.source}: layout {data.layout}, {len(data):,} images, fingerprint {data.fingerprint}"
+          + (f", {data.n_skipped} bad rows skipped" if data.n_skipped else ""))
+    print(f"{'split':<10}" + "".join(f"{c:>9}" for c in data.class_names) + f"{'total':>9}")
+    for s, counts in rows.items():
+        print(f"{s:<10}" + "".join(f"{c:>9,}" for c in counts))
+    for note in data.notes:
+        print("note:", note)
+    return 0
+
+
+# --------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    from ferlab import __version__
+
+    p = argparse.ArgumentParser(prog="ferlab", description="Facial expression recognition: data, models, training, "
+                                "evaluation. Run `ferlab COMMAND -h` for a command's options.")
+    p.add_argument("--version", action="version", version=f"ferlab {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    m = sub.add_parser("models", help="list the registered models with parameter counts and MFLOPs")
+    m.add_argument("--json", action="store_true", help="print JSON")
+    m.add_argument("--pattern", default="*", help="shell-style name filter, e.g. 'r00*'")
+    m.set_defaults(func=cmd_models)
+
+    t = sub.add_parser("train", help="train a model (resumable: --resume RUN_DIR)")
+    t.add_argument("--config", help="TOML or JSON training config (flags override it); see configs/")
+    for flag, (_, typ, hlp) in TRAIN_FLAGS.items():
+        t.add_argument(flag, type=typ, default=None, help=hlp)
+    t.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="model argument (repeatable)")
+    t.add_argument("--fp32", action="store_true", help="plain fp32 (same as --precision fp32)")
+    t.add_argument("--skip-bad", action="store_true", help="skip malformed rows instead of stopping")
+    t.add_argument("--out", help="run directory (default runs/MODEL-TIMESTAMP)")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last completed epoch")
+    t.add_argument("--no-progress", action="store_true", help="no progress bars (epoch lines only)")
+    t.set_defaults(func=cmd_train)
+
+    dm = sub.add_parser("demo", help="train then evaluate on the embedded synthetic faces (a few minutes)")
+    dm.add_argument("--model", default="fer-resnet-s")
+    dm.add_argument("--epochs", type=int, default=10)
+    dm.add_argument("--out", default="runs/demo", help="run directory (resumed if interrupted)")
+    dm.add_argument("--no-progress", action="store_true")
+    dm.set_defaults(func=cmd_demo)
+
+    e = sub.add_parser("evaluate", help="evaluate checkpoints (several: their ensemble too)")
+    e.add_argument("checkpoints", nargs="+", metavar="RUN_OR_CKPT")
+    e.add_argument("--split", default="test", choices=("train", "val", "test"))
+    e.add_argument("--data", help="data path (default: the data the first checkpoint was trained on)")
+    e.add_argument("--tta", action="store_true", help="average with horizontally flipped images")
+    e.add_argument("--batch-size", type=int, default=512)
+    e.add_argument("--out", help="where to write metrics.json and confusion.png (default RUN_DIR/eval-SPLIT)")
+    e.add_argument("--json", action="store_true", help="print JSON")
+    e.set_defaults(func=cmd_evaluate)
+
+    pc = sub.add_parser("predict-csv", help="write a Kaggle-style submission (id,label) for an unlabelled CSV")
+    pc.add_argument("checkpoint", metavar="RUN_OR_CKPT")
+    pc.add_argument("--data", required=True, help="test.csv (id,feature) or any supported layout")
+    pc.add_argument("--split", default="unlabeled", help="which rows to predict (default: the unlabelled ones)")
+    pc.add_argument("--out", default="submission.csv")
+    pc.add_argument("--tta", action="store_true")
+    pc.set_defaults(func=cmd_predict_csv)
+
+    d = sub.add_parser("data", help="load a data path and print its layout, splits and class counts")
+    d.add_argument("path", nargs="?", default=None, help="data path (default: the embedded synthetic faces)")
+    d.add_argument("--skip-bad", action="store_true")
+    d.set_defaults(func=cmd_data)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ferlab command line; returns the exit status."""
+    from ferlab.checkpoint import CheckpointError
+    from ferlab.data.formats import DataError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (DataError, CheckpointError, FileNotFoundError, FileExistsError, ValueError, KeyError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"ferlab {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\nferlab {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def entry() -> None:
+    """Console-script launcher: preloads jemalloc (faster CPU training) before Python's allocator starts."""
+    if (
+        os.environ.get("FERLAB_JEMALLOC", "1") != "0"
+        and "jemalloc" not in os.environ.get("LD_PRELOAD", "")
+        and os.path.exists(JEMALLOC)
+    ):
+        env = dict(os.environ, LD_PRELOAD=(JEMALLOC + " " + os.environ.get("LD_PRELOAD", "")).strip())
+        os.execve(sys.executable, [sys.executable, "-m", "ferlab", *sys.argv[1:]], env)
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Data: loaders for every FER layout, the embedded synthetic default, splits."""

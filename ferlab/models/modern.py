@@ -1,0 +1,110 @@
+"""ferlab's own nets, sized for a 2-core CPU: residual CNNs and a depthwise-separable student."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from ferlab.models.base import FerModel
+from ferlab.models.registry import register_model
+
+
+def conv_bn_act(cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1, act: bool = True) -> nn.Sequential:
+    """Conv (no bias) + BatchNorm (+ ReLU), 'same' padding."""
+    layers: list[nn.Module] = [
+        nn.Conv2d(cin, cout, k, stride, padding=k // 2, groups=groups, bias=False),
+        nn.BatchNorm2d(cout),
+    ]
+    if act:
+        layers.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*layers)
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block: two 3x3 convs and an identity (or 1x1 projection) shortcut."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = conv_bn_act(cin, cout, 3, stride)
+        self.conv2 = conv_bn_act(cout, cout, 3, 1, act=False)
+        self.short = nn.Identity() if stride == 1 and cin == cout else conv_bn_act(cin, cout, 1, stride, act=False)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.conv2(self.conv1(x)) + self.short(x))
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2 block: 1x1 expand, 3x3 depthwise, 1x1 project; residual when shapes match."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1, expand: int = 4) -> None:
+        super().__init__()
+        mid = cin * expand
+        self.block = nn.Sequential(
+            conv_bn_act(cin, mid, 1),
+            conv_bn_act(mid, mid, 3, stride, groups=mid),
+            conv_bn_act(mid, cout, 1, act=False),
+        )
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.block(x)
+        return x + y if self.residual else y
+
+
+class StagedNet(FerModel):
+    """Stem, stages of blocks (the first of each stage but the first downsamples by 2), GAP, dropout, linear."""
+
+    def __init__(
+        self,
+        block: type[nn.Module],
+        widths: Sequence[int],
+        depths: Sequence[int],
+        num_classes: int = 7,
+        in_chans: int = 1,
+        drop: float = 0.3,
+        stem_width: int | None = None,
+    ) -> None:
+        super().__init__()
+        stem = stem_width or widths[0]
+        self.stem = conv_bn_act(in_chans, stem, 3)
+        stages: list[nn.Module] = []
+        cin = stem
+        for i, (w, d) in enumerate(zip(widths, depths, strict=True)):
+            blocks = [block(cin if j == 0 else w, w, 2 if (j == 0 and i > 0) else 1) for j in range(d)]
+            stages.append(nn.Sequential(*blocks))
+            cin = w
+        self.stages = nn.Sequential(*stages)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.drop = nn.Dropout(drop)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        # (B, 1, 48, 48) -> (B, C_last, 6, 6) for four stages
+        return self.stages(self.stem(x))
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        # (B, C, H, W) -> (B, num_classes)
+        return self.fc(self.drop(self.pool(x).flatten(1)))
+
+
+@register_model("fer-resnet-s", source="ferlab", description="ResNet, 4 stages 32-64-128-256, one block each")
+def fer_resnet_s(num_classes: int = 7, in_chans: int = 1, drop: float = 0.3) -> StagedNet:
+    return StagedNet(BasicBlock, (32, 64, 128, 256), (1, 1, 1, 1), num_classes, in_chans, drop)
+
+
+@register_model("fer-resnet-m", source="ferlab", description="ResNet, 4 stages 48-96-192-384, blocks 1-2-2-1")
+def fer_resnet_m(num_classes: int = 7, in_chans: int = 1, drop: float = 0.3) -> StagedNet:
+    return StagedNet(BasicBlock, (48, 96, 192, 384), (1, 2, 2, 1), num_classes, in_chans, drop)
+
+
+@register_model("fer-resnet-l", source="ferlab", description="ResNet, 4 stages 64-128-256-512, blocks 2-2-2-2")
+def fer_resnet_l(num_classes: int = 7, in_chans: int = 1, drop: float = 0.4) -> StagedNet:
+    return StagedNet(BasicBlock, (64, 128, 256, 512), (2, 2, 2, 2), num_classes, in_chans, drop)
+
+
+@register_model("fer-mobile", source="ferlab", description="MobileNetV2-style student, 4 stages 16-32-64-128")
+def fer_mobile(num_classes: int = 7, in_chans: int = 1, drop: float = 0.2) -> StagedNet:
+    return StagedNet(InvertedResidual, (16, 32, 64, 128), (1, 2, 2, 2), num_classes, in_chans, drop, stem_width=16)

@@ -1,0 +1,3 @@
+"""Imports every module that registers models."""
+
+from ferlab.models import mlp, modern, reports  # noqa: F401

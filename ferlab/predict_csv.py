@@ -1,0 +1,33 @@
+"""Kaggle-style submissions (``id,label``) for unlabelled test files."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import torch
+
+from ferlab.checkpoint import load_checkpoint, normalizer_from_meta
+from ferlab.data.source import open_data
+from ferlab.train.engine import predict_logits
+
+
+def predict_csv(checkpoint: str | Path, data_path: str, out: str | Path, *, split: str = "unlabeled",
+                tta: bool = False) -> int:
+    """Predict the rows of ``split`` in ``data_path`` and write ``id,label`` to ``out``; returns the row count."""
+    model, meta = load_checkpoint(checkpoint)
+    data = open_data(data_path)
+    idx = data.indices(split)
+    if not len(idx):
+        have = sorted(set(data.split.tolist()))
+        raise ValueError(f"{data.source} has no rows in split {split!r} (it has {', '.join(have)}); use --split")
+    x = torch.from_numpy(data.images[idx]).unsqueeze(1)  # (N, 1, 48, 48) uint8
+    logits = predict_logits(model, x, normalizer_from_meta(meta), precision=meta["train"]["precision"],
+                            channels_last=False, tta=tta, progress=True)
+    pred = logits.argmax(1).numpy()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "label"])
+        w.writerows(zip(data.ids[idx].tolist(), pred.tolist(), strict=True))
+    return len(idx)

@@ -1,0 +1,106 @@
+"""The training configuration: one dataclass, read from TOML/JSON files and command-line overrides."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from ferlab.transforms import AUGMENT_PRESETS, NORMALIZE_MODES, AugmentConfig
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "optimizer": ("sgd", "adam", "adamw"),
+    "schedule": ("onecycle", "cosine", "plateau", "none"),
+    "init": ("default", "xavier", "he"),
+    "normalize": NORMALIZE_MODES,
+    "precision": ("bf16", "fp32"),
+    "monitor": ("val_acc", "val_loss"),
+}
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on; saved in every checkpoint and in RUN_DIR/config.json."""
+
+    # model
+    model: str = "fer-resnet-s"
+    model_args: dict[str, Any] = field(default_factory=dict)
+    init: str = "default"  # default (PyTorch's), xavier (uniform, as Keras), he (kaiming normal)
+    # data: path to any supported layout; None = the embedded synthetic faces
+    data: str | None = None
+    skip_bad: bool = False
+    val_fraction: float = 0.1  # carved from train (stratified) when the source has no validation split
+    split_seed: int = 0
+    synthetic: dict[str, Any] = field(default_factory=dict)  # make_synthetic() arguments
+    # preprocessing
+    normalize: str = "dataset"
+    augment: str | dict[str, Any] = "standard"  # a preset name (see transforms.AUGMENT_PRESETS) or options
+    offline_copies: int = 0  # offline expansion: k augmented copies of each training image
+    # optimisation
+    epochs: int = 30
+    batch_size: int = 128
+    optimizer: str = "sgd"
+    lr: float = 0.05  # the peak learning rate for onecycle
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "onecycle"
+    warmup_epochs: float = 2.0
+    plateau_patience: int = 5
+    plateau_factor: float = 0.5
+    label_smoothing: float = 0.0
+    early_stopping: int = 0  # patience in epochs; 0 = off
+    monitor: str = "val_acc"
+    seed: int = 0
+    # speed
+    precision: str = "bf16"  # bf16 autocast (the fast path) or fp32
+    channels_last: bool = True
+    threads: int = 0  # 0 = all cores
+    eval_batch_size: int = 512
+
+    def __post_init__(self) -> None:
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} = {getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        if isinstance(self.augment, str) and self.augment not in AUGMENT_PRESETS:
+            raise ValueError(f"augment preset {self.augment!r} unknown; presets: {', '.join(AUGMENT_PRESETS)}")
+        self.augment_config()  # validates option names
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+
+    def augment_config(self) -> AugmentConfig:
+        if isinstance(self.augment, str):
+            return AUGMENT_PRESETS[self.augment]
+        return AugmentConfig.from_dict(self.augment)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown training option(s) {unknown}")
+        return cls(**d)
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides: Any) -> TrainConfig:
+        """Read a TOML or JSON config; ``overrides`` (e.g. from the command line) win."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        text = path.read_text()
+        try:
+            d = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+        except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: cannot parse config: {e}") from None
+        d.update(overrides)
+        try:
+            return cls.from_dict(d)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}: {e}") from None

@@ -1,0 +1,253 @@
+"""The resumable training run: data, model, epochs, checkpoints, history and curves in one run directory.
+
+RUN_DIR/
+  config.json        the checkpoint metadata: model, preprocessing, data, split protocol, training config
+  best.safetensors   the weights with the best validation metric, metadata included
+  last.pt            the state after the last completed epoch (resume point), written atomically
+  history.csv        one row per epoch; curves.png: accuracy and loss, train vs val
+  summary.json       written when the run ends
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+import ferlab
+from ferlab.checkpoint import BEST, LAST_STATE, CheckpointError, load_state, save_checkpoint, save_state
+from ferlab.data.source import open_data
+from ferlab.data.splits import train_val_test
+from ferlab.data.types import FerData
+from ferlab.models import count_params, create_model
+from ferlab.train.callbacks import BestCheckpoint, EarlyStopping
+from ferlab.train.config import TrainConfig
+from ferlab.train.engine import evaluate, train_one_epoch
+from ferlab.train.optim import build_optimizer, build_schedule
+from ferlab.transforms import Normalizer, expand_offline
+
+INITS: dict[str, Callable[[torch.Tensor], Any]] = {
+    "xavier": nn.init.xavier_uniform_,
+    "he": lambda w: nn.init.kaiming_normal_(w, nonlinearity="relu"),
+}
+
+
+def init_weights(model: nn.Module, scheme: str) -> None:
+    """Re-initialise conv and linear weights (biases to zero) with ``scheme``; 'default' keeps PyTorch's."""
+    if scheme == "default":
+        return
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            INITS[scheme](m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+@dataclass
+class Prepared:
+    """The data of a run, as tensors: images (N, 1, 48, 48) uint8 and labels (N,) int64 per split."""
+
+    data: FerData
+    splits: dict[str, np.ndarray]
+    tensors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+def split_protocol(data: FerData, cfg: TrainConfig, splits: dict[str, np.ndarray]) -> dict[str, Any]:
+    """A description of which rows were used for what, saved with the model."""
+    carved = not len(data.indices("val"))
+    if data.layout in ("fer2013-csv", "icml-csv") and not carved:
+        text = "FER2013: train on Training; select on PublicTest (val); PrivateTest (test) used only to report"
+    elif carved:
+        text = (f"train on train minus a stratified {cfg.val_fraction:.0%} part held out as val "
+                f"(seed {cfg.split_seed}); select on val; test used only to report")
+    else:
+        text = "train on train; select on val (the source's own split); test used only to report"
+    return {
+        "text": text,
+        "val_carved": carved,
+        "val_fraction": cfg.val_fraction,
+        "split_seed": cfg.split_seed,
+        "sizes": {k: int(len(v)) for k, v in splits.items()},
+    }
+
+
+def prepare(cfg: TrainConfig, progress: bool = True) -> Prepared:
+    """Load the data named by the config and split it by the protocol."""
+    data = open_data(cfg.data, skip_bad=cfg.skip_bad, synthetic=cfg.synthetic, progress=progress)
+    splits = train_val_test(data, val_fraction=cfg.val_fraction, seed=cfg.split_seed)
+    if not len(splits["train"]) or not len(splits["val"]):
+        raise ValueError(f"{data.source}: need labelled train and val rows, got sizes "
+                         f"{ {k: len(v) for k, v in splits.items()} }")
+    tensors = {
+        name: (torch.from_numpy(data.images[idx]).unsqueeze(1), torch.from_numpy(data.labels[idx]).long())
+        for name, idx in splits.items()
+    }
+    return Prepared(data, splits, tensors)
+
+
+def build_meta(cfg: TrainConfig, model: nn.Module, normalizer: Normalizer, prep: Prepared) -> dict[str, Any]:
+    """Everything evaluate/explain/report need to rebuild and judge the model from its checkpoint alone."""
+    d = prep.data
+    return {
+        "ferlab_version": ferlab.__version__,
+        "model": {
+            "name": cfg.model, "args": cfg.model_args, "num_classes": len(d.class_names), "in_chans": 1,
+            "input_size": list(d.images.shape[1:]), "params": count_params(model),
+        },
+        "preprocess": {"normalize": normalizer.state(), "input_size": list(d.images.shape[1:])},
+        "class_names": list(d.class_names),
+        "data": {
+            "path": str(Path(cfg.data).resolve()) if cfg.data else None,
+            "source": d.source, "layout": d.layout, "fingerprint": d.fingerprint,
+            "synthetic": cfg.synthetic if cfg.data is None else None,
+        },
+        "split": split_protocol(d, cfg, prep.splits),
+        "train": cfg.to_dict(),
+    }
+
+
+def default_run_dir(cfg: TrainConfig, root: str | Path = "runs") -> Path:
+    return Path(root) / f"{cfg.model}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The random stream of one epoch (shuffling and augmentation), independent of earlier epochs."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
+HISTORY_FIELDS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "seconds", "images_per_s")
+
+
+def write_history(run_dir: Path, history: list[dict[str, float]]) -> None:
+    from ferlab.plots import plot_history
+
+    with open(run_dir / "history.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=HISTORY_FIELDS)
+        w.writeheader()
+        w.writerows(history)
+    plot_history(history, run_dir / "curves.png")
+
+
+def fit(
+    cfg: TrainConfig,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    stop_after: int | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Train ``cfg`` into ``run_dir``; with ``resume``, continue from its last completed epoch.
+
+    ``stop_after`` ends this call after that many epochs, as an interruption would (for tests).
+    Returns the run summary (also written to RUN_DIR/summary.json).
+    """
+    run_dir = Path(run_dir)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    prep = prepare(cfg, progress)
+    x_train, y_train = prep.tensors["train"]
+    x_val, y_val = prep.tensors["val"]
+    normalizer = Normalizer.fit(cfg.normalize, x_train.numpy())
+    if cfg.offline_copies:
+        xi, yi = expand_offline(x_train.squeeze(1).numpy(), y_train.numpy(), cfg.offline_copies,
+                                cfg.augment_config(), seed=cfg.seed)
+        x_train, y_train = torch.from_numpy(xi).unsqueeze(1), torch.from_numpy(yi).long()
+
+    torch.manual_seed(cfg.seed)
+    model = create_model(cfg.model, num_classes=len(prep.data.class_names), **cfg.model_args)
+    init_weights(model, cfg.init)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, cfg)
+    steps_per_epoch = math.ceil(len(x_train) / cfg.batch_size)
+    schedule = build_schedule(optimizer, cfg, steps_per_epoch)
+    mode = "max" if cfg.monitor == "val_acc" else "min"
+    early, best = EarlyStopping(cfg.early_stopping, mode), BestCheckpoint(mode)
+    meta = build_meta(cfg, model, normalizer, prep)
+    history: list[dict[str, float]] = []
+    start, stopped_early = 0, False
+
+    state_path = run_dir / LAST_STATE
+    if resume:
+        if not state_path.is_file():
+            raise CheckpointError(f"{run_dir}: nothing to resume ({LAST_STATE} missing)")
+        state = load_state(state_path)
+        if state["data_fingerprint"] != prep.data.fingerprint:
+            raise CheckpointError(f"{run_dir}: the data changed since this run started "
+                                  f"(fingerprint {state['data_fingerprint']} -> {prep.data.fingerprint})")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        early.load_state_dict(state["early"])
+        best.load_state_dict(state["best"])
+        history = list(state["history"])
+        start, stopped_early = state["epoch"] + 1, state["stopped_early"]
+        log(f"resuming {run_dir} after epoch {start} of {cfg.epochs}")
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(meta, indent=2))
+        p = meta["model"]["params"]
+        log(f"run {run_dir}: {cfg.model} ({p['trainable']:,} trainable parameters) on {prep.data.source}; "
+            f"train {len(x_train):,} / val {len(x_val):,} images; {meta['split']['text']}")
+
+    t_run = time.perf_counter()
+    epochs_this_call = 0
+    for epoch in range(start, cfg.epochs):
+        if stopped_early or (stop_after is not None and epochs_this_call >= stop_after):
+            break
+        torch.manual_seed(cfg.seed * 1_000_003 + epoch)  # dropout and the like
+        lr = optimizer.param_groups[0]["lr"]
+        tr = train_one_epoch(
+            model, optimizer, x_train, y_train, batch_size=cfg.batch_size, aug=cfg.augment_config(),
+            normalizer=normalizer, g=epoch_generator(cfg.seed, epoch), label_smoothing=cfg.label_smoothing,
+            precision=cfg.precision, channels_last=cfg.channels_last, on_step=schedule.step_batch,
+            progress=progress, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+        )
+        va = evaluate(model, x_val, y_val, normalizer, batch_size=cfg.eval_batch_size,
+                      precision=cfg.precision, channels_last=cfg.channels_last)
+        monitored = va["acc"] if cfg.monitor == "val_acc" else va["loss"]
+        schedule.step_epoch(monitored)
+        history.append({
+            "epoch": epoch + 1, "lr": lr, "train_loss": tr["loss"], "train_acc": tr["acc"],
+            "val_loss": va["loss"], "val_acc": va["acc"], "seconds": tr["seconds"] + va["seconds"],
+            "images_per_s": len(x_train) / tr["seconds"],
+        })
+        is_best = best.update(monitored, epoch + 1)
+        if is_best:
+            meta["result"] = {"epoch": epoch + 1, "val_acc": va["acc"], "val_loss": va["loss"]}
+            save_checkpoint(run_dir / BEST, model, meta)
+        stopped_early = early.update(monitored, epoch + 1)
+        write_history(run_dir, history)
+        save_state(state_path, {
+            "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "schedule": schedule.state_dict(), "early": early.state_dict(), "best": best.state_dict(),
+            "history": history, "stopped_early": stopped_early, "data_fingerprint": prep.data.fingerprint,
+        })
+        epochs_this_call += 1
+        log(f"epoch {epoch + 1}/{cfg.epochs}  train loss {tr['loss']:.4f} acc {tr['acc']:.4f} | "
+            f"val loss {va['loss']:.4f} acc {va['acc']:.4f} | lr {lr:.2e} | {tr['seconds']:.1f}s "
+            f"({len(x_train) / tr['seconds']:.0f} img/s){'  *best' if is_best else ''}")
+        if stopped_early:
+            log(f"early stopping: {cfg.monitor} has not improved for {cfg.early_stopping} epochs")
+
+    done = stopped_early or (len(history) > 0 and history[-1]["epoch"] >= cfg.epochs)
+    summary = {
+        "run_dir": str(run_dir), "model": cfg.model, "finished": done, "epochs_run": len(history),
+        "best_epoch": best.best_epoch, f"best_{cfg.monitor}": best.best,
+        "train_seconds_total": sum(h["seconds"] for h in history),
+        "this_call_seconds": time.perf_counter() - t_run, "stopped_early": stopped_early,
+        "protocol": meta["split"]["text"],
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary

@@ -1,0 +1,203 @@
+"""Normalisation and batched augmentation of (B, 1, 48, 48) face tensors.
+
+Everything here works on whole batches with tensor operations (no per-image
+Python loop). Augmentation runs on images scaled to [0, 1]; normalisation comes
+after it. Randomness comes only from an explicit ``torch.Generator`` so that a
+resumed run draws exactly what an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+NORMALIZE_MODES: tuple[str, ...] = ("none", "unit", "image", "dataset")
+
+
+@dataclass
+class Normalizer:
+    """Maps uint8-range pixels to model inputs.
+
+    mode: ``none`` (raw 0..255), ``unit`` ([0, 1]), ``image`` (per-image zero mean, unit std),
+    ``dataset`` (mean/std of the training split, stored here and saved with the model).
+    """
+
+    mode: str = "dataset"
+    mean: float = 0.0  # of [0, 1]-scaled training pixels (mode "dataset")
+    std: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.mode not in NORMALIZE_MODES:
+            raise ValueError(f"unknown normalisation {self.mode!r}; choose one of {', '.join(NORMALIZE_MODES)}")
+
+    @classmethod
+    def fit(cls, mode: str, images: np.ndarray | torch.Tensor) -> Normalizer:
+        """A normaliser whose dataset statistics come from ``images`` (uint8, the training split only)."""
+        if mode != "dataset":
+            return cls(mode)
+        x = torch.as_tensor(images).double() / 255.0
+        return cls(mode, float(x.mean()), float(x.std()))
+
+    def __call__(self, x01: torch.Tensor) -> torch.Tensor:
+        """x01: (B, C, H, W) float in [0, 1] -> (B, C, H, W) model input."""
+        if self.mode == "none":
+            return x01 * 255.0
+        if self.mode == "unit":
+            return x01
+        if self.mode == "image":
+            mean = x01.mean(dim=(1, 2, 3), keepdim=True)  # (B, 1, 1, 1)
+            std = x01.std(dim=(1, 2, 3), keepdim=True).clamp_min(1e-3)
+            return (x01 - mean) / std
+        return (x01 - self.mean) / self.std
+
+    def state(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class AugmentConfig:
+    """Online augmentation, with the options of Keras' ImageDataGenerator plus crop and erasing.
+
+    rotation: max degrees; shift: max fraction of width/height; shear: max degrees;
+    zoom: max relative zoom (0.1 -> scale in [0.9, 1.1]); hflip: flip half the images;
+    crop_pad: random crop of the image padded by this many pixels; erase_p: probability
+    of random erasing (area 2-20%); fill: ``nearest`` (Keras' default) or ``zeros``.
+    """
+
+    rotation: float = 0.0
+    shift: float = 0.0
+    shear: float = 0.0
+    zoom: float = 0.0
+    hflip: bool = False
+    crop_pad: int = 0
+    erase_p: float = 0.0
+    fill: str = "nearest"
+
+    @property
+    def has_affine(self) -> bool:
+        return any(v != 0 for v in (self.rotation, self.shift, self.shear, self.zoom))
+
+    @property
+    def is_identity(self) -> bool:
+        return not (self.has_affine or self.hflip or self.crop_pad or self.erase_p)
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> AugmentConfig:
+        d = dict(d or {})
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown augmentation option(s) {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**d)
+
+
+# Presets, as in torchvision's references: small named train/eval recipes.
+AUGMENT_PRESETS: dict[str, AugmentConfig] = {
+    "none": AugmentConfig(),
+    "flip": AugmentConfig(hflip=True),
+    # Keras ImageDataGenerator settings typical of the reports.
+    "keras": AugmentConfig(rotation=10, shift=0.1, shear=10, zoom=0.1, hflip=True),
+    # ferlab's default: crop + flip + small rotation + erasing.
+    "standard": AugmentConfig(rotation=10, shift=0.0, zoom=0.1, hflip=True, crop_pad=4, erase_p=0.25),
+}
+
+
+def hflip(x: torch.Tensor) -> torch.Tensor:
+    """Mirror (B, C, H, W) images left-right."""
+    return x.flip(-1)
+
+
+def _uniform(n: int, bound: float, g: torch.Generator) -> torch.Tensor:
+    return (torch.rand(n, generator=g) * 2 - 1) * bound
+
+
+def random_affine_matrices(n: int, cfg: AugmentConfig, g: torch.Generator) -> torch.Tensor:
+    """(n, 2, 3) affine matrices in affine_grid's normalised coordinates."""
+    rot = torch.deg2rad(_uniform(n, cfg.rotation, g))
+    shear = torch.deg2rad(_uniform(n, cfg.shear, g))
+    zoom = 1.0 + _uniform(n, cfg.zoom, g)  # >1 zooms out (samples a wider area)
+    tx = _uniform(n, 2 * cfg.shift, g)  # normalised coords span 2
+    ty = _uniform(n, 2 * cfg.shift, g)
+    cos, sin = torch.cos(rot), torch.sin(rot)
+    # rotation @ shear @ zoom, as 2x2 blocks: R = [[c, -s], [s, c]], Sh = [[1, -tan(sh)], [0, 1]]
+    t = torch.tan(shear)
+    a = torch.stack([cos, -cos * t - sin, sin, -sin * t + cos], dim=1).view(n, 2, 2) * zoom.view(n, 1, 1)
+    return torch.cat([a, torch.stack([tx, ty], dim=1).view(n, 2, 1)], dim=2)  # (n, 2, 3)
+
+
+def random_crop(x: torch.Tensor, pad: int, g: torch.Generator) -> torch.Tensor:
+    """Pad (B, C, H, W) by ``pad`` zeros and crop a random H x W window per image."""
+    b, c, h, w = x.shape
+    xp = F.pad(x, (pad, pad, pad, pad))  # (B, C, H+2p, W+2p)
+    oy = torch.randint(0, 2 * pad + 1, (b,), generator=g)
+    ox = torch.randint(0, 2 * pad + 1, (b,), generator=g)
+    rows = (oy.view(b, 1) + torch.arange(h).view(1, h)).view(b, 1, h, 1).expand(b, c, h, w + 2 * pad)
+    xp = xp.gather(2, rows)  # (B, C, H, W+2p)
+    cols = (ox.view(b, 1) + torch.arange(w).view(1, w)).view(b, 1, 1, w).expand(b, c, h, w)
+    return xp.gather(3, cols)  # (B, C, H, W)
+
+
+def random_erase(x: torch.Tensor, p: float, g: torch.Generator, area=(0.02, 0.2), ratio=(0.3, 3.3)) -> torch.Tensor:
+    """Random erasing (Zhong et al. 2017): with probability p per image, fill a rectangle with uniform noise."""
+    b, _, h, w = x.shape
+    apply = torch.rand(b, generator=g) < p
+    s = torch.empty(b).uniform_(*area, generator=g) * h * w
+    log_r = torch.empty(b).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=g)
+    r = torch.exp(log_r)
+    eh = torch.sqrt(s * r).clamp(1, h).round()
+    ew = torch.sqrt(s / r).clamp(1, w).round()
+    y0 = (torch.rand(b, generator=g) * (h - eh + 1)).floor()
+    x0 = (torch.rand(b, generator=g) * (w - ew + 1)).floor()
+    yy = torch.arange(h).view(1, h, 1)
+    xx = torch.arange(w).view(1, 1, w)
+    mask = (
+        (yy >= y0.view(b, 1, 1)) & (yy < (y0 + eh).view(b, 1, 1))
+        & (xx >= x0.view(b, 1, 1)) & (xx < (x0 + ew).view(b, 1, 1))
+        & apply.view(b, 1, 1)
+    ).unsqueeze(1)  # (B, 1, H, W)
+    noise = torch.rand(x.shape, generator=g, dtype=x.dtype)
+    return torch.where(mask, noise, x)
+
+
+def augment(x01: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> torch.Tensor:
+    """Apply ``cfg`` to x01 (B, C, H, W) float in [0, 1]; returns the same shape, still in [0, 1]."""
+    if cfg.is_identity:
+        return x01
+    b = x01.shape[0]
+    x = x01
+    if cfg.has_affine:
+        theta = random_affine_matrices(b, cfg, g).to(x.dtype)
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)  # (B, H, W, 2)
+        pad_mode = "border" if cfg.fill == "nearest" else "zeros"
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode=pad_mode, align_corners=False)
+    if cfg.hflip:
+        flip = (torch.rand(b, generator=g) < 0.5).view(b, 1, 1, 1)
+        x = torch.where(flip, hflip(x), x)
+    if cfg.crop_pad:
+        x = random_crop(x, cfg.crop_pad, g)
+    if cfg.erase_p:
+        x = random_erase(x, cfg.erase_p, g)
+    return x.clamp_(0.0, 1.0)
+
+
+def expand_offline(
+    images: np.ndarray, labels: np.ndarray, copies: int, cfg: AugmentConfig, seed: int = 0, batch: int = 4096
+) -> tuple[np.ndarray, np.ndarray]:
+    """Offline expansion (as report 002 did): the originals plus ``copies`` augmented copies of each.
+
+    images: (N, H, W) uint8 -> ((1 + copies) * N, H, W) uint8; labels likewise repeated.
+    """
+    if copies <= 0:
+        return images, labels
+    g = torch.Generator().manual_seed(seed)
+    out = [images]
+    src = torch.from_numpy(images).unsqueeze(1)  # (N, 1, H, W) uint8
+    for _ in range(copies):
+        for i in range(0, len(src), batch):
+            xb = augment(src[i : i + batch].float() / 255.0, cfg, g)
+            out.append((xb * 255.0).round().to(torch.uint8).squeeze(1).numpy())
+    return np.concatenate(out), np.tile(labels, copies + 1)

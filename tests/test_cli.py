@@ -1,0 +1,95 @@
+"""End-to-end: the ferlab command on the embedded data, and its error messages."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import TINY_SYNTHETIC
+
+from ferlab.cli import main
+
+SYN = json.dumps(TINY_SYNTHETIC)
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("cli") / "run"
+    rc = main(["train", "--model", "fer-resnet-s", "--epochs", "4", "--batch-size", "64", "--lr", "0.05",
+               "--synthetic", SYN, "--out", str(run), "--no-progress"])
+    assert rc == 0
+    return run
+
+
+def test_train_writes_a_complete_run_directory(trained_run):
+    for name in ("config.json", "best.safetensors", "last.pt", "history.csv", "curves.png", "summary.json"):
+        assert (trained_run / name).is_file(), name
+    meta = json.loads((trained_run / "config.json").read_text())
+    assert meta["model"]["name"] == "fer-resnet-s"
+    assert meta["preprocess"]["normalize"]["mode"] == "dataset" and meta["preprocess"]["normalize"]["std"] > 0
+    assert meta["data"]["fingerprint"] and meta["split"]["text"]
+    assert meta["class_names"][3] == "Happy"
+    assert len((trained_run / "history.csv").read_text().splitlines()) == 5
+
+
+def test_evaluate_json_beats_chance(trained_run, capsys):
+    capsys.readouterr()
+    assert main(["evaluate", str(trained_run), "--split", "test", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["n"] == TINY_SYNTHETIC["n_test"]
+    assert report["accuracy"] > 0.3  # chance is ~0.14; the tiny run must have learned something
+    assert len(report["confusion"]) == 7 and sum(map(sum, report["confusion"])) == report["n"]
+    assert (trained_run / "eval-test" / "confusion.png").is_file()
+
+
+def test_ensemble_of_two_checkpoints(trained_run, tmp_path, capsys):
+    other = tmp_path / "other"
+    assert main(["train", "--model", "r000-cnn1", "--epochs", "2", "--batch-size", "64", "--synthetic", SYN,
+                 "--optimizer", "adam", "--lr", "0.001", "--out", str(other), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(trained_run), str(other), "--split", "val", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["ensemble"] and len(report["members"]) == 2
+    assert {m["model"] for m in report["members"]} == {"fer-resnet-s", "r000-cnn1"}
+
+
+def test_models_json_lists_every_model(capsys):
+    from ferlab.models import list_models
+
+    assert main(["models", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["name"] for r in rows] == list_models()
+    assert all(r["mflops"] > 0 and r["keras_total"] >= r["trainable"] > 0 for r in rows)
+
+
+def test_missing_data_path_is_a_clear_error(tmp_path, capsys):
+    rc = main(["train", "--data", str(tmp_path / "nope.csv"), "--out", str(tmp_path / "r"), "--no-progress"])
+    assert rc == 2
+    assert "nope.csv" in capsys.readouterr().err
+
+
+def test_unknown_model_is_a_clear_error(tmp_path, capsys):
+    rc = main(["train", "--model", "resnet9000", "--synthetic", SYN, "--out", str(tmp_path / "r"), "--no-progress"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "resnet9000" in err and "r002-vgg" in err
+
+
+def test_resume_of_a_non_run_is_a_clear_error(tmp_path, capsys):
+    assert main(["train", "--resume", str(tmp_path)]) == 2
+    assert "not a run directory" in capsys.readouterr().err
+
+
+def test_predict_csv_on_course_layout(trained_run, tmp_path):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    pix = lambda: " ".join(map(str, rng.integers(0, 256, 2304)))  # noqa: E731
+    (tmp_path / "train.csv").write_text("label,feature\n" + "".join(f"{i % 7},{pix()}\n" for i in range(14)))
+    (tmp_path / "test.csv").write_text("id,feature\n" + "".join(f"{i},{pix()}\n" for i in range(5)))
+    out = tmp_path / "sub.csv"
+    assert main(["predict-csv", str(trained_run), "--data", str(tmp_path), "--out", str(out)]) == 0
+    lines = out.read_text().splitlines()
+    assert lines[0] == "id,label" and len(lines) == 6
+    assert [int(line.split(",")[0]) for line in lines[1:]] == list(range(5))
+    assert all(0 <= int(line.split(",")[1]) < 7 for line in lines[1:])

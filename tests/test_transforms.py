@@ -1,0 +1,119 @@
+import numpy as np
+import pytest
+import torch
+
+from ferlab.transforms import (
+    AUGMENT_PRESETS,
+    AugmentConfig,
+    Normalizer,
+    augment,
+    expand_offline,
+    hflip,
+    random_crop,
+    random_erase,
+)
+
+
+def batch(n: int = 16, seed: int = 0) -> torch.Tensor:
+    return torch.rand(n, 1, 48, 48, generator=torch.Generator().manual_seed(seed))  # (B, 1, 48, 48) in [0, 1]
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("name", sorted(AUGMENT_PRESETS))
+def test_presets_keep_shape_and_range(name):
+    x = batch()
+    y = augment(x.clone(), AUGMENT_PRESETS[name], gen())
+    assert y.shape == x.shape and y.dtype == x.dtype
+    assert float(y.min()) >= 0.0 and float(y.max()) <= 1.0
+
+
+def test_identity_config_changes_nothing():
+    x = batch()
+    assert torch.equal(augment(x.clone(), AugmentConfig(), gen()), x)
+    # the affine path itself is an identity at zero magnitude up to float rounding
+    cfg = AugmentConfig(rotation=1e-12)
+    assert torch.allclose(augment(x.clone(), cfg, gen()), x, atol=1e-5)
+
+
+def test_flip_twice_is_identity():
+    x = batch()
+    assert torch.equal(hflip(hflip(x)), x)
+    assert not torch.equal(hflip(x), x)
+
+
+def test_hflip_flips_about_half():
+    x = batch(200)
+    y = augment(x.clone(), AugmentConfig(hflip=True), gen(1))
+    flipped = sum(torch.equal(y[i], hflip(x[i : i + 1])[0]) for i in range(200))
+    kept = sum(torch.equal(y[i], x[i]) for i in range(200))
+    assert flipped + kept == 200 and 70 < flipped < 130
+
+
+def test_same_generator_same_result_and_different_seed_differs():
+    x = batch()
+    cfg = AUGMENT_PRESETS["keras"]
+    a, b, c = (augment(x.clone(), cfg, gen(s)) for s in (3, 3, 4))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_random_crop_is_a_shift_of_the_padded_image():
+    x = batch(8)
+    y = random_crop(x, 4, gen())
+    assert y.shape == x.shape
+    assert torch.equal(random_crop(x, 0, gen()), x)
+    # every crop's centre 40x40 region is a shifted window of x (zero padding outside)
+    padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
+    for i in range(8):
+        found = any(torch.equal(padded[i, :, dy : dy + 48, dx : dx + 48], y[i]) for dy in range(9) for dx in range(9))
+        assert found
+
+
+def test_random_erase_probability():
+    x = torch.zeros(64, 1, 48, 48)
+    assert torch.equal(random_erase(x.clone(), 0.0, gen()), x)
+    y = random_erase(x.clone(), 1.0, gen())
+    changed = (y != 0).flatten(1).any(1)
+    assert changed.all()
+    area = (y != 0).flatten(1).float().mean(1)
+    assert float(area.max()) <= 0.21
+
+
+def test_rotation_moves_pixels_but_keeps_centre_mass():
+    x = torch.zeros(4, 1, 48, 48)
+    x[:, :, 20:28, 20:28] = 1.0
+    y = augment(x.clone(), AugmentConfig(rotation=30), gen())
+    assert not torch.equal(x, y)
+    assert torch.allclose(y.sum((1, 2, 3)), x.sum((1, 2, 3)), rtol=0.1)
+
+
+def test_expand_offline_shapes():
+    imgs = (np.random.default_rng(0).random((10, 48, 48)) * 255).astype(np.uint8)
+    labels = np.arange(10) % 7
+    xi, yi = expand_offline(imgs, labels, 3, AUGMENT_PRESETS["keras"], seed=0)
+    assert xi.shape == (40, 48, 48) and xi.dtype == np.uint8
+    assert np.array_equal(xi[:10], imgs) and np.array_equal(yi, np.tile(labels, 4))
+    assert not np.array_equal(xi[10:20], imgs)
+
+
+def test_normalizer_modes():
+    x = batch(32)
+    u8 = (x * 255).round().to(torch.uint8).squeeze(1).numpy()
+    assert torch.allclose(Normalizer("none")(x), x * 255)
+    assert torch.equal(Normalizer("unit")(x), x)
+    z = Normalizer("image")(x)
+    assert torch.allclose(z.mean((1, 2, 3)), torch.zeros(32), atol=1e-5)
+    assert torch.allclose(z.std((1, 2, 3)), torch.ones(32), atol=1e-4)
+    n = Normalizer.fit("dataset", u8)
+    assert abs(n.mean - u8.mean() / 255) < 1e-6
+    xd = n(torch.from_numpy(u8).float().unsqueeze(1) / 255)
+    assert abs(float(xd.mean())) < 1e-4 and abs(float(xd.std()) - 1) < 1e-3
+    with pytest.raises(ValueError, match="unknown normalisation"):
+        Normalizer("zscore")
+
+
+def test_unknown_augment_option_is_an_error():
+    with pytest.raises(ValueError, match="unknown augmentation option"):
+        AugmentConfig.from_dict({"rotate": 10})
