@@ -97,6 +97,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ferlab.train.fit import default_run_dir, fit
 
     if args.resume:
+        given = [flag for flag in TRAIN_FLAGS if getattr(args, flag[2:].replace("-", "_")) is not None]
+        given += [f for f, on in (("--config", args.config), ("--out", args.out), ("--model-arg", args.model_arg),
+                                  ("--fp32", args.fp32), ("--skip-bad", args.skip_bad)) if on]
+        if given:
+            raise ValueError(f"--resume continues a run exactly as it was configured; drop {', '.join(given)}")
         run_dir = Path(args.resume)
         cfg_path = run_dir / "config.json"
         if not cfg_path.is_file():

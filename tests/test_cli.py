@@ -5,18 +5,20 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import TINY_SYNTHETIC
+from conftest import LEARN_SYNTHETIC, TINY_SYNTHETIC
 
 from ferlab.cli import main
 
 SYN = json.dumps(TINY_SYNTHETIC)
+LEARN = json.dumps(LEARN_SYNTHETIC)
 
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("cli") / "run"
-    rc = main(["train", "--model", "fer-resnet-s", "--epochs", "4", "--batch-size", "64", "--lr", "0.05",
-               "--synthetic", SYN, "--out", str(run), "--no-progress"])
+    rc = main(["train", "--model", "fer-resnet-s", "--epochs", "4", "--batch-size", "64", "--optimizer", "adamw",
+               "--lr", "0.002", "--schedule", "cosine", "--augment", "flip", "--synthetic", LEARN, "--out", str(run),
+               "--no-progress"])
     assert rc == 0
     return run
 
@@ -36,7 +38,7 @@ def test_evaluate_json_beats_chance(trained_run, capsys):
     capsys.readouterr()
     assert main(["evaluate", str(trained_run), "--split", "test", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["n"] == TINY_SYNTHETIC["n_test"]
+    assert report["n"] == LEARN_SYNTHETIC["n_test"]
     assert report["accuracy"] > 0.3  # chance is ~0.14; the tiny run must have learned something
     assert len(report["confusion"]) == 7 and sum(map(sum, report["confusion"])) == report["n"]
     assert (trained_run / "eval-test" / "confusion.png").is_file()
@@ -93,3 +95,14 @@ def test_predict_csv_on_course_layout(trained_run, tmp_path):
     assert lines[0] == "id,label" and len(lines) == 6
     assert [int(line.split(",")[0]) for line in lines[1:]] == list(range(5))
     assert all(0 <= int(line.split(",")[1]) < 7 for line in lines[1:])
+
+def test_resume_refuses_changed_options(trained_run, capsys):
+    assert main(["train", "--resume", str(trained_run), "--epochs", "50"]) == 2
+    assert "--epochs" in capsys.readouterr().err
+
+
+def test_resume_of_a_finished_run_changes_nothing(trained_run, capsys):
+    before = (trained_run / "history.csv").read_text()
+    assert main(["train", "--resume", str(trained_run), "--no-progress"]) == 0
+    assert (trained_run / "history.csv").read_text() == before
+    assert "finished" in capsys.readouterr().out

@@ -80,26 +80,27 @@ _PARAMS = (
     "lip_thin",     # + pressed, thin lips
     "fold",         # + nasolabial (smile) folds
     "wrinkle",      # + nose-bridge wrinkles
+    "cheek",        # + raised cheeks (lit "apples" under the eyes)
 )
 _P = {name: i for i, name in enumerate(_PARAMS)}
 
 _PROTOTYPES = np.array(
     [
-        # raise inner  asym   eye  curve  open  width sneer  thin  fold  wrinkle
-        [-0.80, -1.00, 0.00, -0.45, -0.15, 0.00, -0.15, 0.00, 0.80, 0.00, 0.50],  # Angry
-        [-0.45, -0.45, 0.50, -0.40, -0.35, 0.20, -0.05, 1.00, 0.00, 0.80, 1.00],  # Disgust
-        [0.80, 0.70, 0.00, 0.60, -0.35, 0.55, 0.30, 0.00, 0.20, 0.00, 0.00],  # Fear
-        [0.10, 0.00, 0.00, -0.20, 1.00, 0.35, 0.30, 0.00, 0.00, 0.70, 0.00],  # Happy
-        [0.00, 0.90, 0.00, -0.20, -0.85, 0.00, -0.10, 0.00, 0.20, 0.00, 0.00],  # Sad
-        [1.10, 0.10, 0.00, 0.65, 0.00, 1.00, -0.35, 0.00, 0.00, 0.00, 0.00],  # Surprise
-        [0.00, 0.00, 0.00, 0.00, 0.00, 0.00, 0.00, 0.00, 0.00, 0.00, 0.00],  # Neutral
+        # raise inner  asym   eye  curve  open  width sneer  thin  fold  wrinkle cheek
+        [-0.80, -1.00, 0.00, -0.45, -0.15, 0.00, -0.15, 0.00, 0.80, 0.00, 0.50, 0.00],  # Angry
+        [-0.45, -0.45, 0.50, -0.40, -0.35, 0.20, -0.05, 1.00, 0.00, 0.80, 1.00, 0.60],  # Disgust
+        [0.80, 0.70, 0.00, 0.60, -0.35, 0.55, 0.30, 0.00, 0.20, 0.00, 0.00, 0.00],  # Fear
+        [0.10, 0.00, 0.00, -0.20, 1.00, 0.35, 0.30, 0.00, 0.00, 0.70, 0.00, 1.00],  # Happy
+        [0.00, 0.90, 0.00, -0.20, -0.85, 0.00, -0.10, 0.00, 0.20, 0.00, 0.00, 0.00],  # Sad
+        [1.10, 0.10, 0.00, 0.65, 0.00, 1.00, -0.35, 0.00, 0.00, 0.00, 0.00, 0.00],  # Surprise
+        [0.00, 0.00, 0.00, 0.00, 0.00, 0.00, 0.00, 0.00, 0.00, 0.00, 0.00, 0.00],  # Neutral
     ],
     dtype=np.float64,
 )
 # Which expression each class is most often mistaken for (partly mixed into its samples).
 _PARTNER = np.array([1, 0, 5, 6, 6, 2, 4])
 # Per-parameter scale of the person-to-person jitter.
-_JITTER = np.array([0.30, 0.30, 0.25, 0.22, 0.25, 0.18, 0.15, 0.25, 0.30, 0.25, 0.25])
+_JITTER = np.array([0.30, 0.30, 0.25, 0.22, 0.25, 0.18, 0.15, 0.25, 0.30, 0.25, 0.25, 0.25])
 
 # ---- canonical (face-aligned) frame ---------------------------------------------------------
 # Units: the face's half-width is ~1; v points down; R canonical pixels per unit.
@@ -180,12 +181,15 @@ def _draw_params(rng: np.random.Generator, labels: np.ndarray, d: float) -> dict
     p["face_b"] = u(1.20, 1.36)
     p["chin"] = u(0.10, 0.30)
     p["eye_x"] = u(0.33, 0.40)
-    p["eye_y"] = u(-0.16, -0.08)
-    p["eye_w"] = u(0.15, 0.19)
-    p["brow_y"] = u(-0.44, -0.36)
+    p["eye_y"] = u(-0.18, -0.06)
+    p["eye_w"] = u(0.16, 0.20)
+    p["brow_y"] = u(-0.46, -0.34)
     p["brow_t"] = u(0.055, 0.085)
-    p["mouth_y"] = u(0.56, 0.66)
-    p["mouth_w"] = u(0.34, 0.42)
+    p["mouth_y"] = u(0.54, 0.70)
+    p["mouth_w"] = u(0.36, 0.44)
+    jaw = np.clip(expr[:, _P["mouth_open"]], 0.0, 1.6)  # an open mouth drops the jaw: longer face
+    p["face_b"] += 0.10 * jaw
+    p["mouth_y"] += 0.05 * jaw
     p["skin"] = u(95.0, 215.0)
     p["shade"] = u(0.05, 0.25)
     p["brow_dark"] = u(0.55, 0.85)
@@ -196,22 +200,24 @@ def _draw_params(rng: np.random.Generator, labels: np.ndarray, d: float) -> dict
     # background
     p["bg"] = u(15.0, 240.0)
     p["bg_tex"] = rng.normal(0.0, 1.0, (n, 4, 4)) * u(0.0, 30.0)[:, None, None]
+    # mottled texture over the whole image (skin, hair, background): mid-frequency noise
+    p["tex"] = u(3.0, 9.0)
     # pose
     p["rot"] = u(-15.0, 15.0) * dd
-    p["scale"] = u(16.5, 20.0) * np.exp(g(0.04 * dd))
-    p["dx"] = u(-2.5, 2.5) * dd
-    p["dy"] = u(-2.5, 2.5) * dd
+    p["scale"] = u(17.0, 21.0) * np.exp(g(0.03 * dd))
+    p["dx"] = u(-3.0, 3.0) * dd
+    p["dy"] = u(-3.0, 3.0) * dd
     # photometric
     phi = u(0.0, 2 * np.pi)
-    grad = u(0.0, 0.30) * dd
+    grad = u(0.0, 0.20) * dd
     p["grad_x"], p["grad_y"] = grad * np.cos(phi), grad * np.sin(phi)
-    p["contrast"] = np.exp(g(0.12 * dd))
-    p["bright"] = g(10.0 * dd)
-    p["blur"] = u(0.0, 0.7) * dd
-    p["noise"] = u(0.5, 4.5) * d
+    p["contrast"] = np.exp(g(0.10 * dd))
+    p["bright"] = g(7.0 * dd)
+    p["blur"] = u(0.0, 0.4) * dd
+    p["noise"] = u(1.0, 3.5) * d
     # occluders: up to two per image
     for k in range(2):
-        on = rng.random(n) < min(0.9, (0.12 if k == 0 else 0.03) * d)
+        on = rng.random(n) < min(0.9, (0.08 if k == 0 else 0.02) * d)
         p[f"occ{k}_on"] = on
         p[f"occ{k}_kind"] = rng.random(n) < 0.5  # True: bar (arm/hand/hair strand), False: blob
         p[f"occ{k}_x"] = u(-20.0, 20.0)
@@ -250,7 +256,7 @@ def _render_canonical(p: dict[str, np.ndarray], sl: slice) -> tuple[np.ndarray, 
 
     # -- eyes and brows (one window per side) ----------------------------------------------------------
     eye_open = np.clip(1.0 + ex["eye_open"], 0.2, 2.2)
-    eh = 0.09 * eye_open
+    eh = 0.095 * eye_open
     sclera = np.minimum(skin * 1.18, 250.0)
     rs = _rows(-0.95, 0.15)
     Vw = _V[None, rs, None]
@@ -271,6 +277,10 @@ def _render_canonical(p: dict[str, np.ndarray], sl: slice) -> tuple[np.ndarray, 
         dist -= c["brow_t"] * (1.25 - 0.6 * t)
         brow = _cov(dist)
         brow *= c["brow_dark"]
+        # frown lines between the brows
+        glab = _cov(np.maximum(np.abs(Uw - side * 0.055) - 0.012, np.abs(Vw - c["brow_y"] - 0.08) - 0.11))
+        glab *= 0.30 * np.clip(-ex["brow_inner"], 0.0, 1.5)
+        np.maximum(brow, glab, out=brow)
         # eye socket shadow: a soft dark ellipse around and above the eye
         du, dv = Uw - side * c["eye_x"], Vw - c["eye_y"]
         q = (du * du) * 10.0 + ((dv + 0.03) ** 2) * 40.0
@@ -295,15 +305,32 @@ def _render_canonical(p: dict[str, np.ndarray], sl: slice) -> tuple[np.ndarray, 
         lid += 1.0
         vw *= lid
 
-    # -- nostrils, nasolabial folds, nose wrinkles -------------------------------------------------------
-    rs, cs = _rows(-0.1, 0.85), _cols(-0.68, 0.68)
+    # -- forehead wrinkles (raised brows) -----------------------------------------------------------------
+    rs, cs = _rows(-1.1, -0.4), _cols(-0.55, 0.55)
+    Uw, Vw = _U[None, None, cs], _V[None, rs, None]
+    vw = val[:, rs, cs]
+    raise_ = np.clip(ex["brow_raise"], 0.0, 1.5)
+    fw = 0.22 * raise_ + 0.12 * np.clip(ex["brow_inner"], 0.0, 1.5)
+    ext = 0.16 + 0.22 * np.minimum(raise_, 1.0)
+    for k in range(2):
+        y_k = c["brow_y"] - 0.18 * raise_ - 0.17 - 0.09 * k + 0.10 * Uw * Uw
+        vw *= 1.0 - fw * _cov(np.maximum(np.abs(Vw - y_k) - 0.012, np.abs(Uw) - ext))
+
+    # -- raised cheeks, nostrils, nasolabial folds, nose wrinkles ----------------------------------------
+    rs, cs = _rows(-0.1, 0.85), _cols(-0.75, 0.75)
     Uw, Vw = _U[None, None, cs], _V[None, rs, None]
     vw = val[:, rs, cs]
     fold = 0.30 * np.clip(ex["fold"], 0.0, 1.5)
     t = np.clip((Vw - 0.22) / 0.45, 0.0, 1.0)  # (1, H, 1)
     fy = np.abs(Vw - (0.22 + 0.45 * t)) * 0.3
     widen = 1.0 + 0.15 * np.clip(ex["mouth_width"], -1.0, 1.0)
+    cheek = 0.14 * np.clip(ex["cheek"], 0.0, 1.5)
     for side in (-1.0, 1.0):
+        q = ((Uw - side * 0.50) * (1 / 0.22)) ** 2 + ((Vw - 0.30 + 0.05 * cheek) * (1 / 0.17)) ** 2
+        np.minimum(q, 1.0, out=q)
+        q -= 1.0
+        q *= q
+        vw *= 1.0 + cheek * q
         nost = np.sqrt(((Uw - side * 0.10) / 0.065) ** 2 + ((Vw - 0.30) / 0.035) ** 2)
         nost -= 1.0
         vw *= 1.0 - 0.40 * _lin_cov(nost, _R * 0.035, 0.5)
@@ -369,6 +396,8 @@ def _render_canonical(p: dict[str, np.ndarray], sl: slice) -> tuple[np.ndarray, 
 
 
 _BG_INTERP = cv2.resize(np.eye(4, dtype=np.float32), (4, IMG), interpolation=cv2.INTER_LINEAR)  # (48, 4)
+_TEX = 16
+_TEX_INTERP = cv2.resize(np.eye(_TEX, dtype=np.float32), (_TEX, IMG), interpolation=cv2.INTER_LINEAR)  # (48, 16)
 _XY = (np.arange(IMG, dtype=np.float32) - (IMG - 1) / 2) / (IMG / 2)  # pixel centres in [-1, 1]
 _GAUSS: np.ndarray | None = None
 
@@ -404,6 +433,8 @@ def _render_batch(p: dict[str, np.ndarray], sl: slice, noise_rng: np.random.Gene
     img += _col(p["bg"][sl])
     img *= 1.0 - warped[..., 1]
     img += warped[..., 0]
+    tex = noise_rng.standard_normal((b, _TEX, _TEX), dtype=np.float32) * _col(p["tex"][sl])
+    img += _TEX_INTERP @ tex @ _TEX_INTERP.T
     X, Y = _XY[None, None, :], _XY[None, :, None]
     # occluders (image frame, pixel units): a bar (arm, hand, hair strand) or a blob
     xs, ys = X * (IMG / 2), Y * (IMG / 2)

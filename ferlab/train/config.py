@@ -41,10 +41,10 @@ class TrainConfig:
     # optimisation
     epochs: int = 30
     batch_size: int = 128
-    optimizer: str = "sgd"
-    lr: float = 0.05  # the peak learning rate for onecycle
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
+    optimizer: str = "adamw"
+    lr: float = 2e-3  # the peak learning rate for onecycle
+    momentum: float = 0.9  # SGD only
+    weight_decay: float = 0.01
     schedule: str = "onecycle"
     warmup_epochs: float = 2.0
     plateau_patience: int = 5
