@@ -654,7 +654,7 @@ def _parse_csv_rows(spec: _CsvSpec, gz: bool, skip_bad: bool, progress: bool) ->
         def bad(line: int, problem: str) -> None:
             if not skip_bad:
                 _drain_gzip(stream, path, gz)
-                raise _error(path, f"{problem} (pass skip_bad=True to skip malformed rows)", line)
+                raise _error(path, f"{problem} (--skip-bad, or skip_bad=True, skips malformed rows)", line)
             out.skipped.append((line, problem))
 
         def flush() -> None:
@@ -896,7 +896,7 @@ def _load_image_folder(
                 hasher.update(items[i].rel.encode() + b"\0" + digest)
                 if img is None:
                     if not skip_bad:
-                        raise _error(items[i].path, f"{err} (pass skip_bad=True to skip unreadable images)")
+                        raise _error(items[i].path, f"{err} (--skip-bad, or skip_bad=True, skips unreadable images)")
                     keep[i] = False
                     skipped.append(f"{items[i].rel}: {err}")
                     continue
