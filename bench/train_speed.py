@@ -1,14 +1,23 @@
-"""Training throughput: plain fp32 against ferlab's fast path, per model, measured in one run.
+"""Training throughput: plain fp32 against ferlab's fast path, per model, and thread settings, in one run.
 
-Each (model, mode) is timed in a fresh subprocess, because jemalloc must be preloaded
-before Python starts. Modes:
+Each measurement runs in a fresh subprocess (jemalloc and OpenMP settings must be in place before Python
+starts) and times real ``train_one_epoch`` steps (standard augmentation) on random uint8 images.
+
+Modes (all with the same number of threads, all cores by default):
   fp32            plain PyTorch fp32, contiguous (NCHW) tensors, glibc malloc
   fast            channels_last + bfloat16 autocast, glibc malloc
   fast+jemalloc   the same with jemalloc preloaded (what the `ferlab` launcher does)
-Prints images/s, achieved GFLOP/s (3 x forward FLOPs per training image) and the speed-up over fp32.
+Printed per model: images/s, achieved GFLOP/s (3 x the forward FLOPs of one image, for forward + backward,
+times images/s) and the ratio fast+jemalloc / fp32.
 
-    python bench/train_speed.py                      # default models
-    python bench/train_speed.py --models r002-vgg --steps 30
+Threads (fast+jemalloc, first model): 1 thread, all threads, all threads with OMP_WAIT_POLICY=PASSIVE,
+each on the machine as it is and with ``--contention K`` busy processes started by the bench. OpenMP
+threads spin while waiting by default; when another process holds a core, a spinning thread burns the time
+slice its partner needs, which is where multi-thread training under contention loses most of its speed.
+
+    python bench/train_speed.py                      # 4 models x 3 modes, then the thread table
+    python bench/train_speed.py --quick              # fewer, smaller steps (a rough look)
+    python bench/train_speed.py --models r002-vgg --steps 30 --no-threads
 """
 
 from __future__ import annotations
@@ -18,12 +27,42 @@ import json
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
-MODES = {"fp32": ("fp32", False, False), "fast": ("bf16", True, False), "fast+jemalloc": ("bf16", True, True)}
+DEFAULT_MODELS = ["r002-vgg", "fer-resnet-s", "fer-mobile", "r004-cnn9"]
 
 
-def measure(model_name: str, precision: str, channels_last: bool, batch: int, steps: int, warmup: int) -> dict:
+@dataclass(frozen=True)
+class Mode:
+    precision: str
+    channels_last: bool
+    jemalloc: bool
+
+
+MODES: dict[str, Mode] = {
+    "fp32": Mode("fp32", False, False),
+    "fast": Mode("bf16", True, False),
+    "fast+jemalloc": Mode("bf16", True, True),
+}
+
+
+@dataclass(frozen=True)
+class ThreadSetting:
+    threads: int  # 0 = all cores
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def thread_settings(cores: int) -> dict[str, ThreadSetting]:
+    return {
+        "1 thread": ThreadSetting(1),
+        f"{cores} threads": ThreadSetting(cores),
+        f"{cores} threads, OMP_WAIT_POLICY=PASSIVE": ThreadSetting(cores, {"OMP_WAIT_POLICY": "PASSIVE"}),
+    }
+
+
+def measure(model_name: str, mode: Mode, threads: int, batch: int, steps: int, warmup: int) -> dict:
     """Time ``steps`` training steps (after ``warmup``) with the real train_one_epoch on random data."""
     import time
 
@@ -34,17 +73,18 @@ def measure(model_name: str, precision: str, channels_last: bool, batch: int, st
     from ferlab.train.engine import train_one_epoch
     from ferlab.transforms import AUGMENT_PRESETS, Normalizer
 
+    torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = create_model(model_name)
     flops = flops_per_image(model)
-    if channels_last:
+    if mode.channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
     n = batch * (steps + warmup)
     x = torch.randint(0, 256, (n, 1, 48, 48), dtype=torch.uint8)
     y = torch.randint(0, 7, (n,))
     kw = dict(batch_size=batch, aug=AUGMENT_PRESETS["standard"], normalizer=Normalizer("unit"),
-              precision=precision, channels_last=channels_last, progress=False)
+              precision=mode.precision, channels_last=mode.channels_last, progress=False)
     train_one_epoch(model, opt, x[: batch * warmup], y[: batch * warmup], g=torch.Generator().manual_seed(0), **kw)
     t0 = time.perf_counter()
     train_one_epoch(model, opt, x[batch * warmup :], y[batch * warmup :], g=torch.Generator().manual_seed(1), **kw)
@@ -54,43 +94,82 @@ def measure(model_name: str, precision: str, channels_last: bool, batch: int, st
             "threads": torch.get_num_threads()}
 
 
+def run_child(args: argparse.Namespace, model: str, mode: str, setting: ThreadSetting) -> dict:
+    """One measurement in a fresh interpreter with the mode's allocator and the setting's environment."""
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env.update(setting.env, OMP_NUM_THREADS=str(setting.threads))
+    if MODES[mode].jemalloc:
+        env["LD_PRELOAD"] = JEMALLOC
+    cmd = [sys.executable, __file__, "--_child", f"{model}|{mode}|{setting.threads}", "--batch", str(args.batch),
+           "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"measuring {model} {mode} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@contextmanager
+def busy_processes(k: int):
+    """``k`` processes spinning on the CPU for the duration (each stopped by its own pid afterwards)."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(k)]
+    try:
+        yield
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", nargs="+", default=["r002-vgg", "fer-resnet-s", "fer-mobile"])
+    ap.add_argument("--models", nargs="+", default=DEFAULT_MODELS)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--threads", type=int, default=0, help="threads for the mode table (0: all cores)")
+    ap.add_argument("--quick", action="store_true", help="batch 64, 4 steps after 1 warm-up (rough numbers)")
+    ap.add_argument("--no-threads", action="store_true", help="skip the thread-setting table")
+    ap.add_argument("--contention", type=int, default=1, help="busy processes for the contended column")
+    ap.add_argument("--json", action="store_true", help="also print all measurements as JSON")
     ap.add_argument("--_child", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.quick:
+        args.batch, args.steps, args.warmup = 64, 4, 1
     if args._child:
-        name, mode = args._child.split("|")
-        prec, cl, _ = MODES[mode]
-        print(json.dumps(measure(name, prec, cl, args.batch, args.steps, args.warmup)))
+        name, mode, threads = args._child.split("|")
+        print(json.dumps(measure(name, MODES[mode], int(threads), args.batch, args.steps, args.warmup)))
         return
+    if not os.path.exists(JEMALLOC):
+        sys.exit(f"{JEMALLOC} not found (apt-get install libjemalloc2): the fast+jemalloc mode needs it")
 
-    results = []
+    cores = os.cpu_count() or 1
+    threads = args.threads or cores
+    load = os.getloadavg()[0]
+    print(f"batch {args.batch}, {args.steps} timed steps after {args.warmup} warm-up; {threads} threads; "
+          f"{cores} cores; load average {load:.2f} at start (an idle machine reads ~0)")
+    results: dict = {"batch": args.batch, "steps": args.steps, "threads": threads, "load_at_start": load,
+                     "models": [], "thread_settings": []}
+    head = f"{'model':<14} {'MFLOPs/img':>10}" + "".join(f"  {m + ' img/s':>19} {'GFLOP/s':>7}" for m in MODES)
+    print(head + f"  {'fast+jemalloc / fp32':>20}")
     for name in args.models:
         row = {"model": name}
-        for mode, (_, _, jem) in MODES.items():
-            env = dict(os.environ)
-            env.pop("LD_PRELOAD", None)
-            if jem:
-                if not os.path.exists(JEMALLOC):
-                    print(f"skipping {mode}: {JEMALLOC} not found (apt-get install libjemalloc2)", file=sys.stderr)
-                    continue
-                env["LD_PRELOAD"] = JEMALLOC
-            out = subprocess.run([sys.executable, __file__, "--_child", f"{name}|{mode}", "--batch", str(args.batch),
-                                  "--steps", str(args.steps), "--warmup", str(args.warmup)],
-                                 env=env, capture_output=True, text=True, check=True)
-            row[mode] = json.loads(out.stdout.strip().splitlines()[-1])
-        results.append(row)
-        base = row["fp32"]["images_per_s"]
-        cells = "  ".join(f"{m} {row[m]['images_per_s']:6.0f} img/s {row[m]['gflops_per_s']:5.0f} GFLOP/s"
-                          for m in MODES if m in row)
-        best = max(row[m]["images_per_s"] for m in MODES if m in row)
-        print(f"{name:<14} {row['fp32']['mflops_per_image']:7.1f} MFLOPs/img  {cells}  speed-up {best / base:.2f}x",
-              flush=True)
+        for mode in MODES:
+            row[mode] = run_child(args, name, mode, ThreadSetting(threads))
+        row["ratio"] = row["fast+jemalloc"]["images_per_s"] / row["fp32"]["images_per_s"]
+        results["models"].append(row)
+        cells = "".join(f"  {row[m]['images_per_s']:19.0f} {row[m]['gflops_per_s']:7.1f}" for m in MODES)
+        print(f"{name:<14} {row['fp32']['mflops_per_image']:10.1f}{cells}  {row['ratio']:19.2f}x", flush=True)
+
+    if not args.no_threads:
+        model = args.models[0]
+        print(f"\nthreads: {model}, fast+jemalloc, images/s; 'contended': +{args.contention} busy process(es)")
+        print(f"{'setting':<40} {'as is':>8} {'contended':>10}")
+        for label, setting in thread_settings(cores).items():
+            as_is = run_child(args, model, "fast+jemalloc", setting)["images_per_s"]
+            with busy_processes(args.contention):
+                contended = run_child(args, model, "fast+jemalloc", setting)["images_per_s"]
+            results["thread_settings"].append({"setting": label, "as_is": as_is, "contended": contended})
+            print(f"{label:<40} {as_is:8.0f} {contended:10.0f}", flush=True)
     if args.json:
         print(json.dumps(results, indent=2))
 

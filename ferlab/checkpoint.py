@@ -59,14 +59,21 @@ def save_checkpoint(path: str | Path, model: nn.Module, meta: dict[str, Any]) ->
 
 
 def resolve(path: str | Path) -> Path:
-    """A run directory resolves to its best checkpoint; a file is taken as it is."""
+    """A run directory resolves to its best checkpoint, a shipped model name to its packaged file;
+    a file is taken as it is."""
+    from ferlab import pretrained
+
     p = Path(path)
+    if not p.exists() and pretrained.is_pretrained(str(path)):
+        return pretrained.pretrained_path(str(path))
     if p.is_dir():
         p = p / BEST
         if not p.is_file():
             raise CheckpointError(f"{path}: run directory has no {BEST} (has training finished an epoch?)")
     elif not p.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file or run directory")
+        shipped = ", ".join(e["name"] for e in pretrained.list_pretrained())
+        raise CheckpointError(f"{path}: no such checkpoint file, run directory or shipped model"
+                              + (f" (shipped: {shipped})" if shipped else ""))
     return p
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -12,11 +13,22 @@ from typing import Any
 
 JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
 
+# Modules that contribute sub-commands: each exposes ``add_commands(sub)``, adding parsers whose ``func``
+# default is the command function. They must import heavy libraries inside the command functions only.
+COMMAND_MODULES: tuple[str, ...] = (
+    "ferlab.recognize.cli",  # predict, export
+    "ferlab.explain.cli",  # explain, filters, feature-maps, layers
+    "ferlab.study.cli",  # study
+    "ferlab.serve.cli",  # serve
+)
+
 
 # --------------------------------------------------------------------------- models
 def cmd_models(args: argparse.Namespace) -> int:
     from ferlab.models.summary import model_table
 
+    if args.pretrained:
+        return _print_pretrained(args.json)
     rows = model_table(args.pattern)
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -28,6 +40,38 @@ def cmd_models(args: argparse.Namespace) -> int:
         print(f"{r['name']:<16} {r['source']:<11} {r['keras_total']:>17,} {r['trainable']:>12,} "
               f"{r['mflops']:>11.1f}  {r['description']}")
     print("\nKeras-style total counts BatchNorm moving mean/variance as Keras does; MFLOPs = 2 x multiply-adds.")
+    return 0
+
+
+def _pct(entry: dict[str, Any], split: str, kind: str) -> str:
+    v = entry.get("accuracy", {}).get(split, {}).get(kind)
+    return f"{v:.2%}" if v is not None else "-"
+
+
+def _print_pretrained(as_json: bool) -> int:
+    """The shipped models with their stated accuracies (measured on the shipped files) and sizes."""
+    from ferlab.pretrained import list_pretrained, manifest_path
+
+    rows = list_pretrained()
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print(f"no pretrained models are shipped in this build ({manifest_path()} lists none)")
+        return 0
+    head = (f"{'name':<28} {'model':<14} {'params':>10} {'MB':>6} {'PublicTest':>10} {'+TTA':>7} "
+            f"{'PrivateTest':>11} {'+TTA':>7}  card")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(f"{r['name'] + (' *' if r.get('default') else ''):<28} {r.get('model', '?'):<14} "
+              f"{r.get('params', 0):>10,} {r.get('size_bytes', 0) / 1e6:>6.1f} {_pct(r, 'val', 'plain'):>10} "
+              f"{_pct(r, 'val', 'tta'):>7} {_pct(r, 'test', 'plain'):>11} {_pct(r, 'test', 'tta'):>7}  "
+              f"{r.get('card', '')}")
+    print("\nAccuracies measured on the shipped files with `ferlab evaluate --pretrained NAME --data fer2013.csv "
+          "--split val|test [--tta]`:\ntrained on Training, selected on PublicTest (val), PrivateTest (test) only "
+          "reported. +TTA: averaged with the mirrored face." + ("  * = the default model." if any(
+              r.get("default") for r in rows) else ""))
     return 0
 
 
@@ -55,7 +99,7 @@ TRAIN_FLAGS: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "--seed": ("seed", int, "random seed"),
     "--precision": ("precision", str, "bf16 (fast path: bfloat16 autocast) | fp32"),
     "--val-fraction": ("val_fraction", float, "validation part carved from train when the data has none"),
-    "--threads": ("threads", int, "torch threads (0: all cores)"),
+    "--threads": ("threads", int, "torch threads (0: auto, the cores not busy with other work at start)"),
 }
 
 
@@ -94,6 +138,7 @@ def _kv(s: str) -> tuple[str, Any]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from ferlab.train.config import TrainConfig
+    from ferlab.train.distributed import is_main
     from ferlab.train.fit import default_run_dir, fit
 
     if args.resume:
@@ -113,6 +158,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         if (run_dir / "last.pt").exists():
             raise FileExistsError(f"{run_dir} already holds a run; use --resume {run_dir} or another --out")
     summary = fit(cfg, run_dir, resume=bool(args.resume), progress=not args.no_progress)
+    if not is_main():  # under torchrun only rank 0 reports
+        return 0
     best = summary.get(f"best_{cfg.monitor}")
     print(f"{'finished' if summary['finished'] else 'stopped'}: best {cfg.monitor} {best:.4f} at epoch "
           f"{summary['best_epoch']}; {summary['epochs_run']} epochs, {summary['train_seconds_total'] / 60:.1f} min; "
@@ -141,11 +188,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- evaluate
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from ferlab.evaluate import evaluate_checkpoints, format_report
+    from ferlab.pretrained import pretrained_path
 
-    first = Path(args.checkpoints[0])
-    out = Path(args.out) if args.out else (first if first.is_dir() else first.parent) / (
-        f"eval-{args.split}" + ("-ensemble" if len(args.checkpoints) > 1 else "") + ("-tta" if args.tta else ""))
-    report = evaluate_checkpoints(args.checkpoints, split=args.split, data_path=args.data, tta=args.tta,
+    shipped = args.pretrained or []
+    for name in shipped:
+        pretrained_path(name)  # a clear error naming the shipped models if ``name`` is not one
+    specs = list(args.checkpoints) + shipped
+    if not specs:
+        raise ValueError("name the checkpoints to evaluate: run directories, .safetensors files or --pretrained NAME")
+    out: Path | None = Path(args.out) if args.out else None
+    if out is None and args.checkpoints:  # next to the first run; a shipped model writes files only with --out
+        first = Path(args.checkpoints[0])
+        out = (first if first.is_dir() else first.parent) / (
+            f"eval-{args.split}" + ("-ensemble" if len(specs) > 1 else "") + ("-tta" if args.tta else ""))
+    report = evaluate_checkpoints(specs, split=args.split, data_path=args.data, tta=args.tta,
                                   batch_size=args.batch_size, out_dir=out, progress=not args.json)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
@@ -189,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("models", help="list the registered models with parameter counts and MFLOPs")
     m.add_argument("--json", action="store_true", help="print JSON")
     m.add_argument("--pattern", default="*", help="shell-style name filter, e.g. 'r00*'")
+    m.add_argument("--pretrained", action="store_true",
+                   help="list the shipped pretrained models with their stated PublicTest/PrivateTest accuracy")
     m.set_defaults(func=cmd_models)
 
     t = sub.add_parser("train", help="train a model (resumable: --resume RUN_DIR)")
@@ -211,12 +269,17 @@ def build_parser() -> argparse.ArgumentParser:
     dm.set_defaults(func=cmd_demo)
 
     e = sub.add_parser("evaluate", help="evaluate checkpoints (several: their ensemble too)")
-    e.add_argument("checkpoints", nargs="+", metavar="RUN_OR_CKPT")
+    e.add_argument("checkpoints", nargs="*", metavar="RUN_OR_CKPT",
+                   help="run directories or .safetensors checkpoints (or shipped names)")
+    e.add_argument("--pretrained", action="append", metavar="NAME",
+                   help="a shipped model (see `ferlab models --pretrained`); repeatable, combinable with "
+                        "checkpoints (then their ensemble is evaluated too)")
     e.add_argument("--split", default="test", choices=("train", "val", "test"))
     e.add_argument("--data", help="data path (default: the data the first checkpoint was trained on)")
     e.add_argument("--tta", action="store_true", help="average with horizontally flipped images")
     e.add_argument("--batch-size", type=int, default=512)
-    e.add_argument("--out", help="where to write metrics.json and confusion.png (default RUN_DIR/eval-SPLIT)")
+    e.add_argument("--out", help="where to write metrics.json and confusion.png (default RUN_DIR/eval-SPLIT; "
+                                 "for shipped models only with --out)")
     e.add_argument("--json", action="store_true", help="print JSON")
     e.set_defaults(func=cmd_evaluate)
 
@@ -232,6 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("path", nargs="?", default=None, help="data path (default: the embedded synthetic faces)")
     d.add_argument("--skip-bad", action="store_true")
     d.set_defaults(func=cmd_data)
+
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).add_commands(sub)
     return p
 
 

@@ -36,3 +36,52 @@ def fer2013_path() -> Path:
 def _isolated_cache(tmp_path_factory, monkeypatch):
     # Tests never write to the user's cache.
     monkeypatch.setenv("FERLAB_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "ferlab-cache"))
+
+
+@pytest.fixture(scope="session")
+def trained_tiny_run(tmp_path_factory) -> Path:
+    """A fer-resnet-s run trained 4 epochs on LEARN_SYNTHETIC (well above chance): for tests that need a model.
+
+    Shared by the whole session; tests must not write into it (copy it first).
+    """
+    from ferlab.train.fit import fit
+
+    run = tmp_path_factory.mktemp("shared-run") / "run"
+    cfg = TrainConfig(model="fer-resnet-s", epochs=4, batch_size=64, synthetic=LEARN_SYNTHETIC, augment="flip",
+                      schedule="cosine", precision="fp32")
+    fit(cfg, run, progress=False)
+    return run
+
+
+CHROMIUM = os.environ.get("FERLAB_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """A headless Chromium (Debian's package) driven by Playwright.
+
+    Skips when Chromium or Playwright is missing, unless FERLAB_REQUIRE_BROWSER=1 (set by CI), where it fails.
+    """
+    required = os.environ.get("FERLAB_REQUIRE_BROWSER") == "1"
+    missing = None
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        missing = "playwright is not installed (pip install -e '.[test]')"
+    if missing is None and not Path(CHROMIUM).is_file():
+        missing = f"no Chromium at {CHROMIUM} (apt-get install chromium, or set FERLAB_CHROMIUM)"
+    if missing:
+        if required:
+            pytest.fail(missing)
+        pytest.skip(missing)
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+ARTIFACTS = Path(os.environ.get("FERLAB_TEST_ARTIFACTS", REPO / "test-artifacts"))

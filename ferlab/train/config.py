@@ -56,7 +56,7 @@ class TrainConfig:
     # speed
     precision: str = "bf16"  # bf16 autocast (the fast path) or fp32
     channels_last: bool = True
-    threads: int = 0  # 0 = all cores
+    threads: int = 0  # 0 = auto: the cores not busy at start (see fit.auto_threads)
     eval_batch_size: int = 512
 
     def __post_init__(self) -> None:

@@ -1,13 +1,16 @@
 """``train_one_epoch`` and ``predict_probs``/``evaluate`` as plain functions (as in torchvision's references).
 
 Images stay in memory as one uint8 tensor (N, 1, 48, 48); each batch is gathered,
-scaled to [0, 1], augmented on the fly, normalised and fed to the model. The fast
-path is channels_last memory layout with bfloat16 autocast.
+scaled to [0, 1], augmented on the fly (on the CPU), normalised, moved to the model's
+device and fed to the model. The fast path is channels_last memory layout with
+bfloat16 autocast, on the CPU and on CUDA alike. Under DistributedDataParallel each
+rank trains on its slice of every global batch (see :func:`epoch_batches`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Callable, Iterator
 
@@ -20,11 +23,17 @@ from tqdm.auto import tqdm
 from ferlab.transforms import AugmentConfig, Normalizer, augment, hflip
 
 
-def autocast(precision: str) -> contextlib.AbstractContextManager:
-    """bfloat16 autocast for ``precision='bf16'``; a no-op for fp32."""
+def autocast(precision: str, device: torch.device | str = "cpu") -> contextlib.AbstractContextManager:
+    """bfloat16 autocast on ``device`` for ``precision='bf16'``; a no-op for fp32."""
     if precision == "bf16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
+        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's parameters (the CPU for a model without any)."""
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
 
 
 def to_unit(xb_u8: torch.Tensor) -> torch.Tensor:
@@ -44,6 +53,34 @@ def batches(n: int, batch_size: int, g: torch.Generator | None = None) -> Iterat
         yield order[i : i + batch_size]
 
 
+def epoch_batches(
+    n: int, batch_size: int, g: torch.Generator, rank: int = 0, world_size: int = 1
+) -> list[torch.Tensor]:
+    """This rank's index batches of one shuffled epoch over range(n).
+
+    Every rank draws the same permutation from ``g`` and cuts it into the same global batches of
+    ``batch_size``; rank r takes the r-th of ``world_size`` equal slices of each. With several ranks the
+    permutation is first cut to a multiple of ``world_size`` (at most world_size - 1 images skipped, different
+    ones each epoch), so all slices of a batch have equal size and DDP's gradient average is the global
+    batch's mean gradient. With one rank this is exactly :func:`batches`.
+    """
+    if world_size > 1 and batch_size % world_size:
+        raise ValueError(f"batch_size {batch_size} (the global batch) must be divisible by the {world_size} processes")
+    order = torch.randperm(n, generator=g)
+    order = order[: n - n % world_size]
+    local = []
+    for i in range(0, len(order), batch_size):
+        b = order[i : i + batch_size]
+        k = len(b) // world_size
+        local.append(b[rank * k : (rank + 1) * k])
+    return local
+
+
+def steps_per_epoch(n: int, batch_size: int, world_size: int = 1) -> int:
+    """The number of optimiser steps in one epoch of :func:`epoch_batches`."""
+    return math.ceil((n - n % world_size) / batch_size)
+
+
 def train_one_epoch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -60,22 +97,31 @@ def train_one_epoch(
     on_step: Callable[[], None] | None = None,
     progress: bool = True,
     desc: str = "train",
+    rank: int = 0,
+    world_size: int = 1,
 ) -> dict[str, float]:
-    """One pass over (images (N, 1, H, W) uint8, labels (N,) int64); returns mean loss, accuracy, seconds."""
+    """One pass over (images (N, 1, H, W) uint8, labels (N,) int64) on the model's device.
+
+    ``batch_size`` is the global batch; with ``world_size`` > 1 (a DDP-wrapped model) this rank trains on its
+    slice of each batch, augmented from its own random stream. Returns this rank's mean loss, accuracy,
+    number of images ``n`` and seconds.
+    """
     model.train()
+    device = model_device(model)
     t0 = time.perf_counter()
     loss_sum, correct, seen = 0.0, 0, 0
-    n_batches = (len(images) + batch_size - 1) // batch_size
-    bar = tqdm(batches(len(images), batch_size, g), total=n_batches, desc=desc, disable=not progress,
-               leave=False, mininterval=1.0, dynamic_ncols=True)
-    for idx in bar:
-        x = layout(normalizer(augment(to_unit(images[idx]), aug, g)), channels_last)  # (B, 1, H, W)
-        y = labels[idx]  # (B,)
-        with autocast(precision):
-            logits = model(x)  # (B, K)
+    local_batches = epoch_batches(len(images), batch_size, g, rank, world_size)
+    # one rank: augmentation continues g's stream (as always); several: each rank its own stream
+    aug_g = g if world_size == 1 else torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=g)) + rank)
+    bar = tqdm(local_batches, desc=desc, disable=not progress, leave=False, mininterval=1.0, dynamic_ncols=True)
+    for step, idx in enumerate(bar):
+        x = layout(normalizer(augment(to_unit(images[idx]), aug, aug_g)), channels_last)  # (b, 1, H, W)
+        x, y = x.to(device, non_blocking=True), labels[idx].to(device, non_blocking=True)  # y: (b,)
+        with autocast(precision, device):
+            logits = model(x)  # (b, K)
         loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} at batch {seen // batch_size}; lower the learning rate")
+            raise FloatingPointError(f"loss is {loss.item()} at batch {step}; lower the learning rate")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -86,7 +132,7 @@ def train_one_epoch(
         seen += len(y)
         bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}", refresh=False)
     bar.close()
-    return {"loss": loss_sum / seen, "acc": correct / seen, "seconds": time.perf_counter() - t0}
+    return {"loss": loss_sum / seen, "acc": correct / seen, "n": seen, "seconds": time.perf_counter() - t0}
 
 
 @torch.no_grad()
@@ -102,26 +148,29 @@ def predict_logits(
     progress: bool = False,
     desc: str = "predict",
 ) -> torch.Tensor:
-    """Logits (N, K) float32 for images (N, 1, H, W) uint8; ``tta`` averages with the mirrored image."""
+    """Logits (N, K) float32 on the CPU for images (N, 1, H, W) uint8, computed on the model's device;
+    ``tta`` averages with the mirrored image."""
     model.eval()
+    device = model_device(model)
     out = []
     n_batches = (len(images) + batch_size - 1) // batch_size
     for idx in tqdm(batches(len(images), batch_size), total=n_batches, desc=desc, disable=not progress, leave=False):
-        x = layout(normalizer(to_unit(images[idx])), channels_last)
-        with autocast(precision):
-            logits = model(x).float()
+        x = layout(normalizer(to_unit(images[idx])), channels_last).to(device, non_blocking=True)  # (B, 1, H, W)
+        with autocast(precision, device):
+            logits = model(x).float()  # (B, K)
             if tta:
                 logits = (logits + model(hflip(x)).float()) / 2
-        out.append(logits)
+        out.append(logits.cpu())
     return torch.cat(out) if out else torch.empty(0, getattr(model, "num_classes", 7))
 
 
 def evaluate(
     model: nn.Module, images: torch.Tensor, labels: torch.Tensor, normalizer: Normalizer, **kw
 ) -> dict[str, float | np.ndarray]:
-    """Loss and accuracy on labelled images, plus the probabilities (N, K)."""
+    """Loss and accuracy on labelled images (``n`` of them), plus the probabilities (N, K)."""
     t0 = time.perf_counter()
     logits = predict_logits(model, images, normalizer, **kw)
     loss = F.cross_entropy(logits, labels).item()
     acc = (logits.argmax(1) == labels).float().mean().item()
-    return {"loss": loss, "acc": acc, "probs": logits.softmax(1).numpy(), "seconds": time.perf_counter() - t0}
+    return {"loss": loss, "acc": acc, "n": len(labels), "probs": logits.softmax(1).numpy(),
+            "seconds": time.perf_counter() - t0}

@@ -6,13 +6,17 @@ RUN_DIR/
   last.pt            the state after the last completed epoch (resume point), written atomically
   history.csv        one row per epoch; curves.png: accuracy and loss, train vs val
   summary.json       written when the run ends
+
+Launched by ``torchrun`` (WORLD_SIZE > 1) the same call trains with DistributedDataParallel: every rank
+loads the data, trains on its slice of each global batch (``batch_size`` stays the global batch), metrics
+are summed over ranks, and only rank 0 prints and writes files. See :mod:`ferlab.train.distributed`.
 """
 
 from __future__ import annotations
 
 import csv
 import json
-import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,9 +34,10 @@ from ferlab.data.source import open_data
 from ferlab.data.splits import train_val_test
 from ferlab.data.types import FerData
 from ferlab.models import count_params, create_model
+from ferlab.train import distributed
 from ferlab.train.callbacks import BestCheckpoint, EarlyStopping
 from ferlab.train.config import TrainConfig
-from ferlab.train.engine import evaluate, train_one_epoch
+from ferlab.train.engine import evaluate, steps_per_epoch, train_one_epoch
 from ferlab.train.optim import build_optimizer, build_schedule
 from ferlab.transforms import Normalizer, expand_offline
 
@@ -150,11 +155,48 @@ def fit(
     """Train ``cfg`` into ``run_dir``; with ``resume``, continue from its last completed epoch.
 
     ``stop_after`` ends this call after that many epochs, as an interruption would (for tests).
-    Returns the run summary (also written to RUN_DIR/summary.json).
+    Returns the run summary (also written to RUN_DIR/summary.json). Under ``torchrun`` this trains with
+    DistributedDataParallel; the process group lives for this call only.
     """
-    run_dir = Path(run_dir)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    with distributed.session() as ddp:
+        return _fit(cfg, Path(run_dir), ddp, resume=resume, progress=progress, stop_after=stop_after, log=log)
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+def auto_threads(world_size: int = 1) -> int:
+    """Threads for ``threads = 0``: the cores not already busy (1-minute load average) at start.
+
+    torch's OpenMP threads wait for each other at every parallel step, so when another process holds one
+    of two cores a 2-thread run slows 10-20x (bench/train_speed.py shows it); one thread per free core avoids
+    that. Returns 0 (leave torch's setting) under torchrun or when OMP_NUM_THREADS is set.
+    """
+    if world_size > 1 or os.environ.get("OMP_NUM_THREADS"):
+        return 0
+    cores = len(os.sched_getaffinity(0))
+    return max(1, cores - round(os.getloadavg()[0]))
+
+
+def _fit(
+    cfg: TrainConfig,
+    run_dir: Path,
+    ddp: distributed.Session,
+    *,
+    resume: bool,
+    progress: bool,
+    stop_after: int | None,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    main = ddp.is_main
+    if not main:
+        log, progress = _quiet, False
+    threads = cfg.threads or auto_threads(ddp.world_size)
+    if threads:
+        torch.set_num_threads(threads)
+        log(f"torch threads: {threads}" + ("" if cfg.threads else f" (auto: cores not busy at start, of "
+                                                                    f"{len(os.sched_getaffinity(0))})"))
     prep = prepare(cfg, progress)
     x_train, y_train = prep.tensors["train"]
     x_val, y_val = prep.tensors["val"]
@@ -164,29 +206,37 @@ def fit(
                                 cfg.augment_config(), seed=cfg.seed)
         x_train, y_train = torch.from_numpy(xi).unsqueeze(1), torch.from_numpy(yi).long()
 
+    if len(x_val) < ddp.world_size:
+        raise ValueError(f"{prep.data.source}: {len(x_val)} validation images cannot be shared by "
+                         f"{ddp.world_size} processes")
+    x_val, y_val = x_val[ddp.rank :: ddp.world_size], y_val[ddp.rank :: ddp.world_size]  # this rank's share
+
     torch.manual_seed(cfg.seed)
-    model = create_model(cfg.model, num_classes=len(prep.data.class_names), **cfg.model_args)
-    init_weights(model, cfg.init)
+    net = create_model(cfg.model, num_classes=len(prep.data.class_names), **cfg.model_args)
+    init_weights(net, cfg.init)
+    net = net.to(ddp.device)
     if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, cfg)
-    steps_per_epoch = math.ceil(len(x_train) / cfg.batch_size)
-    schedule = build_schedule(optimizer, cfg, steps_per_epoch)
+        net = net.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(net, cfg)
+    schedule = build_schedule(optimizer, cfg, steps_per_epoch(len(x_train), cfg.batch_size, ddp.world_size))
     mode = "max" if cfg.monitor == "val_acc" else "min"
     early, best = EarlyStopping(cfg.early_stopping, mode), BestCheckpoint(mode)
-    meta = build_meta(cfg, model, normalizer, prep)
+    meta = build_meta(cfg, net, normalizer, prep)
     history: list[dict[str, float]] = []
     start, stopped_early = 0, False
 
     state_path = run_dir / LAST_STATE
     if resume:
-        if not state_path.is_file():
-            raise CheckpointError(f"{run_dir}: nothing to resume ({LAST_STATE} missing)")
-        state = load_state(state_path)
+        state = None
+        if main:  # rank 0 reads the state and sends it to the others (no shared file system needed)
+            if not state_path.is_file():
+                raise CheckpointError(f"{run_dir}: nothing to resume ({LAST_STATE} missing)")
+            state = load_state(state_path)
+        state = ddp.broadcast_object(state)
         if state["data_fingerprint"] != prep.data.fingerprint:
             raise CheckpointError(f"{run_dir}: the data changed since this run started "
                                   f"(fingerprint {state['data_fingerprint']} -> {prep.data.fingerprint})")
-        model.load_state_dict(state["model"])
+        net.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         early.load_state_dict(state["early"])
@@ -194,50 +244,59 @@ def fit(
         history = list(state["history"])
         start, stopped_early = state["epoch"] + 1, state["stopped_early"]
         log(f"resuming {run_dir} after epoch {start} of {cfg.epochs}")
-    else:
+    elif main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(meta, indent=2))
         p = meta["model"]["params"]
         log(f"run {run_dir}: {cfg.model} ({p['trainable']:,} trainable parameters) on {prep.data.source}; "
-            f"train {len(x_train):,} / val {len(x_val):,} images; {meta['split']['text']}")
+            f"train {len(x_train):,} / val {len(prep.splits['val']):,} images; {meta['split']['text']}")
+    if ddp.distributed or ddp.device.type != "cpu":
+        log(f"training on {ddp.world_size} x {ddp.device.type}"
+            + (f" with DistributedDataParallel; global batch {cfg.batch_size}, "
+               f"{cfg.batch_size // ddp.world_size} per process" if ddp.distributed else ""))
+    model = ddp.wrap(net)  # DDP broadcasts rank 0's weights to all ranks here
 
     t_run = time.perf_counter()
     epochs_this_call = 0
     for epoch in range(start, cfg.epochs):
         if stopped_early or (stop_after is not None and epochs_this_call >= stop_after):
             break
-        torch.manual_seed(cfg.seed * 1_000_003 + epoch)  # dropout and the like
+        torch.manual_seed(cfg.seed * 1_000_003 + epoch + 7_919 * ddp.rank)  # dropout and the like
         lr = optimizer.param_groups[0]["lr"]
         tr = train_one_epoch(
             model, optimizer, x_train, y_train, batch_size=cfg.batch_size, aug=cfg.augment_config(),
             normalizer=normalizer, g=epoch_generator(cfg.seed, epoch), label_smoothing=cfg.label_smoothing,
             precision=cfg.precision, channels_last=cfg.channels_last, on_step=schedule.step_batch,
-            progress=progress, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            progress=progress, desc=f"epoch {epoch + 1}/{cfg.epochs}", rank=ddp.rank, world_size=ddp.world_size,
         )
-        va = evaluate(model, x_val, y_val, normalizer, batch_size=cfg.eval_batch_size,
-                      precision=cfg.precision, channels_last=cfg.channels_last)
+        ddp.broadcast_buffers(net)  # rank 0's BatchNorm statistics everywhere, as in the saved model
+        tr = ddp.mean(tr)
+        va = ddp.mean(evaluate(net, x_val, y_val, normalizer, batch_size=cfg.eval_batch_size,
+                               precision=cfg.precision, channels_last=cfg.channels_last))
         monitored = va["acc"] if cfg.monitor == "val_acc" else va["loss"]
         schedule.step_epoch(monitored)
         history.append({
             "epoch": epoch + 1, "lr": lr, "train_loss": tr["loss"], "train_acc": tr["acc"],
             "val_loss": va["loss"], "val_acc": va["acc"], "seconds": tr["seconds"] + va["seconds"],
-            "images_per_s": len(x_train) / tr["seconds"],
+            "images_per_s": tr["n"] / tr["seconds"],
         })
         is_best = best.update(monitored, epoch + 1)
         if is_best:
             meta["result"] = {"epoch": epoch + 1, "val_acc": va["acc"], "val_loss": va["loss"]}
-            save_checkpoint(run_dir / BEST, model, meta)
+            if main:
+                save_checkpoint(run_dir / BEST, net, meta)
         stopped_early = early.update(monitored, epoch + 1)
-        write_history(run_dir, history)
-        save_state(state_path, {
-            "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "schedule": schedule.state_dict(), "early": early.state_dict(), "best": best.state_dict(),
-            "history": history, "stopped_early": stopped_early, "data_fingerprint": prep.data.fingerprint,
-        })
+        if main:
+            write_history(run_dir, history)
+            save_state(state_path, {
+                "epoch": epoch, "model": net.state_dict(), "optimizer": optimizer.state_dict(),
+                "schedule": schedule.state_dict(), "early": early.state_dict(), "best": best.state_dict(),
+                "history": history, "stopped_early": stopped_early, "data_fingerprint": prep.data.fingerprint,
+            })
         epochs_this_call += 1
         log(f"epoch {epoch + 1}/{cfg.epochs}  train loss {tr['loss']:.4f} acc {tr['acc']:.4f} | "
             f"val loss {va['loss']:.4f} acc {va['acc']:.4f} | lr {lr:.2e} | {tr['seconds']:.1f}s "
-            f"({len(x_train) / tr['seconds']:.0f} img/s){'  *best' if is_best else ''}")
+            f"({tr['n'] / tr['seconds']:.0f} img/s){'  *best' if is_best else ''}")
         if stopped_early:
             log(f"early stopping: {cfg.monitor} has not improved for {cfg.early_stopping} epochs")
 
@@ -247,7 +306,14 @@ def fit(
         "best_epoch": best.best_epoch, f"best_{cfg.monitor}": best.best,
         "train_seconds_total": sum(h["seconds"] for h in history),
         "this_call_seconds": time.perf_counter() - t_run, "stopped_early": stopped_early,
-        "protocol": meta["split"]["text"],
+        "protocol": meta["split"]["text"], "device": ddp.device.type, "world_size": ddp.world_size,
+        "train_images_per_epoch": tr["n"] if epochs_this_call else None,  # summed over ranks
     }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if ddp.distributed:
+        # the largest difference of any weight between ranks: DDP keeps them identical, so this is 0.0
+        summary["rank_spread"] = ddp.spread(net)
+        if summary["rank_spread"] > 0:
+            log(f"warning: the ranks' weights differ by up to {summary['rank_spread']:.3g}")
+    if main:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

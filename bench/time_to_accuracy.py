@@ -1,0 +1,99 @@
+"""Time to accuracy: train a config from scratch, then report PrivateTest accuracy and the wall time it took.
+
+The training runs as ``python -m ferlab train`` in a subprocess with jemalloc preloaded (what the
+``ferlab`` launcher does), so the wall time counts everything a user waits for: interpreter start, data
+loading and parsing (or the cache), every epoch and the checkpoints. The config's ``epochs`` set the run's
+length: choose them so that the run fits the budget; this script does not stop training early, it measures.
+Then the checkpoint selected on PublicTest (val) is evaluated on PrivateTest (test), with and without flip
+test-time augmentation.
+
+    python bench/time_to_accuracy.py --data fer2013.csv.gz --config configs/X.toml --budget-min 30
+    python bench/time_to_accuracy.py --config configs/X.toml --epochs 1 --synthetic '{"n_train": 500}'  # a dry run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def train_command(args: argparse.Namespace, out: Path) -> list[str]:
+    cmd = [sys.executable, "-m", "ferlab", "train", "--config", args.config, "--out", str(out), "--no-progress"]
+    for flag in ("data", "epochs", "threads", "synthetic"):
+        value = getattr(args, flag)
+        if value is not None:
+            cmd += [f"--{flag}", str(value)]
+    return cmd
+
+
+def train_env() -> dict[str, str]:
+    """The environment of the training process: jemalloc preloaded when installed, as the launcher does."""
+    from ferlab.cli import JEMALLOC
+
+    env = dict(os.environ)
+    if os.path.exists(JEMALLOC) and "jemalloc" not in env.get("LD_PRELOAD", ""):
+        env["LD_PRELOAD"] = (JEMALLOC + " " + env.get("LD_PRELOAD", "")).strip()
+    return env
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True, help="training config (TOML/JSON), e.g. configs/fer-resnet-s.toml")
+    ap.add_argument("--data", help="fer2013.csv[.gz]; default: the config's data (else the synthetic faces)")
+    ap.add_argument("--budget-min", type=float, default=30.0, help="the wall-time budget in minutes")
+    ap.add_argument("--target", type=float, default=0.70, help="the PrivateTest accuracy to reach")
+    ap.add_argument("--epochs", type=int, help="override the config's epochs")
+    ap.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    ap.add_argument("--synthetic", help=argparse.SUPPRESS)  # options of the synthetic data, for tests
+    ap.add_argument("--out", help="run directory (default runs/tta-CONFIG-TIMESTAMP); must not hold a run")
+    ap.add_argument("--json", action="store_true", help="print the result as JSON as well")
+    args = ap.parse_args(argv)
+
+    out = Path(args.out or f"runs/tta-{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if (out / "last.pt").exists():
+        sys.exit(f"time_to_accuracy: {out} already holds a run; a timing needs a fresh run directory")
+    cmd = train_command(args, out)
+    print("training:", " ".join(cmd), flush=True)
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=train_env())
+    train_wall = time.perf_counter() - t0
+    if proc.returncode:
+        sys.exit(f"time_to_accuracy: training failed with exit status {proc.returncode}")
+
+    from ferlab.evaluate import evaluate_checkpoints
+
+    t1 = time.perf_counter()
+    reports = {tta: evaluate_checkpoints([out], split="test", data_path=args.data, tta=tta, progress=False)
+               for tta in (False, True)}
+    eval_wall = time.perf_counter() - t1
+    summary = json.loads((out / "summary.json").read_text())
+    member = reports[False]["members"][0]
+    result = {
+        "config": args.config, "run_dir": str(out), "data": reports[False]["data"],
+        "protocol": reports[False]["protocol"], "epochs_run": summary["epochs_run"],
+        "best_epoch": member["best_epoch"], "val_acc_at_selection": member["val_acc_at_selection"],
+        "test_acc": reports[False]["accuracy"], "test_acc_tta": reports[True]["accuracy"],
+        "test_n": reports[False]["n"], "train_wall_s": train_wall, "eval_wall_s": eval_wall,
+        "total_wall_s": train_wall + eval_wall, "budget_s": args.budget_min * 60, "target": args.target,
+    }
+    within = result["total_wall_s"] <= result["budget_s"]
+    print(f"\nconfig {args.config} on {result['data']}; {result['protocol']}")
+    print(f"wall time: training {train_wall / 60:.1f} min (process start, data loading, {result['epochs_run']} "
+          f"epochs, checkpoints) + evaluation {eval_wall / 60:.1f} min = {result['total_wall_s'] / 60:.1f} min; "
+          f"budget {args.budget_min:g} min: {'within' if within else 'OVER'}")
+    print(f"selected epoch {result['best_epoch']} on PublicTest (val) (accuracy {result['val_acc_at_selection']:.4f})")
+    for label, key in (("PrivateTest (test) accuracy", "test_acc"), ("  with flip TTA", "test_acc_tta")):
+        acc = result[key]
+        print(f"{label:<28} {acc:.4f}  target {args.target:.4f}: {'reached' if acc >= args.target else 'missed'}")
+    if args.json:
+        print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

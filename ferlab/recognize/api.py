@@ -1,0 +1,251 @@
+"""The Python API: ``Recognizer`` finds faces in photos, folders and videos and classifies their expressions.
+
+Example::
+
+    from ferlab import Recognizer
+
+    rec = Recognizer("runs/fer-resnet-s")   # a run directory, checkpoint, shipped name or exported .onnx file
+    for face in rec.predict("group.jpg"):
+        print(face.box, face.label, round(face.score, 2))   # (412, 188, 96, 96) Happy 0.91
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ferlab.recognize.backends import Backend, ModelSpec, create_backend, default_model
+from ferlab.recognize.detect import WholeImage, create_detector, crop_faces
+from ferlab.recognize.images import (
+    DEFAULT_MAX_PIXELS,
+    ImageError,
+    check_pixels,
+    collect_inputs,
+    decode_image,
+    is_video,
+    read_image,
+    read_video,
+    to_bgr8,
+)
+
+ImageInput = str | Path | bytes | np.ndarray
+KEEP_BYTES = 256 * 2**20  # with keep_images, classify early rather than hold more decoded images than this
+
+
+@dataclass
+class Face:
+    """One classified face. box: (x, y, w, h) in pixels of the original image (as detected, before the margin)."""
+
+    box: tuple[int, int, int, int]
+    label: str
+    score: float  # probability of ``label``
+    probabilities: dict[str, float]
+    file: str | None = None
+    frame: int | None = None  # video frame index; None for images
+    index: int = 0  # face number within its image, largest first
+
+    def to_dict(self) -> dict[str, Any]:
+        x, y, w, h = self.box
+        return {"file": self.file, "frame": self.frame, "face": self.index, "x": x, "y": y, "w": w, "h": h,
+                "label": self.label, "score": self.score, "probabilities": dict(self.probabilities)}
+
+
+@dataclass
+class Result:
+    """What one image or video frame gave: its faces, or the error that stopped it."""
+
+    file: str | None
+    frame: int | None = None
+    faces: list[Face] = field(default_factory=list)
+    error: str | None = None
+    image: np.ndarray | None = None  # (H, W, 3) uint8 BGR, kept only with keep_images=True
+
+    @property
+    def status(self) -> str:
+        """``ok`` (faces found), ``no_face`` or ``error``."""
+        return "error" if self.error else "ok" if self.faces else "no_face"
+
+
+def load_image(image: ImageInput, color: str = "rgb", max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """A path, encoded bytes or array -> (H, W, 3) uint8 BGR. Arrays are RGB unless ``color='bgr'`` (OpenCV)."""
+    if isinstance(image, str | Path):
+        return read_image(image, max_pixels)
+    if isinstance(image, bytes | bytearray | memoryview):
+        return decode_image(bytes(image), max_pixels)
+    arr = np.asarray(image)
+    if arr.ndim >= 2:
+        check_pixels(arr.shape[1], arr.shape[0], max_pixels)
+    return to_bgr8(arr, color)
+
+
+class Recognizer:
+    """Face detection + expression classification, batched.
+
+    model: run directory, .safetensors checkpoint, shipped model name or exported .onnx file (default: the
+    shipped default model). backend: ``torch`` or ``onnx`` (default: onnx for an .onnx file, else torch), or a
+    ready :class:`~ferlab.recognize.backends.Backend`. detector: a name in ``detect.DETECTORS`` (``haar``).
+    margin: fraction of the face box added on each side before cropping (0.1 matches FER2013's framing).
+    tta: average the logits with those of the mirrored face. min_face: smallest face side in pixels.
+    batch_size: faces per forward pass. max_pixels: larger images are refused (decompression bombs).
+    precision: torch backend only, ``fp32`` (default) or ``bf16``. threads: inference threads (None: default).
+
+    Example::
+
+        rec = Recognizer("runs/fer-resnet-s")
+        faces = rec.predict("photo.jpg")                  # list[Face], largest first
+        faces = rec.predict(rgb_array)                    # numpy (H, W, 3) RGB, e.g. np.asarray(PIL image)
+        faces = rec.predict("crop48.png", crops=True)     # the image is already a face
+        for r in rec.predict_many(["photos/", "clip.mp4"], every=10):   # folders, videos; errors per file
+            print(r.file, r.frame, r.status, [f.label for f in r.faces])
+    """
+
+    def __init__(self, model: ModelSpec | None = None, backend: str | Backend | None = None, detector: str = "haar",
+                 margin: float = 0.1, tta: bool = False, min_face: int = 24, batch_size: int = 128,
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS, precision: str | None = None,
+                 threads: int | None = None) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if margin < 0:
+            raise ValueError(f"margin must be >= 0, got {margin}")
+        if backend is not None and not isinstance(backend, str):
+            if model is not None:
+                raise ValueError("pass either a model spec or a ready backend, not both")
+            self.backend: Backend = backend
+        else:
+            kw: dict[str, Any] = {"threads": threads} if threads else {}
+            if precision is not None:
+                if backend == "onnx" or (backend is None and str(model).lower().endswith(".onnx")):
+                    raise ValueError("precision applies to the torch backend only")
+                kw["precision"] = precision
+            self.backend = create_backend(backend, model if model is not None else default_model(), **kw)
+        self.detector = create_detector(detector, min_face=min_face)
+        self._whole = WholeImage()
+        self.margin, self.tta, self.batch_size, self.max_pixels = margin, tta, batch_size, max_pixels
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.backend.class_names
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """The model's ferlab metadata (model name, preprocessing, training config, ...)."""
+        return self.backend.meta
+
+    def __repr__(self) -> str:
+        return (f"Recognizer(model={self.meta['model']['name']!r}, backend={self.backend.name!r}, "
+                f"margin={self.margin}, tta={self.tta})")
+
+    # ------------------------------------------------------------------ classification of ready crops
+    def classify(self, pixels: np.ndarray) -> np.ndarray:
+        """Probabilities (N, K) for face crops (N, H, W) or (N, 1, H, W) uint8 of the model's input size."""
+        x = np.asarray(pixels)
+        x = x[:, None] if x.ndim == 3 else x  # (N, 1, H, W)
+        if x.ndim != 4 or x.shape[1] != 1 or tuple(x.shape[2:]) != tuple(self.backend.input_size):
+            raise ValueError(f"expected crops of shape (N, 1, {self.backend.input_size[0]}, "
+                             f"{self.backend.input_size[1]}), got {np.shape(pixels)}")
+        out = np.empty((len(x), len(self.class_names)), np.float32)
+        for i in range(0, len(x), self.batch_size):
+            xb = np.ascontiguousarray(x[i : i + self.batch_size], np.uint8)  # (B, 1, H, W)
+            logits = self.backend.logits(xb)  # (B, K)
+            if self.tta:
+                logits = (logits + self.backend.logits(np.ascontiguousarray(xb[..., ::-1]))) / 2
+            z = logits - logits.max(1, keepdims=True)
+            e = np.exp(z)
+            out[i : i + len(xb)] = e / e.sum(1, keepdims=True)
+        return out
+
+    # ------------------------------------------------------------------ images
+    def predict(self, image: ImageInput, crops: bool = False, color: str = "rgb", every: int = 1) -> list[Face]:
+        """Faces in one image (path, encoded bytes, or array: RGB unless color='bgr'), largest first.
+
+        A video path gives the faces of every ``every``-th frame (Face.frame says which). ``crops=True``
+        takes the whole image as one face. Bad input raises ImageError / FileNotFoundError.
+        """
+        if isinstance(image, str | Path) and is_video(image):
+            results = list(self._run(self._video_frames(Path(image), every), crops, keep_images=False))
+            return [f for r in results for f in r.faces]
+        return self.predict_batch([image], crops=crops, color=color)[0]
+
+    def predict_batch(self, images: Sequence[ImageInput], crops: bool = False, color: str = "rgb") -> list[list[Face]]:
+        """The faces of each image (as :meth:`predict`), classified in shared batches. Raises on bad input."""
+        def frames() -> Iterator[tuple[Result, np.ndarray | None]]:
+            for img in images:
+                name = str(img) if isinstance(img, str | Path) else None
+                yield Result(name), load_image(img, color, self.max_pixels)
+
+        return [r.faces for r in self._run(frames(), crops, keep_images=False)]
+
+    def predict_many(self, inputs: Iterable[str | Path], crops: bool = False, every: int = 1, progress: bool = False,
+                     keep_images: bool = False) -> Iterator[Result]:
+        """Stream one :class:`Result` per image or kept video frame, for files and folders (recursive).
+
+        A file that cannot be read (missing, corrupt, not an image, too large) gives a Result whose ``error``
+        says why, and the rest go on. Faces are classified in batches of ``batch_size``; ``progress`` shows a
+        bar over the files; ``keep_images`` keeps each decoded image in ``Result.image`` (for annotation).
+        """
+        files = collect_inputs(inputs)
+        yield from self._run(self._file_frames(files, every, progress), crops, keep_images)
+
+    # ------------------------------------------------------------------ pipeline
+    def _file_frames(self, files: list[Path], every: int,
+                     progress: bool) -> Iterator[tuple[Result, np.ndarray | None]]:
+        from tqdm.auto import tqdm
+
+        with tqdm(total=len(files), unit="file", disable=not progress, dynamic_ncols=True) as bar:
+            for f in files:
+                try:
+                    if is_video(f):
+                        yield from self._video_frames(f, every)
+                    else:
+                        yield Result(str(f)), read_image(f, self.max_pixels)
+                except (ImageError, OSError) as e:
+                    msg = str(e)
+                    yield Result(str(f), error=msg[len(f"{f}: "):] if msg.startswith(f"{f}: ") else msg), None
+                bar.update(1)
+
+    def _video_frames(self, path: Path, every: int) -> Iterator[tuple[Result, np.ndarray]]:
+        for i, frame in read_video(path, every, self.max_pixels):
+            yield Result(str(path), frame=i), frame
+
+    def _run(self, frames: Iterator[tuple[Result, np.ndarray | None]], crops: bool,
+             keep_images: bool) -> Iterator[Result]:
+        import cv2
+
+        pending: list[tuple[Result, np.ndarray, np.ndarray]] = []
+        n_faces, kept_bytes = 0, 0
+        for res, bgr in frames:
+            if bgr is None:
+                boxes, pix = np.empty((0, 4), np.int64), np.empty((0, 1, *self.backend.input_size), np.uint8)
+            else:
+                gray = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
+                boxes = (self._whole if crops else self.detector)(gray)  # (F, 4)
+                pix = crop_faces(gray, boxes, 0.0 if crops else self.margin, self.backend.input_size)  # (F, 1, H, W)
+                res.image = bgr if keep_images else None
+                kept_bytes += bgr.nbytes if keep_images else 0
+            pending.append((res, boxes, pix))
+            n_faces += len(pix)
+            # flush on a full batch, or before many faceless images / kept images pile up
+            if n_faces >= self.batch_size or len(pending) >= 4 * self.batch_size or kept_bytes > KEEP_BYTES:
+                yield from self._classify_pending(pending)
+                pending, n_faces, kept_bytes = [], 0, 0
+        yield from self._classify_pending(pending)
+
+    def _classify_pending(self, pending: list[tuple[Result, np.ndarray, np.ndarray]]) -> Iterator[Result]:
+        if not pending:
+            return
+        pix = np.concatenate([p for _, _, p in pending])  # (F, 1, H, W)
+        probs = self.classify(pix) if len(pix) else np.empty((0, len(self.class_names)), np.float32)
+        names, j = self.class_names, 0
+        for res, boxes, _ in pending:
+            for k, box in enumerate(boxes.tolist()):
+                pr = probs[j]
+                top = int(pr.argmax())
+                res.faces.append(Face(box=tuple(int(v) for v in box), label=names[top], score=float(pr[top]),
+                                      probabilities={c: float(v) for c, v in zip(names, pr, strict=True)},
+                                      file=res.file, frame=res.frame, index=k))
+                j += 1
+            yield res

@@ -1,0 +1,161 @@
+"""Inference backends behind one small interface: ``logits(pixels (B, 1, H, W) uint8) -> (B, K) float32``.
+
+``BACKENDS`` maps a name to a factory taking a model spec (run directory, .safetensors checkpoint, shipped
+name; for ``onnx`` also an exported .onnx file). Both backends apply the checkpoint's normalisation, so they
+take the same raw pixels and, in fp32, give the same logits (within 1e-4, tested).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+ModelSpec = str | Path
+
+
+class Backend(Protocol):
+    name: str
+    meta: dict[str, Any]
+    class_names: list[str]
+    input_size: tuple[int, int]
+
+    def logits(self, pixels: np.ndarray) -> np.ndarray:
+        """(B, 1, H, W) uint8 -> (B, K) float32 logits."""
+        ...
+
+
+class TorchBackend:
+    """A PyTorch model from a checkpoint. precision: ``fp32`` (default; exact) or ``bf16`` (bfloat16 autocast).
+
+    threads: calls ``torch.set_num_threads`` when given (a process-wide setting); None leaves torch's default.
+    """
+
+    name = "torch"
+
+    def __init__(self, model: Any, meta: dict[str, Any], precision: str = "fp32", channels_last: bool = False,
+                 threads: int | None = None) -> None:
+        import torch
+
+        from ferlab.checkpoint import normalizer_from_meta
+
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
+        if threads:
+            torch.set_num_threads(threads)
+        self.model = model.eval().to(memory_format=torch.channels_last) if channels_last else model.eval()
+        self.meta, self.precision, self.channels_last = meta, precision, channels_last
+        self.normalizer = normalizer_from_meta(meta)
+        self.class_names = list(meta["class_names"])
+        self.input_size = tuple(meta.get("preprocess", {}).get("input_size", model.input_size))
+
+    @classmethod
+    def from_spec(cls, spec: ModelSpec, **kw: Any) -> TorchBackend:
+        from ferlab.checkpoint import load_checkpoint
+
+        if str(spec).lower().endswith(".onnx"):
+            raise ValueError(f"{spec}: an .onnx model runs on the onnx backend (backend='onnx', --backend onnx)")
+        model, meta = load_checkpoint(spec)
+        return cls(model, meta, **kw)
+
+    def logits(self, pixels: np.ndarray) -> np.ndarray:
+        import torch
+
+        from ferlab.train.engine import predict_logits
+
+        x = torch.from_numpy(np.ascontiguousarray(pixels, np.uint8))  # (B, 1, H, W) uint8
+        out = predict_logits(self.model, x, self.normalizer, batch_size=max(1, len(x)), precision=self.precision,
+                             channels_last=self.channels_last)
+        return out.numpy()  # (B, K)
+
+
+class OnnxBackend:
+    """ONNX Runtime on the CPU. source: an exported .onnx file or its bytes (see :func:`export.export_onnx`).
+
+    threads: ONNX Runtime's intra-op threads (None or 0: its default, one per physical core).
+    """
+
+    name = "onnx"
+
+    def __init__(self, source: str | Path | bytes, threads: int | None = None, source_name: str | None = None) -> None:
+        import onnxruntime as ort
+        from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
+
+        name = source_name or (str(source) if not isinstance(source, bytes) else "<onnx bytes>")
+        if not isinstance(source, bytes) and not Path(source).is_file():
+            raise FileNotFoundError(f"{source}: no such ONNX file")
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = int(threads or 0)
+        so.inter_op_num_threads = 1
+        so.log_severity_level = 3  # errors only
+        src = source if isinstance(source, bytes) else str(source)
+        try:
+            self.session = ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+        except (ort_state.InvalidProtobuf, ort_state.InvalidGraph, ort_state.Fail, ort_state.NoSuchFile) as e:
+            raise ValueError(f"{name}: not a loadable ONNX model ({type(e).__name__}: {e})") from None
+        self.meta = read_onnx_meta(self.session.get_modelmeta().custom_metadata_map, name)
+        inp = self.session.get_inputs()[0]
+        if inp.type != "tensor(uint8)" or len(inp.shape) != 4:
+            raise ValueError(f"{name}: expected a uint8 (batch, 1, H, W) input, found {inp.name} {inp.type} "
+                             f"{inp.shape}; export it with `ferlab export --onnx`")
+        self.input_name = inp.name
+        self.class_names = list(self.meta["class_names"])
+        self.input_size = (int(inp.shape[2]), int(inp.shape[3]))
+
+    @classmethod
+    def from_model(cls, model: Any, meta: dict[str, Any], threads: int | None = None) -> OnnxBackend:
+        """Export ``model`` in memory and run it on ONNX Runtime (no file written)."""
+        from ferlab.recognize.export import export_onnx
+
+        return cls(export_onnx(model, meta), threads=threads, source_name=f"{meta['model']['name']} (exported)")
+
+    @classmethod
+    def from_spec(cls, spec: ModelSpec, threads: int | None = None) -> OnnxBackend:
+        if str(spec).lower().endswith(".onnx"):
+            return cls(spec, threads=threads)
+        from ferlab.checkpoint import load_checkpoint
+
+        model, meta = load_checkpoint(spec)
+        return cls.from_model(model, meta, threads=threads)
+
+    def logits(self, pixels: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(pixels, np.uint8)  # (B, 1, H, W)
+        return self.session.run(["logits"], {self.input_name: x})[0]  # (B, K)
+
+
+def read_onnx_meta(custom: dict[str, str], source: str) -> dict[str, Any]:
+    """The ferlab metadata in an ONNX model's metadata_props (``custom``); ValueError when absent."""
+    if "ferlab" not in custom or "class_names" not in custom:
+        raise ValueError(f"{source}: ONNX model without ferlab metadata (export it with `ferlab export --onnx`)")
+    meta = json.loads(custom["ferlab"])
+    meta["class_names"] = json.loads(custom["class_names"])
+    return meta
+
+
+BACKENDS: dict[str, Callable[..., Backend]] = {
+    "torch": TorchBackend.from_spec,
+    "onnx": OnnxBackend.from_spec,
+}
+
+
+def create_backend(name: str | None, spec: ModelSpec, **kw: Any) -> Backend:
+    """Backend ``name`` for model ``spec``; None picks ``onnx`` for an .onnx file and ``torch`` otherwise."""
+    if name is None:
+        name = "onnx" if str(spec).lower().endswith(".onnx") else "torch"
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    return BACKENDS[name](spec, **kw)
+
+
+def default_model() -> str:
+    """The shipped model to use when none is named: the manifest's ``default`` entry, else the first one."""
+    from ferlab.pretrained import list_pretrained
+
+    shipped = list_pretrained()
+    if not shipped:
+        raise ValueError("no pretrained model is shipped in this build: pass a run directory or a .safetensors "
+                         "checkpoint, e.g. Recognizer('runs/fer-resnet-s') or --model runs/fer-resnet-s")
+    return next((e["name"] for e in shipped if e.get("default")), shipped[0]["name"])

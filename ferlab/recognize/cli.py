@@ -1,0 +1,230 @@
+"""Sub-commands of ferlab.recognize (registered through ferlab.cli.COMMAND_MODULES): ``predict`` and ``export``.
+
+Heavy libraries (torch, OpenCV, ONNX Runtime) are imported inside the command functions only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+from pathlib import Path
+from typing import IO, Any
+
+PROG = "ferlab predict"
+
+
+# --------------------------------------------------------------------------- output writers
+class CsvWriter:
+    """One row per face: file, frame, face, x, y, w, h, label, score, p_<class>...; problems go to stderr only."""
+
+    def __init__(self, f: IO[str], class_names: list[str]) -> None:
+        self.w = csv.writer(f)
+        self.w.writerow(["file", "frame", "face", "x", "y", "w", "h", "label", "score",
+                         *(f"p_{c}" for c in class_names)])
+
+    def write(self, result: Any) -> None:
+        for face in result.faces:
+            x, y, w, h = face.box
+            self.w.writerow([face.file, "" if face.frame is None else face.frame, face.index, x, y, w, h, face.label,
+                             f"{face.score:.6f}", *(f"{p:.6f}" for p in face.probabilities.values())])
+
+    def close(self) -> None:
+        pass
+
+
+class JsonWriter:
+    """A JSON list streamed entry by entry: one entry per face (status ``ok``) and one per image or frame
+    without a face (``no_face``) or that could not be read (``error``, with the message in ``error``)."""
+
+    def __init__(self, f: IO[str], class_names: list[str]) -> None:
+        self.f, self.first = f, True
+        f.write("[")
+
+    def _entry(self, d: dict[str, Any]) -> None:
+        self.f.write(("\n  " if self.first else ",\n  ") + json.dumps(d))
+        self.first = False
+
+    def write(self, result: Any) -> None:
+        if result.status != "ok":
+            entry = {"file": result.file, "frame": result.frame, "status": result.status}
+            self._entry(entry | ({"error": result.error} if result.error else {}))
+        for face in result.faces:
+            self._entry({**face.to_dict(), "status": "ok"})
+
+    def close(self) -> None:
+        self.f.write("\n]\n" if not self.first else "]\n")
+
+
+WRITERS = {"csv": CsvWriter, "json": JsonWriter}
+
+
+# --------------------------------------------------------------------------- annotation
+class Annotator:
+    """Writes each read image (or video frame) with its faces drawn, mirroring the inputs' folder structure."""
+
+    def __init__(self, out_dir: Path, files: list[Path]) -> None:
+        self.out_dir = out_dir
+        parents = [str(f.resolve().parent) for f in files] or [str(Path.cwd())]
+        self.root = Path(os.path.commonpath(parents))
+
+    def target(self, file: str, frame: int | None) -> Path:
+        src = Path(file).resolve()
+        rel = src.relative_to(self.root)
+        if frame is not None:
+            return self.out_dir / rel.parent / f"{rel.stem}_f{frame:06d}.jpg"
+        suffix = rel.suffix.lower() if rel.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp", ".bmp") else ".png"
+        return self.out_dir / rel.with_suffix(suffix)
+
+    def write(self, result: Any) -> None:
+        import cv2
+
+        from ferlab.recognize.annotate import draw_faces
+
+        out = self.target(result.file, result.frame)
+        if out.exists() and out.samefile(result.file):
+            raise ValueError(f"--annotate would overwrite the input {result.file}; choose another directory")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if not cv2.imwrite(str(out), draw_faces(result.image, result.faces)):
+            raise OSError(f"cannot write {out}")
+
+
+# --------------------------------------------------------------------------- predict
+def cmd_predict(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from ferlab.recognize.api import Recognizer
+    from ferlab.recognize.images import collect_inputs
+
+    if args.every < 1:
+        raise ValueError(f"--every must be >= 1, got {args.every}")
+    fmt = args.format or ("json" if args.out and args.out.lower().endswith(".json") else "csv")
+    rec = Recognizer(args.model, backend=args.backend, detector=args.detector, margin=args.margin, tta=args.tta,
+                     min_face=args.min_face, batch_size=args.batch_size, max_pixels=int(args.max_pixels),
+                     precision=args.precision, threads=args.threads)
+    files = collect_inputs(args.paths)
+    if not files:
+        raise FileNotFoundError(f"no images or videos found in {', '.join(args.paths)} "
+                                f"(looked for .jpg .jpeg .png .webp .bmp .mp4 .avi .mov .mkv)")
+    annotator = Annotator(Path(args.annotate), files) if args.annotate else None
+
+    def note(msg: str) -> None:
+        tqdm.write(f"{PROG}: {msg}", file=sys.stderr)
+
+    counts = {"ok": 0, "no_face": 0, "error": 0, "faces": 0}
+    video_no_face: dict[str, list[int]] = {}  # video -> [frames read, frames without a face]
+    out_f = open(args.out, "w", newline="", encoding="utf-8") if args.out else sys.stdout  # noqa: SIM115
+    try:
+        writer = WRITERS[fmt](out_f, rec.class_names)
+        for r in rec.predict_many(files, crops=args.crops, every=args.every, progress=not args.no_progress,
+                                  keep_images=annotator is not None):
+            counts[r.status] += 1
+            counts["faces"] += len(r.faces)
+            if r.frame is not None:
+                v = video_no_face.setdefault(r.file, [0, 0])
+                v[0] += 1
+                v[1] += r.status == "no_face"
+            elif r.status == "error":
+                note(f"{r.file}: {r.error}")
+            elif r.status == "no_face":
+                note(f"{r.file}: no face found")
+            writer.write(r)
+            if annotator is not None and r.image is not None:
+                annotator.write(r)
+        writer.close()
+    finally:
+        if args.out:
+            out_f.close()
+        else:
+            out_f.flush()
+    for video, (n, empty) in video_no_face.items():
+        if empty:
+            note(f"{video}: no face in {empty} of {n} frames read")
+    processed = counts["ok"] + counts["no_face"]
+    summary = (f"{len(files)} file(s): {processed} image(s)/frame(s) read, {counts['faces']} face(s), "
+               f"{counts['no_face']} without a face, {counts['error']} unreadable"
+               + (f"; wrote {args.out}" if args.out else "") + (f"; annotated images in {args.annotate}"
+                                                                 if args.annotate else ""))
+    print(f"{PROG}: {summary}", file=sys.stderr)
+    if processed == 0:
+        raise ValueError(f"none of the {len(files)} input file(s) could be read (see the messages above)")
+    return 0
+
+
+# --------------------------------------------------------------------------- export
+def default_onnx_name(spec: str) -> Path:
+    """runs/x -> x.onnx; runs/x/best.safetensors -> x.onnx; ckpt.safetensors -> ckpt.onnx; shipped -> name.onnx."""
+    p = Path(spec)
+    if p.is_dir():
+        return Path(f"{p.resolve().name}.onnx")
+    if p.is_file():
+        return Path(f"{p.resolve().parent.name if p.stem == 'best' else p.stem}.onnx")
+    return Path(f"{spec}.onnx")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from ferlab.checkpoint import load_checkpoint
+    from ferlab.recognize.backends import OnnxBackend, TorchBackend
+    from ferlab.recognize.export import export_onnx
+
+    spec = args.onnx
+    out = Path(args.out) if args.out else default_onnx_name(spec)
+    if out.suffix.lower() != ".onnx":
+        raise ValueError(f"--out {out}: use a .onnx file name")
+    model, meta = load_checkpoint(spec)
+    data = export_onnx(model, meta, out, opset=args.opset)
+    # self-check: ONNX Runtime against PyTorch fp32 on random pixels
+    h, w = meta["preprocess"].get("input_size", (48, 48))
+    x = np.random.default_rng(0).integers(0, 256, (8, 1, h, w), dtype=np.uint8)  # (8, 1, H, W)
+    diff = np.abs(OnnxBackend(out).logits(x) - TorchBackend(model, meta).logits(x)).max()
+    print(f"wrote {out} ({len(data) / 2**20:.1f} MiB, opset {args.opset}, model {meta['model']['name']}, "
+          f"classes {', '.join(meta['class_names'])}); input 'pixels' uint8 (batch, 1, {h}, {w}), normalisation "
+          f"included; outputs 'logits', 'probabilities'; max |logit difference| vs PyTorch on 8 random faces: "
+          f"{diff:.1e}")
+    print(f"next: ferlab predict PHOTO --model {out}")
+    return 0
+
+
+# --------------------------------------------------------------------------- parsers
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """Add this package's sub-commands to the ferlab parser."""
+    p = sub.add_parser("predict", help="detect faces in photos, folders and videos and classify their expressions",
+                       description="Detect faces (OpenCV Haar cascade), crop them with a margin, and classify them "
+                       "in batches. Writes one CSV row / JSON entry per face. A file that cannot be read, or has "
+                       "no face, gets a message on stderr and the rest go on.")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="images (jpg png webp bmp), videos (mp4 avi mov mkv) "
+                   "or folders (searched recursively)")
+    p.add_argument("--model", default=None, help="run directory, .safetensors checkpoint, shipped model name or "
+                   "exported .onnx file (default: the shipped default model)")
+    p.add_argument("--backend", choices=("torch", "onnx"), default=None,
+                   help="inference backend (default: onnx for an .onnx model, else torch)")
+    p.add_argument("--detector", default="haar", help="face detector (haar, haar-alt2, none)")
+    p.add_argument("--crops", action="store_true", help="every image is already a face crop (no detection)")
+    p.add_argument("--every", type=int, default=1, metavar="N", help="videos: classify every N-th frame (default 1)")
+    p.add_argument("--format", choices=tuple(WRITERS), default=None,
+                   help="output format (default: json for a .json --out, else csv)")
+    p.add_argument("--out", default=None, metavar="FILE", help="output file (default: standard output)")
+    p.add_argument("--annotate", default=None, metavar="DIR", help="write the images with boxes and labels here")
+    p.add_argument("--batch-size", type=int, default=128, help="faces per forward pass (default 128)")
+    p.add_argument("--margin", type=float, default=0.1,
+                   help="fraction of the face box added on each side (default 0.1)")
+    p.add_argument("--min-face", type=int, default=24, metavar="PIXELS",
+                   help="smallest face side to detect (default 24)")
+    p.add_argument("--max-pixels", type=float, default=50e6,
+                   help="refuse larger images, a guard against decompression bombs (default 50e6)")
+    p.add_argument("--tta", action="store_true", help="average with the mirrored face")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default=None, help="torch backend precision (fp32)")
+    p.add_argument("--threads", type=int, default=None, help="inference threads (default: the library's)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_predict)
+
+    e = sub.add_parser("export", help="export a model to ONNX (normalisation and class names included)")
+    fmt = e.add_mutually_exclusive_group(required=True)
+    fmt.add_argument("--onnx", metavar="MODEL", help="run directory, .safetensors checkpoint or shipped name")
+    e.add_argument("--out", default=None, metavar="FILE", help="output .onnx file (default: NAME.onnx here)")
+    e.add_argument("--opset", type=int, default=17, help="ONNX opset version (default 17)")
+    e.set_defaults(func=cmd_export)

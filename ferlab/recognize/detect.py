@@ -1,0 +1,116 @@
+"""Face detection and cropping: a registry of detectors (name -> factory), boxes (x, y, w, h), and the crop that
+turns a box into a model input (gray, margin, resized to 48 x 48 with INTER_AREA).
+
+The default detector is OpenCV's Haar cascade (``haarcascade_frontalface_default.xml``, shipped in the
+opencv-python wheels up to 4.x; OpenCV 5 moved the cascades out of the main package). Add a better one with
+:func:`register_detector`: any callable mapping a gray (H, W) uint8 image to an (N, 4) int array of boxes.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+Box = tuple[int, int, int, int]  # x, y, w, h in pixels of the original image
+
+
+class Detector(Protocol):
+    def __call__(self, gray: np.ndarray) -> np.ndarray:
+        """gray (H, W) uint8 -> boxes (N, 4) int (x, y, w, h), largest first."""
+        ...
+
+
+class HaarDetector:
+    """OpenCV's Viola-Jones cascade on a gray image, downscaled first so that its longest side is <= max_side.
+
+    min_face: smallest face side in original pixels; scale_factor / min_neighbors: as in detectMultiScale.
+    """
+
+    def __init__(self, cascade: str = "haarcascade_frontalface_default.xml", min_face: int = 24,
+                 scale_factor: float = 1.1, min_neighbors: int = 5, max_side: int = 1280) -> None:
+        import cv2
+
+        if not hasattr(cv2, "CascadeClassifier"):
+            raise RuntimeError(f"OpenCV {cv2.__version__} has no Haar cascades (OpenCV 5 moved them out of the "
+                               "main package); install opencv-python-headless<5")
+        path = Path(cascade) if Path(cascade).is_file() else Path(cv2.data.haarcascades) / cascade
+        self._clf = cv2.CascadeClassifier(str(path))
+        if self._clf.empty():
+            raise FileNotFoundError(f"cannot load the Haar cascade {path}")
+        self.min_face, self.scale_factor, self.min_neighbors, self.max_side = (
+            int(min_face), float(scale_factor), int(min_neighbors), int(max_side))
+        self._lock = threading.Lock()  # CascadeClassifier is not documented as safe for concurrent calls
+
+    def __call__(self, gray: np.ndarray) -> np.ndarray:
+        import cv2
+
+        h, w = gray.shape
+        scale = min(1.0, self.max_side / max(h, w))
+        small = gray if scale == 1.0 else cv2.resize(gray, (round(w * scale), round(h * scale)),
+                                                     interpolation=cv2.INTER_AREA)
+        min_side = max(20, round(self.min_face * scale))
+        with self._lock:
+            found = self._clf.detectMultiScale(small, scaleFactor=self.scale_factor, minNeighbors=self.min_neighbors,
+                                               minSize=(min_side, min_side))
+        boxes = np.round(np.asarray(found, np.float64).reshape(-1, 4) / scale).astype(np.int64)  # (N, 4)
+        return boxes[np.argsort(-(boxes[:, 2] * boxes[:, 3]), kind="stable")]
+
+
+class WholeImage:
+    """The 'detector' of ``crops`` mode: the whole image is one face."""
+
+    def __call__(self, gray: np.ndarray) -> np.ndarray:
+        h, w = gray.shape
+        return np.array([[0, 0, w, h]], np.int64)
+
+
+DETECTORS: dict[str, Callable[..., Detector]] = {
+    "haar": HaarDetector,
+    "haar-alt2": lambda **kw: HaarDetector(cascade="haarcascade_frontalface_alt2.xml", **kw),
+    "none": lambda **kw: WholeImage(),
+}
+
+
+def register_detector(name: str, factory: Callable[..., Detector]) -> None:
+    """Make ``factory(**kw)`` available as detector ``name`` (for Recognizer and ``ferlab predict --detector``)."""
+    DETECTORS[name] = factory
+
+
+def create_detector(name: str = "haar", **kw) -> Detector:
+    if name not in DETECTORS:
+        raise ValueError(f"unknown detector {name!r}; choose one of {', '.join(sorted(DETECTORS))}")
+    return DETECTORS[name](**kw)
+
+
+def expand_box(box: Box, margin: float) -> Box:
+    """Grow a box by ``margin`` x its size on each side (0.1 -> 1.2 x as wide), around the same centre."""
+    x, y, w, h = box
+    dx, dy = round(margin * w), round(margin * h)
+    return x - dx, y - dy, w + 2 * dx, h + 2 * dy
+
+
+def crop_faces(gray: np.ndarray, boxes: np.ndarray, margin: float = 0.1,
+               size: tuple[int, int] = (48, 48)) -> np.ndarray:
+    """Cut each box (grown by ``margin``) out of gray (H, W) uint8 and resize: -> (N, 1, size[0], size[1]) uint8.
+
+    Boxes that reach past the border are filled by replicating the edge pixels, so the face stays centred.
+    """
+    import cv2
+
+    out = np.empty((len(boxes), 1, *size), np.uint8)
+    h, w = gray.shape
+    for i, box in enumerate(np.asarray(boxes).reshape(-1, 4).tolist()):
+        x, y, bw, bh = expand_box(tuple(box), margin) if margin else box
+        x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + bw, w), min(y + bh, h)
+        if x1 <= x0 or y1 <= y0:
+            raise ValueError(f"box {box} lies outside the {w}x{h} image")
+        crop = gray[y0:y1, x0:x1]
+        if (x0 - x, y0 - y, x + bw - x1, y + bh - y1) != (0, 0, 0, 0):
+            crop = cv2.copyMakeBorder(crop, y0 - y, y + bh - y1, x0 - x, x + bw - x1, cv2.BORDER_REPLICATE)
+        interp = cv2.INTER_AREA if bw >= size[1] else cv2.INTER_LINEAR
+        out[i, 0] = cv2.resize(crop, (size[1], size[0]), interpolation=interp)
+    return out

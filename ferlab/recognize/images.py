@@ -1,0 +1,243 @@
+"""Safe image and video reading for real photos.
+
+An image's size is read from its header (PNG, JPEG, WEBP, BMP: a few bytes, parsed
+here) before anything is decoded, so a decompression bomb (a small file claiming
+100000 x 100000 pixels) is refused before it can take the memory. Decoded images come
+back as 8-bit BGR (H, W, 3) arrays: gray is expanded, 16-bit is scaled down, alpha is
+composited over white. Bad input raises :class:`ImageError` naming the file.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_MAX_PIXELS = 50_000_000  # 50 MP: larger than any camera photo, far below a bomb
+DEFAULT_MAX_BYTES = 256 * 2**20  # refuse image files over 256 MiB before reading them
+IMAGE_EXTS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+VIDEO_EXTS: tuple[str, ...] = (".mp4", ".avi", ".mov", ".mkv")
+
+
+class ImageError(ValueError):
+    """An input that is not a readable image (corrupt, unsupported, too large, empty)."""
+
+
+# --------------------------------------------------------------------------- header probes
+def _png_size(b: bytes) -> tuple[int, int]:
+    if len(b) < 24 or b[12:16] != b"IHDR":
+        raise ImageError("PNG without an IHDR header (truncated or corrupt)")
+    return struct.unpack(">II", b[16:24])
+
+
+_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+_JPEG_NO_LENGTH = {0x01, *range(0xD0, 0xD9)}  # TEM, RST0-7, SOI
+
+
+def _jpeg_size(b: bytes) -> tuple[int, int]:
+    i, n = 2, len(b)
+    while i < n:
+        if b[i] != 0xFF:
+            raise ImageError(f"JPEG marker expected at byte {i} (corrupt file)")
+        while i < n and b[i] == 0xFF:  # fill bytes
+            i += 1
+        if i >= n:
+            break
+        marker = b[i]
+        i += 1
+        if marker in _JPEG_NO_LENGTH:
+            continue
+        if marker in (0xD9, 0xDA):  # end of image, start of scan: no frame header came first
+            break
+        if i + 2 > n:
+            break
+        (length,) = struct.unpack(">H", b[i : i + 2])
+        if marker in _JPEG_SOF:
+            if i + 7 > n:
+                break
+            h, w = struct.unpack(">HH", b[i + 3 : i + 7])
+            return w, h
+        i += length
+    raise ImageError("JPEG without a frame header (truncated or corrupt)")
+
+
+def _webp_size(b: bytes) -> tuple[int, int]:
+    fourcc, d = b[12:16], b[20:40]
+    if fourcc == b"VP8 " and len(d) >= 10 and d[3:6] == b"\x9d\x01\x2a":
+        w, h = struct.unpack("<HH", d[6:10])
+        return w & 0x3FFF, h & 0x3FFF
+    if fourcc == b"VP8L" and len(d) >= 5 and d[0] == 0x2F:
+        (bits,) = struct.unpack("<I", d[1:5])
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    if fourcc == b"VP8X" and len(d) >= 10:
+        return 1 + int.from_bytes(d[4:7], "little"), 1 + int.from_bytes(d[7:10], "little")
+    raise ImageError("WEBP with an unknown or corrupt header")
+
+
+def _bmp_size(b: bytes) -> tuple[int, int]:
+    if len(b) < 26:
+        raise ImageError("BMP header truncated")
+    (dib,) = struct.unpack("<I", b[14:18])
+    if dib == 12:  # BITMAPCOREHEADER
+        return struct.unpack("<HH", b[18:22])
+    w, h = struct.unpack("<ii", b[18:26])
+    return abs(w), abs(h)
+
+
+# format -> (test on the first bytes, size reader)
+FORMATS: dict[str, tuple[Callable[[bytes], bool], Callable[[bytes], tuple[int, int]]]] = {
+    "png": (lambda b: b.startswith(b"\x89PNG\r\n\x1a\n"), _png_size),
+    "jpeg": (lambda b: b.startswith(b"\xff\xd8\xff"), _jpeg_size),
+    "webp": (lambda b: b[:4] == b"RIFF" and b[8:12] == b"WEBP", _webp_size),
+    "bmp": (lambda b: b[:2] == b"BM", _bmp_size),
+}
+
+
+def probe(data: bytes) -> tuple[str, int, int]:
+    """(format, width, height) read from an encoded image's header, without decoding it."""
+    for fmt, (matches, size) in FORMATS.items():
+        if matches(data[:16]):
+            w, h = size(data)
+            if w <= 0 or h <= 0:
+                raise ImageError(f"{fmt.upper()} header gives an empty size {w}x{h}")
+            return fmt, int(w), int(h)
+    raise ImageError("not a supported image (expected JPEG, PNG, WEBP or BMP content)")
+
+
+def check_pixels(w: int, h: int, max_pixels: int | None) -> None:
+    """Refuse a w x h image above ``max_pixels`` (None: no limit)."""
+    if max_pixels is not None and w * h > max_pixels:
+        raise ImageError(f"image of {w}x{h} = {w * h / 1e6:.1f} M pixels is over the limit of "
+                         f"{max_pixels / 1e6:g} M pixels (possible decompression bomb; raise max_pixels to allow it)")
+
+
+# --------------------------------------------------------------------------- decoding
+def to_bgr8(img: np.ndarray, color: str = "bgr") -> np.ndarray:
+    """Any (H, W), (H, W, 1|3|4) uint8/uint16/float image -> (H, W, 3) uint8 BGR.
+
+    ``color`` names the channel order of 3/4-channel input (``rgb`` or ``bgr``). 16-bit is scaled to 8-bit,
+    float is taken as [0, 1], alpha is composited over white.
+    """
+    import cv2
+
+    if color not in ("rgb", "bgr"):
+        raise ValueError(f"color must be 'rgb' or 'bgr', got {color!r}")
+    img = np.asarray(img)
+    if img.ndim == 3 and img.shape[2] == 1:
+        img = img[:, :, 0]
+    if img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[2] not in (3, 4)) or img.size == 0:
+        raise ImageError(f"image array of shape {img.shape}: expected (H, W), (H, W, 3) or (H, W, 4)")
+    if img.dtype == np.uint16:
+        x = img.astype(np.float32) / 257.0
+    elif img.dtype.kind == "f":
+        x = np.clip(img.astype(np.float32), 0.0, 1.0) * 255.0
+    elif img.dtype == np.uint8:
+        x = img
+    elif img.dtype == np.bool_ or img.dtype.kind in "iu":
+        x = np.clip(img, 0, 255).astype(np.uint8)
+    else:
+        raise ImageError(f"unsupported image dtype {img.dtype}")
+    if x.ndim == 3 and x.shape[2] == 4:
+        alpha = x[:, :, 3:4].astype(np.float32) / 255.0  # (H, W, 1)
+        x = x[:, :, :3].astype(np.float32) * alpha + 255.0 * (1.0 - alpha)
+    x = np.clip(np.rint(x), 0, 255).astype(np.uint8) if x.dtype != np.uint8 else x
+    if x.ndim == 2:
+        return cv2.cvtColor(x, cv2.COLOR_GRAY2BGR)
+    return np.ascontiguousarray(x[:, :, ::-1] if color == "rgb" else x)
+
+
+def decode_image(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode an encoded image (bytes) to (H, W, 3) uint8 BGR after checking its header size.
+
+    JPEG is decoded in colour with its EXIF orientation applied; PNG/WEBP/BMP unchanged
+    (gray, alpha and 16-bit kept, then converted by :func:`to_bgr8`).
+    """
+    import cv2
+
+    if not data:
+        raise ImageError("empty file")
+    fmt, w, h = probe(data)
+    check_pixels(w, h, max_pixels)
+    flags = cv2.IMREAD_COLOR if fmt == "jpeg" else cv2.IMREAD_UNCHANGED
+    try:
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+    except cv2.error as e:
+        raise ImageError(f"cannot decode {fmt.upper()} ({str(e).strip().splitlines()[-1]})") from None
+    if img is None or img.size == 0:
+        raise ImageError(f"cannot decode {fmt.upper()} data (corrupt or truncated file)")
+    return to_bgr8(img, "bgr")
+
+
+def read_image(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+               max_bytes: int = DEFAULT_MAX_BYTES) -> np.ndarray:
+    """Read an image file to (H, W, 3) uint8 BGR; raises ImageError / FileNotFoundError naming the file.
+
+    Example: ``read_image("photo.jpg").shape`` -> ``(1080, 1920, 3)``.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: no such file" + (" (it is a directory)" if p.is_dir() else ""))
+    size = p.stat().st_size
+    if size > max_bytes:
+        raise ImageError(f"{p}: file of {size / 2**20:.0f} MiB is over the limit of {max_bytes / 2**20:.0f} MiB")
+    try:
+        return decode_image(p.read_bytes(), max_pixels)
+    except ImageError as e:
+        raise ImageError(f"{p}: {e}") from None
+
+
+# --------------------------------------------------------------------------- video
+def read_video(path: str | Path, every: int = 1,
+               max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield (frame index, (H, W, 3) uint8 BGR) for every ``every``-th frame (0, every, 2*every, ...)."""
+    import cv2
+
+    if every < 1:
+        raise ValueError(f"every must be >= 1, got {every}")
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: no such file")
+    cap = cv2.VideoCapture(str(p))
+    try:
+        if not cap.isOpened():
+            raise ImageError(f"{p}: cannot open as a video (corrupt or unsupported)")
+        w, h = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
+        try:
+            check_pixels(w, h, max_pixels)
+        except ImageError as e:
+            raise ImageError(f"{p}: video frames: {e}") from None
+        i, n_read = 0, 0
+        while cap.grab():  # grab every frame (cheap), decode only the kept ones
+            if i % every == 0:
+                ok, frame = cap.retrieve()
+                if ok and frame is not None:
+                    n_read += 1
+                    yield i, to_bgr8(frame, "bgr")
+            i += 1
+        if n_read == 0:
+            raise ImageError(f"{p}: no decodable video frames")
+    finally:
+        cap.release()
+
+
+# --------------------------------------------------------------------------- inputs
+def is_video(path: str | Path) -> bool:
+    return Path(path).suffix.lower() in VIDEO_EXTS
+
+
+def collect_inputs(paths: Iterable[str | Path]) -> list[Path]:
+    """Files named directly (any extension) plus images and videos found recursively in folders, sorted.
+
+    Missing paths are kept so that the caller reports them per file.
+    """
+    out: list[Path] = []
+    for raw in paths:
+        p = Path(raw)
+        if p.is_dir():
+            found = [f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTS + VIDEO_EXTS]
+            out.extend(sorted(found))
+        else:
+            out.append(p)
+    return out

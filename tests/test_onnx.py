@@ -1,0 +1,147 @@
+"""ONNX export and the ONNX Runtime backend: same outputs as PyTorch fp32 (within 1e-4), self-contained files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ferlab.checkpoint import load_checkpoint, save_checkpoint
+from ferlab.cli import main
+from ferlab.models import create_model
+from ferlab.recognize.backends import OnnxBackend, TorchBackend
+from ferlab.recognize.export import untrained_meta
+from ferlab.transforms import Normalizer
+
+TOL = 1e-4
+
+
+def make_checkpoint(path: Path, name: str, normalize: str = "dataset", seed: int = 0) -> Path:
+    """A checkpoint of an untrained ``name`` made to behave like a trained one: BatchNorm statistics and affine
+    parameters drawn at random (so folding them matters) and the head scaled so that logits spread like a trained
+    model's (std about 4 on faces; so that a 1e-4 tolerance means something)."""
+    torch.manual_seed(seed)
+    model = create_model(name).eval()
+    meta = untrained_meta(name, model)
+    meta["preprocess"]["normalize"] = Normalizer(normalize, 0.51, 0.25).state()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.running_mean.normal_(0, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.1)
+        x = torch.randint(0, 256, (16, 1, 48, 48), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+        logits = model(Normalizer(**meta["preprocess"]["normalize"])(x.float() / 255))  # (16, 7)
+        head = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+        scale = 4.0 / logits.std().clamp_min(1e-6)
+        head.weight.mul_(scale)
+        head.bias.mul_(scale)
+    save_checkpoint(path, model, meta)
+    return path
+
+
+@pytest.fixture(scope="module")
+def faces() -> np.ndarray:
+    from ferlab.data.source import open_data
+
+    data = open_data(None, synthetic={"n_train": 40, "n_val": 8, "n_test": 8, "seed": 3})
+    return data.images[:37, None]  # (37, 1, 48, 48) uint8 synthetic faces, an odd batch
+
+
+@pytest.mark.parametrize("name,normalize", [("fer-resnet-s", "dataset"), ("fer-resnet-s", "image"),
+                                            ("r002-vgg", "dataset"), ("mlp-matched", "none")])
+def test_onnx_runtime_equals_pytorch(name, normalize, faces, tmp_path, capsys):
+    ckpt = make_checkpoint(tmp_path / f"{name}.safetensors", name, normalize)
+    out = tmp_path / "model.onnx"
+    assert main(["export", "--onnx", str(ckpt), "--out", str(out)]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    onnx_be, torch_be = OnnxBackend(out, threads=1), TorchBackend(*load_checkpoint(ckpt))
+    noise = np.random.default_rng(0).integers(0, 256, (64, 1, 48, 48), dtype=np.uint8)
+    for x in (noise, faces, faces[:1]):
+        want = torch_be.logits(x)  # (B, 7)
+        assert 1 < want.std() < 20, "logits should spread like a trained model's"
+        got_logits, got_probs = onnx_be.session.run(["logits", "probabilities"], {"pixels": x})
+        assert got_logits.shape == want.shape
+        assert np.abs(got_logits - want).max() < TOL
+        assert np.abs(got_probs - torch.from_numpy(want).softmax(1).numpy()).max() < TOL
+
+
+def test_onnx_file_is_self_contained(tmp_path):
+    import onnx
+
+    ckpt = make_checkpoint(tmp_path / "ckpt.safetensors", "fer-resnet-s")
+    out = tmp_path / "m.onnx"
+    assert main(["export", "--onnx", str(ckpt), "--out", str(out)]) == 0
+    proto = onnx.load(str(out))
+    props = {p.key: p.value for p in proto.metadata_props}
+    assert json.loads(props["class_names"]) == ["Angry", "Disgust", "Fear", "Happy", "Sad", "Surprise", "Neutral"]
+    meta = json.loads(props["ferlab"])
+    assert meta["model"]["name"] == "fer-resnet-s" and meta["preprocess"]["normalize"]["mode"] == "dataset"
+    inp = proto.graph.input[0]
+    assert inp.name == "pixels" and inp.type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    assert inp.type.tensor_type.shape.dim[0].dim_param == "batch"  # dynamic batch axis
+    # the backend needs only the file: the checkpoint may be gone
+    ckpt.unlink()
+    be = OnnxBackend(out)
+    assert be.meta["model"]["name"] == "fer-resnet-s" and be.input_size == (48, 48)
+
+
+def test_recognizer_picks_and_builds_the_onnx_backend(tmp_path, faces):
+    from ferlab import Recognizer
+
+    ckpt = make_checkpoint(tmp_path / "r.safetensors", "r002-vgg")
+    out = tmp_path / "r.onnx"
+    assert main(["export", "--onnx", str(ckpt), "--out", str(out)]) == 0
+    from_file = Recognizer(out, threads=1)  # .onnx: the onnx backend, chosen automatically
+    in_memory = Recognizer(ckpt, backend="onnx", threads=1)  # exported on the fly, nothing written
+    plain = Recognizer(ckpt)
+    assert (from_file.backend.name, in_memory.backend.name, plain.backend.name) == ("onnx", "onnx", "torch")
+    want = plain.classify(faces)
+    assert np.abs(from_file.classify(faces) - want).max() < TOL
+    assert np.abs(in_memory.classify(faces) - want).max() < TOL
+
+
+def test_bad_onnx_inputs_are_clear_errors(tmp_path):
+    import onnx
+
+    from ferlab import Recognizer
+
+    fake = tmp_path / "fake.onnx"
+    fake.write_text("not a model")
+    with pytest.raises(ValueError, match="fake.onnx: not a loadable ONNX model"):
+        OnnxBackend(fake)
+    ckpt = make_checkpoint(tmp_path / "c.safetensors", "mlp-matched")
+    out = tmp_path / "c.onnx"
+    assert main(["export", "--onnx", str(ckpt), "--out", str(out)]) == 0
+    proto = onnx.load(str(out))
+    del proto.metadata_props[:]
+    bare = tmp_path / "bare.onnx"
+    onnx.save(proto, str(bare))
+    with pytest.raises(ValueError, match="without ferlab metadata"):
+        OnnxBackend(bare)
+    with pytest.raises(ValueError, match="onnx backend"):
+        Recognizer(out, backend="torch")
+    with pytest.raises(ValueError, match="torch backend only"):
+        Recognizer(out, precision="bf16")
+    with pytest.raises(FileNotFoundError):
+        OnnxBackend(tmp_path / "missing.onnx")
+
+
+def test_export_cli_names_and_errors(tmp_path, monkeypatch, capsys):
+    from ferlab.recognize.cli import default_onnx_name
+
+    run = tmp_path / "my-run"
+    run.mkdir()
+    make_checkpoint(run / "best.safetensors", "mlp-matched")
+    assert default_onnx_name(str(run)) == Path("my-run.onnx")
+    assert default_onnx_name(str(run / "best.safetensors")) == Path("my-run.onnx")
+    monkeypatch.chdir(tmp_path)
+    assert main(["export", "--onnx", str(run)]) == 0
+    assert (tmp_path / "my-run.onnx").is_file()
+    assert main(["export", "--onnx", str(tmp_path / "nowhere")]) == 2
+    assert "no such checkpoint" in capsys.readouterr().err
+    assert main(["export", "--onnx", str(run), "--out", "x.pt"]) == 2

@@ -1,0 +1,325 @@
+"""Real photos: safe image reading, Haar detection, cropping, the Recognizer API and `ferlab predict`."""
+
+from __future__ import annotations
+
+import csv
+import json
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from ferlab.cli import main
+from ferlab.recognize.detect import crop_faces, expand_box
+from ferlab.recognize.images import ImageError, probe, read_image, read_video, to_bgr8
+
+skdata = pytest.importorskip("skimage.data")
+
+ASTRO_FACE = (177, 66, 95, 95)  # where the face of skimage's astronaut is (x, y, w, h), checked by eye
+
+
+def _png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def bomb_png(w: int = 100_000, h: int = 100_000) -> bytes:
+    """A valid PNG header claiming w x h pixels, with a tiny body: a decompression bomb's calling card."""
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", zlib.compress(b"\0" * 4096))
+            + _png_chunk(b"IEND", b""))
+
+
+def iou(a, b) -> float:
+    ax, ay, aw, ah = a
+    bx, by, bw, bh = b
+    iw = max(0, min(ax + aw, bx + bw) - max(ax, bx))
+    ih = max(0, min(ay + ah, by + bh) - max(ay, by))
+    return iw * ih / (aw * ah + bw * bh - iw * ih)
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory) -> dict[str, Path]:
+    """Photos in every accepted form, broken files, a faceless image and a short video, in one folder tree."""
+    d = tmp_path_factory.mktemp("media")
+    (d / "sub").mkdir()
+    rgb = skdata.astronaut()  # (512, 512, 3) RGB
+    bgr = np.ascontiguousarray(rgb[:, :, ::-1])
+    gray = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
+    files = {
+        "jpg": d / "astro.jpg", "png": d / "sub" / "astro.png", "webp": d / "sub" / "astro.webp",
+        "bmp": d / "sub" / "astro.bmp", "gray": d / "sub" / "astro_gray.png", "png16": d / "sub" / "astro16.png",
+        "alpha": d / "sub" / "astro_alpha.png", "noface": d / "uniform.png", "corrupt": d / "corrupt.jpg",
+        "text": d / "notes.png", "bomb": d / "bomb.png", "video": d / "clip.avi",
+    }
+    cv2.imwrite(str(files["jpg"]), bgr)
+    cv2.imwrite(str(files["png"]), bgr)
+    cv2.imwrite(str(files["webp"]), bgr, [cv2.IMWRITE_WEBP_QUALITY, 101])  # > 100: lossless
+    cv2.imwrite(str(files["bmp"]), bgr)
+    cv2.imwrite(str(files["gray"]), gray)
+    cv2.imwrite(str(files["png16"]), gray.astype(np.uint16) * 257)
+    cv2.imwrite(str(files["alpha"]), np.dstack([bgr, np.full(gray.shape, 255, np.uint8)]))
+    cv2.imwrite(str(files["noface"]), np.full((240, 320), 128, np.uint8))
+    files["corrupt"].write_bytes(cv2.imencode(".jpg", bgr)[1].tobytes()[:400])  # truncated JPEG
+    files["text"].write_text("a text file with an image's name\n")
+    files["bomb"].write_bytes(bomb_png())
+    vw = cv2.VideoWriter(str(files["video"]), cv2.VideoWriter_fourcc(*"MJPG"), 10, (256, 256))
+    small = cv2.resize(bgr, (256, 256), interpolation=cv2.INTER_AREA)
+    for i in range(6):  # frames 0 and 3 are blank, the others show the astronaut
+        vw.write(np.full_like(small, 90) if i % 3 == 0 else small)
+    vw.release()
+    return {"dir": d, **files}
+
+
+@pytest.fixture(scope="module")
+def rec(trained_tiny_run):
+    from ferlab import Recognizer
+
+    return Recognizer(trained_tiny_run)
+
+
+# --------------------------------------------------------------------------- reading
+@pytest.mark.parametrize("ext,fmt", [(".jpg", "jpeg"), (".png", "png"), (".webp", "webp"), (".bmp", "bmp")])
+def test_probe_reads_the_size_from_the_header(ext, fmt):
+    img = np.random.default_rng(0).integers(0, 256, (23, 37, 3), dtype=np.uint8)
+    data = cv2.imencode(ext, img)[1].tobytes()
+    assert probe(data) == (fmt, 37, 23)
+    assert probe(data[:200] if fmt != "bmp" else data[:30]) == (fmt, 37, 23)  # the header alone is enough
+
+
+def test_decompression_bomb_is_refused_before_decoding(media):
+    assert media["bomb"].stat().st_size < 200
+    with pytest.raises(ImageError, match=r"bomb\.png: image of 100000x100000 .* decompression bomb"):
+        read_image(media["bomb"])
+    with pytest.raises(ImageError, match="over the limit of 0.1 M pixels"):
+        read_image(media["png"], max_pixels=100_000)  # 512 x 512 = 262144 pixels
+    assert read_image(media["png"], max_pixels=512 * 512).shape == (512, 512, 3)
+
+
+@pytest.mark.parametrize("key,message", [("corrupt", "corrupt or truncated"), ("text", "not a supported image")])
+def test_broken_files_name_the_file(media, key, message):
+    with pytest.raises(ImageError, match=message) as e:
+        read_image(media[key])
+    assert str(media[key]) in str(e.value)
+
+
+def test_missing_and_empty_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothing.jpg"):
+        read_image(tmp_path / "nothing.jpg")
+    (tmp_path / "empty.png").write_bytes(b"")
+    with pytest.raises(ImageError, match="empty.png: empty file"):
+        read_image(tmp_path / "empty.png")
+
+
+def test_every_accepted_form_decodes_to_the_same_pixels(media):
+    ref = read_image(media["png"])  # lossless reference
+    assert ref.dtype == np.uint8 and ref.shape == (512, 512, 3)
+    for key in ("webp", "bmp", "alpha"):
+        assert np.array_equal(read_image(media[key]), ref), key
+    ref_gray = cv2.cvtColor(ref, cv2.COLOR_BGR2GRAY)
+    for key in ("gray", "png16"):  # gray and 16-bit gray come back as 8-bit BGR with equal channels
+        img = read_image(media[key])
+        assert np.array_equal(img[:, :, 0], ref_gray) and np.array_equal(img[:, :, 2], ref_gray), key
+    assert np.abs(read_image(media["jpg"]).astype(int) - ref).mean() < 3  # JPEG is lossy, but close
+
+
+def test_to_bgr8_channel_order_alpha_and_depth():
+    rgb = np.array([[[255, 0, 0]]], np.uint8)  # one red pixel
+    assert to_bgr8(rgb, "rgb").tolist() == [[[0, 0, 255]]]
+    assert to_bgr8(rgb, "bgr").tolist() == [[[255, 0, 0]]]
+    bgra = np.array([[[10, 20, 30, 0], [10, 20, 30, 255], [0, 0, 0, 51]]], np.uint8)
+    assert to_bgr8(bgra, "bgr").tolist() == [[[255, 255, 255], [10, 20, 30], [204, 204, 204]]]  # over white
+    assert to_bgr8(np.array([[65535, 257]], np.uint16)).tolist() == [[[255] * 3, [1] * 3]]
+    assert to_bgr8(np.array([[1.0, 0.5]], np.float32)).tolist() == [[[255] * 3, [128] * 3]]
+    with pytest.raises(ImageError, match="shape"):
+        to_bgr8(np.zeros((4, 4, 2), np.uint8))
+
+
+def test_video_gives_every_nth_frame(media):
+    frames = list(read_video(media["video"], every=2))
+    assert [i for i, _ in frames] == [0, 2, 4]
+    assert all(f.shape == (256, 256, 3) and f.dtype == np.uint8 for _, f in frames)
+    with pytest.raises(ImageError, match="notes.png: (cannot open as a video|no decodable video frames)"):
+        list(read_video(media["text"]))
+
+
+# --------------------------------------------------------------------------- cropping
+def test_crop_is_exact_inside_and_replicates_edges_outside():
+    gray = np.arange(100 * 120, dtype=np.int64).reshape(100, 120).astype(np.uint8)
+    assert expand_box((10, 20, 30, 40), 0.1) == (7, 16, 36, 48)
+    inside = crop_faces(gray, np.array([[30, 20, 48, 48]]), margin=0.0)  # (1, 1, 48, 48): no resize needed
+    assert inside.shape == (1, 1, 48, 48) and np.array_equal(inside[0, 0], gray[20:68, 30:78])
+    corner = crop_faces(gray, np.array([[-10, -10, 48, 48]]), margin=0.0)[0, 0]
+    assert np.array_equal(corner[10:, 10:], gray[:38, :38])  # the image part is where it belongs
+    assert np.array_equal(corner[:10, 10:], np.broadcast_to(gray[0, :38], (10, 38)))  # rows above: first row
+    with pytest.raises(ValueError, match="outside"):
+        crop_faces(gray, np.array([[200, 200, 10, 10]]))
+
+
+# --------------------------------------------------------------------------- Recognizer
+def test_haar_finds_the_astronaut_and_probabilities_are_consistent(rec):
+    faces = rec.predict(skdata.astronaut())
+    assert len(faces) >= 1
+    f = faces[0]
+    assert iou(f.box, ASTRO_FACE) > 0.6, f.box
+    assert list(f.probabilities) == rec.class_names
+    assert sum(f.probabilities.values()) == pytest.approx(1.0, abs=1e-5)
+    assert f.label == max(f.probabilities, key=f.probabilities.get) and f.score == f.probabilities[f.label]
+
+
+def test_path_bytes_and_array_inputs_agree(rec, media):
+    from_path = rec.predict(media["png"])
+    from_bytes = rec.predict(media["png"].read_bytes())
+    from_rgb = rec.predict(skdata.astronaut())
+    from_bgr = rec.predict(skdata.astronaut()[:, :, ::-1], color="bgr")
+    assert from_path[0].file == str(media["png"])
+    for other in (from_bytes, from_rgb, from_bgr):
+        assert [f.box for f in other] == [f.box for f in from_path]
+        assert np.allclose(list(other[0].probabilities.values()), list(from_path[0].probabilities.values()),
+                           atol=1e-6)
+
+
+def test_crops_mode_equals_the_training_pipeline(rec, trained_tiny_run, tmp_path):
+    from ferlab.checkpoint import load_checkpoint, normalizer_from_meta
+    from ferlab.data.source import open_data
+    from ferlab.train.engine import predict_logits
+
+    data = open_data(None, synthetic={"n_train": 16, "n_val": 8, "n_test": 8, "seed": 5})
+    faces = data.images[:6]  # (6, 48, 48) uint8
+    paths = []
+    for i, img in enumerate(faces):
+        cv2.imwrite(str(tmp_path / f"face{i}.png"), img)
+        paths.append(tmp_path / f"face{i}.png")
+    got = rec.predict_batch(paths, crops=True)
+    assert [len(fs) for fs in got] == [1] * 6 and all(fs[0].box == (0, 0, 48, 48) for fs in got)
+    model, meta = load_checkpoint(trained_tiny_run)
+    want = predict_logits(model, torch.from_numpy(faces).unsqueeze(1), normalizer_from_meta(meta),
+                          precision="fp32", channels_last=False).softmax(1).numpy()
+    probs = np.array([list(fs[0].probabilities.values()) for fs in got])
+    assert np.abs(probs - want).max() < 1e-5
+
+
+def test_tta_is_invariant_to_mirroring(rec):
+    x = np.random.default_rng(1).integers(0, 256, (5, 1, 48, 48), dtype=np.uint8)
+    from ferlab import Recognizer
+
+    tta = Recognizer(backend=rec.backend, tta=True)  # the same loaded model
+    assert np.allclose(tta.classify(x), tta.classify(x[..., ::-1]), atol=1e-6)
+    sym = np.concatenate([x[..., :24], x[..., :24][..., ::-1]], axis=-1)  # mirror-symmetric faces
+    assert np.allclose(tta.classify(sym), rec.classify(sym), atol=1e-6)
+    # ...while the model itself is not mirror-invariant (compared on logits: these noise inputs saturate softmax)
+    assert np.abs(rec.backend.logits(x) - rec.backend.logits(np.ascontiguousarray(x[..., ::-1]))).max() > 1e-2
+
+
+def test_no_face_and_bad_inputs(rec, media):
+    assert rec.predict(media["noface"]) == []
+    with pytest.raises(ImageError, match="bomb"):
+        rec.predict(media["bomb"])
+    with pytest.raises(ValueError, match="shape"):
+        rec.classify(np.zeros((2, 1, 32, 32), np.uint8))
+
+
+def test_predict_many_goes_on_past_bad_files_and_batches_do_not_change_results(rec, media):
+    results = list(rec.predict_many([media["dir"]], every=1))
+    by_file = {}
+    for r in results:
+        by_file.setdefault(Path(r.file).name, []).append(r)
+    assert {k for k, v in by_file.items() if v[0].status == "error"} == {"corrupt.jpg", "notes.png", "bomb.png"}
+    assert by_file["uniform.png"][0].status == "no_face"
+    for name in ("astro.jpg", "astro.png", "astro.webp", "astro.bmp", "astro_gray.png", "astro16.png",
+                 "astro_alpha.png"):
+        assert by_file[name][0].status == "ok" and iou(by_file[name][0].faces[0].box, ASTRO_FACE) > 0.6, name
+    video = by_file["clip.avi"]
+    assert [r.frame for r in video] == [0, 1, 2, 3, 4, 5]
+    assert [r.status for r in video] == ["no_face", "ok", "ok", "no_face", "ok", "ok"]
+    # batches of 2 faces: many flushes, same answers in the same order
+    rec2 = type(rec)(backend=rec.backend, batch_size=2)
+    again = list(rec2.predict_many([media["dir"]]))
+    assert [(r.file, r.frame, r.status) for r in again] == [(r.file, r.frame, r.status) for r in results]
+    a = np.array([list(f.probabilities.values()) for r in results for f in r.faces])
+    b = np.array([list(f.probabilities.values()) for r in again for f in r.faces])
+    assert a.shape == b.shape and np.abs(a - b).max() < 1e-5
+
+
+def test_onnx_backend_gives_the_trained_models_answers(rec, trained_tiny_run, media):
+    from ferlab import Recognizer
+    from ferlab.data.source import open_data
+
+    onnx_rec = Recognizer(trained_tiny_run, backend="onnx", threads=1)  # exported in memory
+    a, b = rec.predict(media["png"]), onnx_rec.predict(media["png"])
+    assert [f.box for f in a] == [f.box for f in b] and [f.label for f in a] == [f.label for f in b]
+    assert np.abs(np.array(list(a[0].probabilities.values())) - list(b[0].probabilities.values())).max() < 1e-4
+    faces = open_data(None, synthetic={"n_train": 40, "n_val": 8, "n_test": 8, "seed": 9}).images[:32, None]
+    want = rec.backend.logits(faces)  # (32, 7): a trained model's logits
+    assert want.std() > 1
+    assert np.abs(onnx_rec.backend.logits(faces) - want).max() < 1e-4
+    assert np.abs(onnx_rec.classify(faces) - rec.classify(faces)).max() < 1e-4
+
+
+def test_default_model_without_shipped_models_is_a_clear_error(monkeypatch):
+    from ferlab import Recognizer, pretrained
+
+    monkeypatch.setattr(pretrained, "_manifest", lambda: {})
+    with pytest.raises(ValueError, match="no pretrained model is shipped.*run directory"):
+        Recognizer()
+
+
+def test_import_ferlab_stays_light():
+    code = ("import sys, ferlab; heavy = [m for m in ('torch', 'cv2', 'onnxruntime') if m in sys.modules]; "
+            "from ferlab import Recognizer, Face; print(heavy, Recognizer.__name__, Face.__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[] Recognizer Face"
+
+
+# --------------------------------------------------------------------------- CLI
+def test_cli_csv_with_annotations(trained_tiny_run, media, tmp_path, capsys):
+    out, ann = tmp_path / "faces.csv", tmp_path / "annotated"
+    assert main(["predict", str(media["dir"]), "--model", str(trained_tiny_run), "--out", str(out),
+                 "--annotate", str(ann), "--batch-size", "4", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    for name in ("corrupt.jpg", "notes.png", "bomb.png"):
+        assert f"{name}: " in err
+    assert "uniform.png: no face found" in err and "clip.avi: no face in 2 of 6 frames" in err
+    rows = list(csv.DictReader(out.open()))
+    header = list(rows[0])
+    assert header[:9] == ["file", "frame", "face", "x", "y", "w", "h", "label", "score"]
+    assert header[9:] == ["p_Angry", "p_Disgust", "p_Fear", "p_Happy", "p_Sad", "p_Surprise", "p_Neutral"]
+    assert len(rows) == 7 + 4  # seven photos and four video frames with the astronaut, one face each
+    for row in rows:
+        probs = [float(row[c]) for c in header[9:]]
+        assert sum(probs) == pytest.approx(1.0, abs=1e-4)
+        assert row["label"] == header[9 + int(np.argmax(probs))][2:]
+    assert sorted(r["frame"] for r in rows if r["file"].endswith("clip.avi")) == ["1", "2", "4", "5"]
+    drawn = cv2.imread(str(ann / "astro.jpg"))
+    assert drawn is not None and np.abs(drawn.astype(int) - read_image(media["jpg"])).max() > 100  # boxes drawn
+    assert (ann / "sub" / "astro16.png").is_file() and (ann / "clip_f000001.jpg").is_file()
+
+
+def test_cli_json_has_an_entry_per_face_and_per_problem(trained_tiny_run, media, tmp_path, capsys):
+    out = tmp_path / "faces.json"
+    assert main(["predict", str(media["jpg"]), str(media["noface"]), str(media["bomb"]), str(media["video"]),
+                 "--every", "3", "--model", str(trained_tiny_run), "--out", str(out), "--no-progress"]) == 0
+    entries = json.loads(out.read_text())
+    status = [(Path(e["file"]).name, e["frame"], e["status"]) for e in entries]
+    assert status == [("astro.jpg", None, "ok"), ("uniform.png", None, "no_face"), ("bomb.png", None, "error"),
+                      ("clip.avi", 0, "no_face"), ("clip.avi", 3, "no_face")]
+    assert "decompression bomb" in entries[2]["error"]
+    face = entries[0]
+    assert set(face["probabilities"]) == {"Angry", "Disgust", "Fear", "Happy", "Sad", "Surprise", "Neutral"}
+    assert iou((face["x"], face["y"], face["w"], face["h"]), ASTRO_FACE) > 0.6
+
+
+def test_cli_fails_when_nothing_can_be_read(trained_tiny_run, media, tmp_path, capsys):
+    assert main(["predict", str(media["text"]), str(media["corrupt"]), "--model", str(trained_tiny_run),
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "none of the 2 input file(s) could be read" in err and "notes.png: not a supported image" in err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["predict", str(empty), "--model", str(trained_tiny_run)]) == 2
+    assert "no images or videos found" in capsys.readouterr().err

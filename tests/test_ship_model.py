@@ -1,0 +1,114 @@
+"""Shipping a run: bench/ship_model.py, `ferlab models --pretrained` and `ferlab evaluate --pretrained`.
+
+Everything ships into a temporary weights folder (FERLAB_WEIGHTS_DIR), never into the package.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ferlab.cli import main
+from ferlab.evaluate import evaluate_checkpoints
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _ship_module():
+    spec = importlib.util.spec_from_file_location("ship_model", REPO / "bench/ship_model.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture
+def weights(tmp_path, monkeypatch) -> Path:
+    d = tmp_path / "weights"
+    d.mkdir()
+    monkeypatch.setenv("FERLAB_WEIGHTS_DIR", str(d))
+    return d
+
+
+def _ship(run: Path, name: str, docs: Path, *extra: str) -> None:
+    assert _ship_module().main([str(run), "--name", name, "--docs-dir", str(docs), "--hardware", "test CPU",
+                                *extra]) == 0
+
+
+def _cli_json(capsys, argv: list[str]):
+    capsys.readouterr()
+    assert main(argv) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_ship_then_list_and_evaluate_by_name(trained_tiny_run, weights, tmp_path, capsys):
+    docs = tmp_path / "docs"
+    _ship(trained_tiny_run, "tiny-fp32", docs, "--config", "configs/fer-resnet-s.toml", "--default")
+    shipped = weights / "tiny-fp32.safetensors"
+    # fp32: the shipped weights are the run's best weights, bit for bit
+    best, ours = load_file(trained_tiny_run / "best.safetensors"), load_file(shipped)
+    assert best.keys() == ours.keys() and all(torch.equal(best[k], ours[k]) for k in best)
+
+    listed = _cli_json(capsys, ["models", "--pretrained", "--json"])
+    assert [e["name"] for e in listed] == ["tiny-fp32"]
+    entry = listed[0]
+    assert entry["default"] is True and entry["model"] == "fer-resnet-s" and entry["dtype"] == "float32"
+    assert entry["size_bytes"] == shipped.stat().st_size
+    assert entry["sha256"] == hashlib.sha256(shipped.read_bytes()).hexdigest()
+    assert entry["hardware"] == "test CPU" and entry["config"] == "configs/fer-resnet-s.toml"
+
+    # the stated numbers are what `ferlab evaluate --pretrained` prints (and, fp32, what the run scores)
+    for split, tta, key in (("test", False, "plain"), ("val", True, "tta")):
+        argv = ["evaluate", "--pretrained", "tiny-fp32", "--split", split, "--json"] + (["--tta"] if tta else [])
+        report = _cli_json(capsys, argv)
+        assert report["accuracy"] == entry["accuracy"][split][key]
+        assert report["n"] == entry["n"][split]
+    run_report = evaluate_checkpoints([trained_tiny_run], split="test", progress=False)
+    assert run_report["accuracy"] == entry["accuracy"]["test"]["plain"]
+    assert 0.5 < entry["accuracy"]["test"]["plain"] <= 1.0, "the tiny run learned; the numbers are not chance"
+
+    # positional shipped name and --pretrained are the same thing; together they form an ensemble
+    by_position = _cli_json(capsys, ["evaluate", "tiny-fp32", "--split", "test", "--json", "--out",
+                                     str(tmp_path / "e")])
+    assert by_position["accuracy"] == entry["accuracy"]["test"]["plain"]
+    both = _cli_json(capsys, ["evaluate", str(trained_tiny_run), "--pretrained", "tiny-fp32", "--split", "test",
+                              "--json", "--out", str(tmp_path / "e2")])
+    assert both["ensemble"] and [m["accuracy"] for m in both["members"]] == [entry["accuracy"]["test"]["plain"]] * 2
+
+    card = (docs / "tiny-fp32.md").read_text()
+    assert f"{entry['accuracy']['test']['plain']:.2%}" in card and f"{entry['accuracy']['val']['tta']:.2%}" in card
+    for needle in ("Per-class results", "Confusion matrix", "Known limits", "label", "demographic",
+                   "test CPU", "configs/fer-resnet-s.toml", "tiny-fp32-confusion.png", "| Disgust |"):
+        assert needle in card, needle
+    assert (docs / "tiny-fp32-confusion.png").stat().st_size > 1000
+
+    capsys.readouterr()
+    assert main(["models", "--pretrained"]) == 0
+    table = capsys.readouterr().out
+    assert "tiny-fp32 *" in table and f"{entry['accuracy']['test']['tta']:.2%}" in table
+
+
+def test_bf16_file_is_half_the_size_and_its_numbers_are_its_own(trained_tiny_run, weights, tmp_path, capsys):
+    _ship(trained_tiny_run, "tiny-bf16", tmp_path / "docs", "--dtype", "bf16")
+    (entry,) = _cli_json(capsys, ["models", "--pretrained", "--json"])
+    assert entry["name"] == "tiny-bf16" and entry["dtype"] == "bfloat16"
+    assert entry["size_bytes"] < 0.6 * (trained_tiny_run / "best.safetensors").stat().st_size
+    state = load_file(weights / "tiny-bf16.safetensors")
+    assert {v.dtype for v in state.values() if v.is_floating_point()} == {torch.bfloat16}
+    report = _cli_json(capsys, ["evaluate", "--pretrained", "tiny-bf16", "--split", "test", "--json", "--tta"])
+    assert report["accuracy"] == entry["accuracy"]["test"]["tta"]
+
+
+def test_unknown_pretrained_name_is_a_clear_error(weights, capsys):
+    assert main(["evaluate", "--pretrained", "nope", "--split", "test"]) == 2
+    assert "'nope' is neither a file, a run directory nor a shipped model (shipped: none in this build)" in \
+        capsys.readouterr().err
+    assert main(["evaluate", "--split", "test"]) == 2
+    assert "name the checkpoints" in capsys.readouterr().err
+    assert main(["models", "--pretrained"]) == 0
+    assert "no pretrained models are shipped" in capsys.readouterr().out

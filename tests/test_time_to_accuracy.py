@@ -1,0 +1,51 @@
+"""bench/time_to_accuracy.py on a tiny synthetic run: it trains in a subprocess, then reports honest numbers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from ferlab.evaluate import evaluate_checkpoints
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_time_to_accuracy_reports_the_selected_checkpoint_on_test(tmp_path):
+    config = tmp_path / "tiny.toml"
+    config.write_text('model = "fer-mobile"\nbatch_size = 64\naugment = "flip"\nprecision = "fp32"\n')
+    run = tmp_path / "run"
+    synthetic = {"n_train": 256, "n_val": 64, "n_test": 96}
+    cmd = [sys.executable, str(REPO / "bench/time_to_accuracy.py"), "--config", str(config), "--epochs", "2",
+           "--synthetic", json.dumps(synthetic), "--out", str(run), "--budget-min", "30", "--target", "0.0",
+           "--json"]
+    res = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    out = res.stdout
+    result = json.loads(out[out.index("\n{") + 1:])
+
+    summary = json.loads((run / "summary.json").read_text())
+    assert result["epochs_run"] == summary["epochs_run"] == 2
+    assert result["best_epoch"] == summary["best_epoch"]
+    assert result["val_acc_at_selection"] == summary["best_val_acc"]
+    # the accuracy is the selected checkpoint's on the test split, as `ferlab evaluate` reports it
+    assert result["test_n"] == synthetic["n_test"]
+    assert result["test_acc"] == evaluate_checkpoints([run], split="test", progress=False)["accuracy"]
+    assert result["test_acc_tta"] == evaluate_checkpoints([run], split="test", tta=True, progress=False)["accuracy"]
+    # the wall time covers the whole training process, not just its epochs
+    assert result["train_wall_s"] > summary["train_seconds_total"]
+    assert result["total_wall_s"] == result["train_wall_s"] + result["eval_wall_s"]
+    assert "budget 30 min: within" in out or "budget 30 min: OVER" in out
+    assert "PrivateTest (test) accuracy" in out and "reached" in out  # target 0.0 is always reached
+
+
+def test_time_to_accuracy_refuses_an_existing_run(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "last.pt").write_bytes(b"")
+    res = subprocess.run([sys.executable, str(REPO / "bench/time_to_accuracy.py"), "--config", "x.toml", "--out",
+                          str(run)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1 and "already holds a run" in res.stderr
