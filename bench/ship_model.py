@@ -82,7 +82,8 @@ def manifest_entry(name: str, path: Path, meta: dict[str, Any], reports: dict, a
         "size_bytes": path.stat().st_size,
         "sha256": sha256(path),
         "card": str(card),
-        "data": {"source": reports["test", False]["data"], "fingerprint": reports["test", False]["data_fingerprint"]},
+        "data": {"source": Path(reports["test", False]["data"]).name,  # the file's name, not a local path
+                 "fingerprint": reports["test", False]["data_fingerprint"]},
         "protocol": reports["test", False]["protocol"],
         "accuracy": {split: {"plain": reports[split, False]["accuracy"], "tta": reports[split, True]["accuracy"]}
                      for split in ("val", "test")},

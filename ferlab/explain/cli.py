@@ -54,7 +54,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         raise ValueError(f"--threshold must be in [0, 1], got {args.threshold}")
     model, meta, norm = _load(args.model)
     names = meta["class_names"]
-    faces = load_faces(args.images, meta, default_count=args.count)
+    faces = load_faces(args.images, meta, default_count=args.count, data_path=args.data)
     target = parse_target(args.target, names, faces.labels)
     t0 = time.perf_counter()
     exp = explain_images(model, norm, faces.images, args.method, target=target, faithfulness=not args.no_faithfulness,
@@ -111,7 +111,7 @@ def cmd_feature_maps(args: argparse.Namespace) -> int:
 
     model, meta, norm = _load(args.model)
     info = check_layer(model, args.layer)
-    face = load_one_face(args.image, meta)
+    face = load_one_face(args.image, meta, data_path=args.data)
     x = norm(torch.as_tensor(face.images).float()[:, None] / 255.0)  # (1, 1, 48, 48)
     maps = feature_maps(model, args.layer, x)  # (C, h, w)
     chans = parse_channels(args.channels, info.channels, args.max_channels)
@@ -165,6 +165,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--target", default="predicted",
                    help="class to explain: predicted (default), true (needs data:...), or a class name/index")
     e.add_argument("--threshold", type=float, default=0.7, help="mask view keeps pixels with heat >= this")
+    e.add_argument("--data", help="data path for data:SPLIT faces (default: the data the model was trained on; "
+                                   "needed for shipped models)")
     e.add_argument("--count", type=int, default=16, help="faces taken by data:SPLIT without :N")
     e.add_argument("--faith-steps", type=int, default=10, help="pixel fractions of the deletion/insertion curves")
     e.add_argument("--no-faithfulness", action="store_true", help="skip the deletion/insertion scores")
@@ -186,6 +188,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     m.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     m.add_argument("--layer", required=True, help="layer name (see `ferlab layers MODEL`)")
     m.add_argument("--image", required=True, help="an image file or data:SPLIT:I (face I of that split)")
+    m.add_argument("--data", help="data path for data:SPLIT faces (default: the data the model was trained on; "
+                                   "needed for shipped models)")
     m.add_argument("--channels", help="all, A-B or A,B,C (default: the first --max-channels)")
     m.add_argument("--max-channels", type=int, default=64)
     m.add_argument("--out", help="PNG path (default RUN_DIR/feature-maps-LAYER.png)")

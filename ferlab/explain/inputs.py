@@ -54,11 +54,12 @@ def parse_data_spec(spec: str) -> tuple[str, int | None]:
     return parts[0], int(parts[1]) if len(parts) == 2 else None
 
 
-def data_faces(meta: dict[str, Any], split: str, rows: Sequence[int] | slice) -> Faces:
-    """Faces of ``split`` (under the checkpoint's own split protocol) of the data the model was trained on."""
+def data_faces(meta: dict[str, Any], split: str, rows: Sequence[int] | slice, data_path: str | None = None) -> Faces:
+    """Faces of ``split`` (under the checkpoint's own split protocol) of ``data_path``, by default the data the
+    model was trained on (a shipped model needs ``data_path``: it was trained on the user's copy of FER2013)."""
     from ferlab.evaluate import data_for, split_rows
 
-    data = data_for(meta, None, progress=False)
+    data = data_for(meta, data_path, progress=False)
     idx = split_rows(data, meta, split)
     pos = np.arange(len(idx))[rows]  # positions within the split; IndexError when out of range
     pick = idx[pos]
@@ -66,13 +67,14 @@ def data_faces(meta: dict[str, Any], split: str, rows: Sequence[int] | slice) ->
                  [f"{split}-{int(i)}" for i in pos])
 
 
-def load_faces(specs: Sequence[str], meta: dict[str, Any], default_count: int = DEFAULT_DATA_COUNT) -> Faces:
+def load_faces(specs: Sequence[str], meta: dict[str, Any], default_count: int = DEFAULT_DATA_COUNT,
+               data_path: str | None = None) -> Faces:
     """Image files and ``data:SPLIT[:N]`` specs (the first N faces of that split; default ``default_count``)."""
     parts: list[Faces] = []
     for spec in specs:
         if spec.startswith(DATA_PREFIX):
             split, n = parse_data_spec(spec)
-            parts.append(data_faces(meta, split, slice(0, default_count if n is None else n)))
+            parts.append(data_faces(meta, split, slice(0, default_count if n is None else n), data_path))
         else:
             img = face_from_file(spec)
             parts.append(Faces(img[None], np.array([-1]), [Path(spec).stem]))
@@ -82,13 +84,13 @@ def load_faces(specs: Sequence[str], meta: dict[str, Any], default_count: int = 
                  [n for p in parts for n in p.names])
 
 
-def load_one_face(spec: str, meta: dict[str, Any]) -> Faces:
+def load_one_face(spec: str, meta: dict[str, Any], data_path: str | None = None) -> Faces:
     """One face: an image file or ``data:SPLIT:I`` (row I of that split)."""
     if spec.startswith(DATA_PREFIX):
         split, i = parse_data_spec(spec)
         i = 0 if i is None else i
         try:
-            return data_faces(meta, split, [i])
+            return data_faces(meta, split, [i], data_path)
         except IndexError:
             raise ValueError(f"{spec}: split {split!r} has fewer than {i + 1} labelled faces") from None
     img = face_from_file(spec)
