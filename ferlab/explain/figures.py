@@ -6,8 +6,9 @@ arrays, so a web page can use them without matplotlib figures.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -95,6 +96,24 @@ def explanation_figure(
     return fig
 
 
+def _tile_axes(n: int, cols: int, size: Callable[[int, int], tuple[float, float]]) -> tuple[Any, list[tuple[int, Any]]]:
+    """A figure with a grid of tick-less axes for ``n`` tiles (unused cells hidden): (figure, [(k, axes)])."""
+    from matplotlib.figure import Figure
+
+    cols = max(1, min(cols, n))
+    rows = (n + cols - 1) // cols
+    fig = Figure(figsize=size(cols, rows), dpi=100)
+    cells = []
+    for k, ax in enumerate(fig.subplots(rows, cols, squeeze=False).flat):
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if k < n:
+            cells.append((k, ax))
+        else:
+            ax.axis("off")
+    return fig, cells
+
+
 def grid_figure(
     faces: Sequence,
     heats: Sequence,
@@ -105,19 +124,9 @@ def grid_figure(
     suptitle: str = "",
 ):
     """Overlays of many faces in a grid; titles green (right) or red (wrong) when ``correct`` is given."""
-    from matplotlib.figure import Figure
-
     n = len(faces)
-    cols = max(1, min(cols, n))
-    rows = (n + cols - 1) // cols
-    fig = Figure(figsize=(1.45 * cols, 1.95 * rows + (0.4 if suptitle else 0)), dpi=100)
-    axes = fig.subplots(rows, cols, squeeze=False)
-    for k, ax in enumerate(axes.flat):
-        ax.set_xticks([])
-        ax.set_yticks([])
-        if k >= n:
-            ax.axis("off")
-            continue
+    fig, cells = _tile_axes(n, cols, lambda c, r: (1.45 * c, 1.95 * r + (0.4 if suptitle else 0)))
+    for k, ax in cells:
         ax.imshow(overlay_rgb(faces[k], heats[k]), interpolation="nearest")
         if titles is not None:
             ok = None if correct is None else correct[k]
@@ -141,20 +150,10 @@ def image_grid_figure(
 
     ``cmap``: one colour map, or one per tile.
     """
-    from matplotlib.figure import Figure
-
     n = len(tiles)
-    cols = max(1, min(cols, n))
-    rows = (n + cols - 1) // cols
-    fig = Figure(figsize=(scale * cols, scale * rows + 0.15 * rows * (titles is not None) + (0.45 if suptitle else 0)),
-                 dpi=100)
-    axes = fig.subplots(rows, cols, squeeze=False)
-    for k, ax in enumerate(axes.flat):
-        ax.set_xticks([])
-        ax.set_yticks([])
-        if k >= n:
-            ax.axis("off")
-            continue
+    fig, cells = _tile_axes(n, cols, lambda c, r: (scale * c, scale * r + 0.15 * r * (titles is not None)
+                                                   + (0.45 if suptitle else 0)))
+    for k, ax in cells:
         ax.imshow(_as_np(tiles[k]), cmap=cmap if isinstance(cmap, str) else cmap[k], interpolation="nearest")
         if titles is not None:
             ax.set_title(titles[k], fontsize=6.5)
