@@ -115,8 +115,10 @@ WORKER = textwrap.dedent("""
     ref = fit(cfg, base / f"ref-rank{rank}", progress=False, log=quiet)
     cut = fit(cfg, base / f"cut-rank{rank}", progress=False, stop_after=1, log=quiet)
     done = fit(cfg, base / f"cut-rank{rank}", resume=True, progress=False, log=quiet)
-    print(json.dumps({"rank": int(rank), "spreads": [ref["rank_spread"], cut["rank_spread"], done["rank_spread"]],
-                      "finished": [ref["finished"], cut["finished"], done["finished"]]}))
+    # one report file per rank: the ranks' stdout lines can interleave
+    (base / f"report-rank{rank}.json").write_text(json.dumps({
+        "rank": int(rank), "spreads": [ref["rank_spread"], cut["rank_spread"], done["rank_spread"]],
+        "finished": [ref["finished"], cut["finished"], done["finished"]]}))
 """)
 
 
@@ -126,8 +128,8 @@ def test_batchnorm_net_with_augmentation_stays_in_sync_and_resumes(tmp_path):
     script.write_text(WORKER)
     cfg = TrainConfig(model="fer-mobile", epochs=2, batch_size=32, augment="flip", precision="fp32",
                       synthetic=TINY, optimizer="adamw")
-    res = _torchrun([str(script), str(tmp_path), json.dumps(cfg.to_dict())])
-    reports = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+    _torchrun([str(script), str(tmp_path), json.dumps(cfg.to_dict())])
+    reports = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("report-rank*.json"))]
     assert sorted(r["rank"] for r in reports) == [0, 1]
     for r in reports:
         assert r["spreads"] == [0.0, 0.0, 0.0]
