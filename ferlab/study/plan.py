@@ -29,9 +29,11 @@ AUGMENT_AXIS: dict[str, str] = {"off": "none", "on": "standard"}
 
 # Training throughput (images/s, bf16, batch 128) on one core of this project's 2-core CPU, measured: fer-resnet-s
 # and r002-vgg from full FER2013 runs (RESULTS.md), r000-cnn1 and the MLP relative to fer-resnet-s in interleaved
-# micro-benchmarks (r000-cnn1 is slowed by its dropout on the 60x44x44 map, so FLOPs alone overrate it).
+# micro-benchmarks. r000-cnn1 is slowed ~2.5x by its dropout on the 60x44x44 map (bf16 forward + backward, one
+# core: ~250 img/s with dropout 0.2 against ~620 without), so FLOPs alone overrate it. Keys: model, or
+# "model(arg=value,...)" for a model with non-default arguments.
 MEASURED_IMAGES_PER_S: dict[str, float] = {"fer-resnet-s": 190.0, "r002-vgg": 123.0, "r000-cnn1": 270.0,
-                                           "mlp-matched": 2000.0}
+                                           "r000-cnn1(dropout=0.0)": 550.0, "mlp-matched": 2000.0}
 # Models not measured: forward MFLOPs per second of one core (~52 GFLOP/s from the two CNNs above), capped.
 CORE_MFLOPS_PER_S = 52_000.0
 MAX_IMAGES_PER_S = 2_000.0
@@ -103,8 +105,10 @@ R002_VGG = TrainConfig(model="r002-vgg", epochs=14, batch_size=128, optimizer="a
 FER_RESNET_S = TrainConfig(model="fer-resnet-s", epochs=30, batch_size=128, optimizer="adamw", lr=2e-3,
                            weight_decay=0.01, schedule="onecycle", warmup_epochs=2, label_smoothing=0.1,
                            normalize="dataset", augment="standard", monitor="val_acc", seed=0, precision="bf16")
-# Q3 and k-fold: report 000's plain 3-conv CNN (no BatchNorm, so input scaling matters), shortened to 6 epochs.
-_ABLATION = TrainConfig(model="r000-cnn1", epochs=6, batch_size=128, warmup_epochs=1)
+# Q3 and k-fold: report 000's plain 3-conv CNN (no BatchNorm, so input scaling matters), shortened to 6 epochs and
+# without its dropout (2.5x faster on a CPU; over 6 epochs it barely overfits, and the PublicTest checkpoint
+# selection guards the rest).
+_ABLATION = TrainConfig(model="r000-cnn1", model_args={"dropout": 0.0}, epochs=6, batch_size=128, warmup_epochs=1)
 _FULL_K = 5
 
 BUDGETS: dict[str, Budget] = {
@@ -142,8 +146,9 @@ BUDGETS: dict[str, Budget] = {
         ),
         needs_data=True,
         kfold=_FULL_K,
-        notes=("Q3 and k-fold use r000-cnn1 shortened to 6 epochs (the Q1 nets train 14 and 30) to keep the "
-               "budget affordable on a CPU; their absolute accuracies are therefore below the Q1 ones",),
+        notes=("Q3 and k-fold use r000-cnn1 without its dropout, shortened to 6 epochs (the Q1 nets train 14 and "
+               "30), to keep the budget affordable on a CPU; their absolute accuracies are therefore below the Q1 "
+               "ones, and augmentation, which pays off over long schedules, is judged on a short one",),
     ),
 }
 
@@ -172,8 +177,9 @@ def plan_for(budget: str | Budget, data: str | None = None, threads: int = 0) ->
 
 def images_per_second(model: str, model_args: dict[str, Any] | None = None, cores: int = 1) -> float:
     """Estimated training throughput (images/s) of ``model`` on ``cores`` cores of this project's CPU."""
-    if model in MEASURED_IMAGES_PER_S:
-        speed = MEASURED_IMAGES_PER_S[model]
+    key = model + (f"({','.join(f'{k}={v}' for k, v in sorted(model_args.items()))})" if model_args else "")
+    if key in MEASURED_IMAGES_PER_S:
+        speed = MEASURED_IMAGES_PER_S[key]
     else:
         from ferlab.models import create_model
         from ferlab.models.summary import flops_per_image
