@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 import ferlab
+from ferlab import hardware
 from ferlab.checkpoint import BEST, LAST_STATE, CheckpointError, load_state, save_checkpoint, save_state
 from ferlab.data.source import open_data
 from ferlab.data.splits import train_val_test
@@ -167,7 +168,7 @@ def _quiet(_: str) -> None:
 
 
 def auto_threads(world_size: int = 1) -> int:
-    """Threads for ``threads = 0``: the cores not already busy (1-minute load average) at start.
+    """Threads for ``threads = 0``: the cores not busy at start (CPU use sampled for half a second).
 
     torch's OpenMP threads wait for each other at every parallel step, so when another process holds one
     of two cores a 2-thread run slows 10-20x (bench/train_speed.py shows it); one thread per free core avoids
@@ -176,7 +177,7 @@ def auto_threads(world_size: int = 1) -> int:
     if world_size > 1 or os.environ.get("OMP_NUM_THREADS"):
         return 0
     cores = len(os.sched_getaffinity(0))
-    return max(1, cores - round(os.getloadavg()[0]))
+    return max(1, cores - round(hardware.busy_cores()))
 
 
 def _fit(

@@ -1,0 +1,35 @@
+"""ferlab.hardware: the free-core sampling behind ``threads = 0``."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from ferlab import hardware
+from ferlab.train import fit
+
+
+@pytest.mark.skipif(hardware._cpu_times() is None, reason="needs Linux /proc/stat")
+def test_busy_cores_sees_a_spinning_process():
+    spin = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        hardware.busy_cores(0.3)  # let the spinner start
+        assert hardware.busy_cores(0.5) >= 0.6
+    finally:
+        spin.kill()
+        spin.wait()
+
+
+def test_auto_threads_follows_the_sampled_cores_not_the_load_average(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(fit.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr(fit.os, "getloadavg", lambda: (4.0, 4.0, 4.0))  # a run that has just ended
+    monkeypatch.setattr(hardware, "busy_cores", lambda interval=0.5: 1.2)
+    assert fit.auto_threads() == 3
+    monkeypatch.setattr(hardware, "busy_cores", lambda interval=0.5: 9.0)
+    assert fit.auto_threads() == 1
+    assert fit.auto_threads(world_size=2) == 0
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert fit.auto_threads() == 0
