@@ -144,6 +144,13 @@ def test_full_budget_q1_recipes_are_the_shipped_configs():
         assert cfg == TrainConfig.from_file(REPO / "configs" / f"{model}.toml"), model
 
 
+def test_full_budget_ablation_recipe_is_the_shipped_config():
+    exps = {e.name: e.cfg for e in get_budget("full").experiments}
+    cfg = TrainConfig.from_file(REPO / "configs" / "r000-cnn1-6ep.toml")
+    assert exps["q3/dataset-on/s0"] == cfg
+    assert exps["kfold/1-of-5"] == cfg
+
+
 def test_full_budget_shape():
     assert set(BUDGETS) == {"quick", "full"}  # the CLI's --budget choices (kept literal: no torch import at parse)
     full = get_budget("full").experiments
