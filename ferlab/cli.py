@@ -90,6 +90,10 @@ TRAIN_FLAGS: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "--weight-decay": ("weight_decay", float, "weight decay"),
     "--schedule": ("schedule", str, "onecycle | cosine | plateau | none"),
     "--label-smoothing": ("label_smoothing", float, "label smoothing of the cross-entropy"),
+    "--mixup": ("mixup", float, "mixup Beta alpha, e.g. 0.2 (0: off)"),
+    "--cutmix": ("cutmix", float, "CutMix Beta alpha, e.g. 1.0 (0: off; with --mixup: one per batch)"),
+    "--ema-decay": ("ema_decay", float, "EMA of the weights per step, e.g. 0.999; validation and checkpoints "
+                                        "then use the averaged weights (0: off)"),
     "--normalize": ("normalize", str, "none | unit | image | dataset"),
     "--augment": ("augment", str, "preset (none, flip, keras, standard) or JSON options"),
     "--offline-copies": ("offline_copies", int, "offline expansion: augmented copies per training image"),

@@ -9,6 +9,7 @@ from ferlab.transforms import (
     augment,
     expand_offline,
     hflip,
+    mix_batch,
     random_crop,
     random_erase,
 )
@@ -117,3 +118,44 @@ def test_normalizer_modes():
 def test_unknown_augment_option_is_an_error():
     with pytest.raises(ValueError, match="unknown augmentation option"):
         AugmentConfig.from_dict({"rotate": 10})
+
+
+def test_mix_batch_off_is_the_identity_and_draws_nothing():
+    x, y, g = batch(), torch.arange(16), gen()
+    out, y2, lam = mix_batch(x, y, 0.0, 0.0, g)
+    assert out is x and y2 is y and lam == 1.0
+    assert torch.equal(torch.rand(3, generator=g), torch.rand(3, generator=gen()))
+
+
+def test_mixup_is_the_convex_combination_with_the_partners():
+    x, y = batch(), torch.arange(16)
+    out, y2, lam = mix_batch(x, y, 0.4, 0.0, gen(3))
+    assert 0.0 <= lam <= 1.0
+    perm = y2  # labels are the indices here, so the partner labels are the permutation
+    assert sorted(perm.tolist()) == list(range(16))
+    assert torch.allclose(out, lam * x + (1 - lam) * x[perm])
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_cutmix_pastes_a_box_whose_area_is_one_minus_lam(seed):
+    x, y = batch(), torch.arange(16)
+    out, perm, lam = mix_batch(x, y, 0.0, 1.0, gen(seed))
+    from_partner = (out == x[perm]) & (out != x)  # (B, 1, H, W): pixels taken from the partner
+    kept = out == x
+    assert bool((from_partner | kept).all())
+    moved = torch.tensor([i for i in range(16) if perm[i] != i])
+    if len(moved):
+        frac = from_partner[moved].float().mean().item()
+        assert frac == pytest.approx(1 - lam, abs=1e-6)
+        # one axis-aligned box, the same in every image
+        assert torch.equal(from_partner[moved[0]], from_partner[moved].all(0))
+
+
+def test_both_mixers_on_use_each_about_half_the_time():
+    x, y = batch(8), torch.arange(8)
+    g = gen(1)
+    kinds = []
+    for _ in range(200):
+        out, perm, lam = mix_batch(x, y, 0.4, 1.0, g)
+        kinds.append(bool(((out == x) | (out == x[perm])).all()))  # CutMix only copies pixels
+    assert 60 < sum(kinds) < 140

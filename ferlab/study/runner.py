@@ -27,12 +27,16 @@ from ferlab.study.plan import Budget, Experiment, get_budget, plan_for
 CACHE_VERSION = 1  # bump when a change must invalidate every cached run
 # TrainConfig fields that do not change what a run learns.
 NOT_HASHED = ("data", "threads", "eval_batch_size")
+# TrainConfig fields added after cache version 1, hashed only when set, so runs cached before they existed (at
+# their defaults, which reproduce the old behaviour exactly) keep their hashes.
+HASHED_WHEN_SET: dict[str, object] = {"mixup": 0.0, "cutmix": 0.0, "ema_decay": 0.0}
 STATUSES = ("trained", "resumed", "reused")
 
 
 def run_hash(exp: Experiment, data_fingerprint: str) -> str:
     """16 hex digits identifying what ``exp`` learns: its config, the data's content and its fold."""
-    cfg = {k: v for k, v in exp.cfg.to_dict().items() if k not in NOT_HASHED}
+    cfg = {k: v for k, v in exp.cfg.to_dict().items()
+           if k not in NOT_HASHED and not (k in HASHED_WHEN_SET and v == HASHED_WHEN_SET[k])}
     fold = {k: exp.tags[k] for k in ("fold", "k") if k in exp.tags}
     blob = json.dumps({"v": CACHE_VERSION, "cfg": cfg, "data": data_fingerprint, "fold": fold}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -50,6 +50,9 @@ class TrainConfig:
     plateau_patience: int = 5
     plateau_factor: float = 0.5
     label_smoothing: float = 0.0
+    mixup: float = 0.0  # Beta(alpha, alpha) of mixup; 0 = off
+    cutmix: float = 0.0  # Beta(alpha, alpha) of CutMix; 0 = off (both on: one of them per batch)
+    ema_decay: float = 0.0  # exponential moving average of the weights per step, e.g. 0.999; 0 = off
     early_stopping: int = 0  # patience in epochs; 0 = off
     monitor: str = "val_acc"
     seed: int = 0
@@ -69,6 +72,11 @@ class TrainConfig:
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("mixup", "cutmix"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} (a Beta alpha) must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
 

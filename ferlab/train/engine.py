@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ferlab.transforms import AugmentConfig, Normalizer, augment, hflip
+from ferlab.transforms import AugmentConfig, Normalizer, augment, hflip, mix_batch
 
 
 def autocast(precision: str, device: torch.device | str = "cpu") -> contextlib.AbstractContextManager:
@@ -92,6 +92,8 @@ def train_one_epoch(
     normalizer: Normalizer,
     g: torch.Generator,
     label_smoothing: float = 0.0,
+    mixup: float = 0.0,
+    cutmix: float = 0.0,
     precision: str = "bf16",
     channels_last: bool = True,
     on_step: Callable[[], None] | None = None,
@@ -103,8 +105,10 @@ def train_one_epoch(
     """One pass over (images (N, 1, H, W) uint8, labels (N,) int64) on the model's device.
 
     ``batch_size`` is the global batch; with ``world_size`` > 1 (a DDP-wrapped model) this rank trains on its
-    slice of each batch, augmented from its own random stream. Returns this rank's mean loss, accuracy,
-    number of images ``n`` and seconds.
+    slice of each batch, augmented from its own random stream. ``mixup`` / ``cutmix`` (Beta alphas, 0: off) mix
+    each batch with itself after augmentation (see :func:`ferlab.transforms.mix_batch`); the accuracy then counts
+    each label with its mixing weight. Returns this rank's mean loss, accuracy, number of images ``n`` and
+    seconds.
     """
     model.train()
     device = model_device(model)
@@ -115,11 +119,15 @@ def train_one_epoch(
     aug_g = g if world_size == 1 else torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=g)) + rank)
     bar = tqdm(local_batches, desc=desc, disable=not progress, leave=False, mininterval=1.0, dynamic_ncols=True)
     for step, idx in enumerate(bar):
-        x = layout(normalizer(augment(to_unit(images[idx]), aug, aug_g)), channels_last)  # (b, 1, H, W)
+        x01, y_mix, lam = mix_batch(augment(to_unit(images[idx]), aug, aug_g), labels[idx], mixup, cutmix, aug_g)
+        x = layout(normalizer(x01), channels_last)  # (b, 1, H, W)
         x, y = x.to(device, non_blocking=True), labels[idx].to(device, non_blocking=True)  # y: (b,)
+        y_mix = y_mix.to(device, non_blocking=True)  # the partners' labels (y itself without mixing)
         with autocast(precision, device):
             logits = model(x)  # (b, K)
         loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+        if lam < 1.0:
+            loss = lam * loss + (1.0 - lam) * F.cross_entropy(logits.float(), y_mix, label_smoothing=label_smoothing)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss is {loss.item()} at batch {step}; lower the learning rate")
         optimizer.zero_grad(set_to_none=True)
@@ -128,7 +136,8 @@ def train_one_epoch(
         if on_step is not None:
             on_step()
         loss_sum += loss.item() * len(y)
-        correct += (logits.argmax(1) == y).sum().item()
+        pred = logits.argmax(1)
+        correct += lam * (pred == y).sum().item() + (1.0 - lam) * (pred == y_mix).sum().item()
         seen += len(y)
         bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}", refresh=False)
     bar.close()

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import ferlab
 from ferlab import hardware
@@ -219,6 +220,10 @@ def _fit(
     if cfg.channels_last:
         net = net.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(net, cfg)
+    # EMA of the weights (and BatchNorm statistics): when on, it is what is validated and checkpointed
+    ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True) \
+        if cfg.ema_decay else None
+    eval_net = ema.module if ema is not None else net
     schedule = build_schedule(optimizer, cfg, steps_per_epoch(len(x_train), cfg.batch_size, ddp.world_size))
     mode = "max" if cfg.monitor == "val_acc" else "min"
     early, best = EarlyStopping(cfg.early_stopping, mode), BestCheckpoint(mode)
@@ -242,6 +247,8 @@ def _fit(
         schedule.load_state_dict(state["schedule"])
         early.load_state_dict(state["early"])
         best.load_state_dict(state["best"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
         history = list(state["history"])
         start, stopped_early = state["epoch"] + 1, state["stopped_early"]
         log(f"resuming {run_dir} after epoch {start} of {cfg.epochs}")
@@ -257,6 +264,11 @@ def _fit(
                f"{cfg.batch_size // ddp.world_size} per process" if ddp.distributed else ""))
     model = ddp.wrap(net)  # DDP broadcasts rank 0's weights to all ranks here
 
+    def on_step() -> None:
+        schedule.step_batch()
+        if ema is not None:
+            ema.update_parameters(net)
+
     t_run = time.perf_counter()
     epochs_this_call = 0
     for epoch in range(start, cfg.epochs):
@@ -267,12 +279,15 @@ def _fit(
         tr = train_one_epoch(
             model, optimizer, x_train, y_train, batch_size=cfg.batch_size, aug=cfg.augment_config(),
             normalizer=normalizer, g=epoch_generator(cfg.seed, epoch), label_smoothing=cfg.label_smoothing,
-            precision=cfg.precision, channels_last=cfg.channels_last, on_step=schedule.step_batch,
+            mixup=cfg.mixup, cutmix=cfg.cutmix, precision=cfg.precision, channels_last=cfg.channels_last,
+            on_step=on_step,
             progress=progress, desc=f"epoch {epoch + 1}/{cfg.epochs}", rank=ddp.rank, world_size=ddp.world_size,
         )
         ddp.broadcast_buffers(net)  # rank 0's BatchNorm statistics everywhere, as in the saved model
+        if ema is not None:
+            ddp.broadcast_buffers(ema.module)
         tr = ddp.mean(tr)
-        va = ddp.mean(evaluate(net, x_val, y_val, normalizer, batch_size=cfg.eval_batch_size,
+        va = ddp.mean(evaluate(eval_net, x_val, y_val, normalizer, batch_size=cfg.eval_batch_size,
                                precision=cfg.precision, channels_last=cfg.channels_last))
         monitored = va["acc"] if cfg.monitor == "val_acc" else va["loss"]
         schedule.step_epoch(monitored)
@@ -285,7 +300,7 @@ def _fit(
         if is_best:
             meta["result"] = {"epoch": epoch + 1, "val_acc": va["acc"], "val_loss": va["loss"]}
             if main:
-                save_checkpoint(run_dir / BEST, net, meta)
+                save_checkpoint(run_dir / BEST, eval_net, meta)
         stopped_early = early.update(monitored, epoch + 1)
         if main:
             write_history(run_dir, history)
@@ -293,6 +308,7 @@ def _fit(
                 "epoch": epoch, "model": net.state_dict(), "optimizer": optimizer.state_dict(),
                 "schedule": schedule.state_dict(), "early": early.state_dict(), "best": best.state_dict(),
                 "history": history, "stopped_early": stopped_early, "data_fingerprint": prep.data.fingerprint,
+                **({"ema": ema.state_dict()} if ema is not None else {}),
             })
         epochs_this_call += 1
         log(f"epoch {epoch + 1}/{cfg.epochs}  train loss {tr['loss']:.4f} acc {tr['acc']:.4f} | "

@@ -1,0 +1,79 @@
+"""Training levers beyond the basics: mixup/CutMix and the EMA of the weights, inside real runs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_config
+from safetensors.torch import load_file
+from test_resume import assert_same_weights, final_weights
+
+from ferlab.checkpoint import LAST_STATE, load_state
+from ferlab.study.plan import Experiment
+from ferlab.study.runner import run_hash
+from ferlab.train.config import TrainConfig
+from ferlab.train.fit import fit
+
+
+def quiet(_: str) -> None:
+    pass
+
+
+def test_mixed_training_runs_and_mixes(tmp_path):
+    def first_epoch(**kw) -> list[str]:
+        name = "-".join(map(str, kw.values())) or "plain"
+        summary = fit(tiny_config(epochs=1, **kw), tmp_path / name, progress=False, log=quiet)
+        assert summary["finished"]
+        return (tmp_path / name / "history.csv").read_text().splitlines()[1].split(",")
+
+    plain, mixed = first_epoch(), first_epoch(mixup=0.2, cutmix=1.0)
+    # same seed and data: only the mixing differs, so the training loss and accuracy do
+    assert float(mixed[2]) != float(plain[2]) and float(mixed[3]) != float(plain[3])
+
+
+def test_ema_weights_are_validated_checkpointed_and_resumed(tmp_path):
+    cfg = tiny_config(epochs=2, ema_decay=0.9)
+    fit(cfg, tmp_path / "ref", progress=False, log=quiet)
+    state = load_state(tmp_path / "ref" / LAST_STATE)
+    ema = {k.removeprefix("module."): v for k, v in state["ema"].items() if k.startswith("module.")}
+    raw = state["model"]
+    assert ema.keys() == raw.keys()
+    assert any(not torch.allclose(ema[k].float(), raw[k].float()) for k in raw)  # the average lags the weights
+    summary = json.loads((tmp_path / "ref/summary.json").read_text())
+    if summary["best_epoch"] == 2:  # the last epoch was the best: the checkpoint holds the EMA weights
+        best = load_file(tmp_path / "ref/best.safetensors")
+        for k, v in best.items():
+            assert torch.allclose(v.float(), ema[k].float()), k
+    # an interrupted EMA run resumes to the same averaged weights
+    fit(cfg, tmp_path / "cut", progress=False, stop_after=1, log=quiet)
+    fit(cfg, tmp_path / "cut", resume=True, progress=False, log=quiet)
+    assert_same_weights(load_state(tmp_path / "cut" / LAST_STATE)["ema"], state["ema"])
+    assert_same_weights(final_weights(tmp_path / "cut"), raw)
+
+
+def test_ema_off_changes_nothing_in_the_state(tmp_path):
+    fit(tiny_config(epochs=1), tmp_path / "run", progress=False, log=quiet)
+    assert "ema" not in load_state(tmp_path / "run" / LAST_STATE)
+
+
+@pytest.mark.parametrize("bad", [{"mixup": -0.1}, {"cutmix": -1.0}, {"ema_decay": 1.0}, {"ema_decay": -0.5}])
+def test_bad_values_are_errors(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        TrainConfig(**bad)
+
+
+def test_new_fields_at_their_defaults_keep_old_study_hashes():
+    """Runs cached before mixup/CutMix/EMA existed keep their hashes; setting one changes the hash."""
+    import hashlib
+
+    from ferlab.study.runner import CACHE_VERSION, NOT_HASHED
+
+    exp = Experiment("x", "q1", TrainConfig(model="r000-cnn1"))
+    old = {k: v for k, v in exp.cfg.to_dict().items() if k not in NOT_HASHED + ("mixup", "cutmix", "ema_decay")}
+    blob = json.dumps({"v": CACHE_VERSION, "cfg": old, "data": "fp", "fold": {}}, sort_keys=True)
+    assert run_hash(exp, "fp") == hashlib.sha256(blob.encode()).hexdigest()[:16]
+    for field in ("mixup", "cutmix", "ema_decay"):
+        changed = Experiment("x", "q1", TrainConfig(model="r000-cnn1", **{field: 0.5}))
+        assert run_hash(changed, "fp") != run_hash(exp, "fp")
