@@ -6,7 +6,8 @@ For each seed the config trains twice, identical except for the speed settings:
 Each run selects its checkpoint on PublicTest (val); PrivateTest (test) is evaluated only to report. Printed:
 per run val/test accuracy and training images/s; per mode the mean +- std over seeds; the difference of
 the means against the seed-to-seed spread, with the binomial standard error of one accuracy on the test
-split for scale. Finished runs are reused and interrupted ones resume, so the command can be re-run.
+split for scale. Finished runs are reused (after checking that their config is this one) and interrupted ones
+resume, so the command can be re-run.
 
     python bench/fast_path_accuracy.py --data fer2013.csv.gz --config configs/r000-cnn1-6ep.toml --seeds 0 1
     python bench/fast_path_accuracy.py --config configs/r000-cnn1-6ep.toml --epochs 1 \\
@@ -30,11 +31,27 @@ MODES: dict[str, dict[str, Any]] = {
 }
 
 
+# config fields that do not change what a run learns (as in ferlab.study.runner)
+NOT_COMPARED = ("data", "threads", "eval_batch_size")
+
+
 def run_one(cfg: Any, run_dir: Path) -> dict[str, Any]:
-    """Train ``cfg`` into ``run_dir`` (reuse a finished run, resume an interrupted one) and evaluate it."""
+    """Train ``cfg`` into ``run_dir`` (reuse a finished run, resume an interrupted one) and evaluate it.
+
+    A run already in ``run_dir`` must have been trained with ``cfg`` (up to the data path and thread count):
+    its config is compared first, and a mismatch is an error rather than a silently stale number.
+    """
     from ferlab.evaluate import evaluate_checkpoints
+    from ferlab.train.config import TrainConfig
     from ferlab.train.fit import fit
 
+    if (run_dir / "config.json").exists():
+        old = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text())["train"]).to_dict()
+        new = cfg.to_dict()
+        diff = sorted(k for k in new if k not in NOT_COMPARED and old.get(k) != new[k])
+        if diff:
+            sys.exit(f"fast_path_accuracy: {run_dir} holds a run of another config (differs in {', '.join(diff)}); "
+                     "use another --out")
     if not (run_dir / "summary.json").exists() or not json.loads((run_dir / "summary.json").read_text())["finished"]:
         fit(cfg, run_dir, resume=(run_dir / "last.pt").exists(), progress=False)
     summary = json.loads((run_dir / "summary.json").read_text())

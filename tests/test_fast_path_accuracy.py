@@ -37,3 +37,7 @@ def test_fast_path_accuracy_trains_both_modes_and_reports_their_numbers(tmp_path
     again = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
                            timeout=600)
     assert again.returncode == 0 and json.loads(again.stdout[again.stdout.index("\n{") + 1:]) == result
+    # a run of another config in the same folder is refused, not reused
+    other = subprocess.run([*cmd[:cmd.index("--epochs") + 1], "2", *cmd[cmd.index("--epochs") + 2:]],
+                           env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
+    assert other.returncode == 1 and "holds a run of another config (differs in epochs)" in other.stderr
