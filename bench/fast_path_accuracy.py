@@ -31,10 +31,6 @@ MODES: dict[str, dict[str, Any]] = {
 }
 
 
-# config fields that do not change what a run learns (as in ferlab.study.runner)
-NOT_COMPARED = ("data", "threads", "eval_batch_size")
-
-
 def run_one(cfg: Any, run_dir: Path) -> dict[str, Any]:
     """Train ``cfg`` into ``run_dir`` (reuse a finished run, resume an interrupted one) and evaluate it.
 
@@ -42,22 +38,21 @@ def run_one(cfg: Any, run_dir: Path) -> dict[str, Any]:
     its config is compared first, and a mismatch is an error rather than a silently stale number.
     """
     from ferlab.evaluate import evaluate_checkpoints
+    from ferlab.study.runner import NOT_HASHED  # the config fields that do not change what a run learns
     from ferlab.train.config import TrainConfig
-    from ferlab.train.fit import fit
+    from ferlab.train.fit import fit, read_history
 
     if (run_dir / "config.json").exists():
         old = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text())["train"]).to_dict()
         new = cfg.to_dict()
-        diff = sorted(k for k in new if k not in NOT_COMPARED and old.get(k) != new[k])
+        diff = sorted(k for k in new if k not in NOT_HASHED and old.get(k) != new[k])
         if diff:
             sys.exit(f"fast_path_accuracy: {run_dir} holds a run of another config (differs in {', '.join(diff)}); "
                      "use another --out")
     if not (run_dir / "summary.json").exists() or not json.loads((run_dir / "summary.json").read_text())["finished"]:
         fit(cfg, run_dir, resume=(run_dir / "last.pt").exists(), progress=False)
     summary = json.loads((run_dir / "summary.json").read_text())
-    history = [line.split(",") for line in (run_dir / "history.csv").read_text().splitlines()]
-    ips_col = history[0].index("images_per_s")
-    speeds = [float(row[ips_col]) for row in history[1:]]
+    speeds = [row["images_per_s"] for row in read_history(run_dir)]
     test = evaluate_checkpoints([run_dir], split="test", data_path=cfg.data, progress=False)
     return {"run_dir": str(run_dir), "best_epoch": summary["best_epoch"], "val_acc": summary["best_val_acc"],
             "test_acc": test["accuracy"], "test_n": test["n"], "protocol": summary["protocol"],

@@ -229,9 +229,9 @@ def test_adopt_finished_runs_trained_elsewhere(tmp_path):
 
 
 def _history_of(run_dir: Path) -> list[dict[str, float]]:
-    from ferlab.study.runner import _history
+    from ferlab.train.fit import read_history
 
-    return _history(run_dir)
+    return read_history(run_dir)
 
 
 def test_fold_files_hold_the_folds(tmp_path):

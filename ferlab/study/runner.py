@@ -87,16 +87,6 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _history(run_dir: Path) -> list[dict[str, float]]:
-    import csv
-
-    path = run_dir / "history.csv"
-    if not path.is_file():
-        return []
-    with open(path, newline="") as f:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
-
-
 def _evaluate(run_dir: Path, rows: dict[str, np.ndarray], data: FerData) -> dict[str, Any]:
     """Metrics and saved probabilities of the run's selected checkpoint on each split of ``rows``."""
     import torch
@@ -199,7 +189,7 @@ def run_study(
 
     from ferlab.checkpoint import LAST_STATE
     from ferlab.study.folds import fold_indices, write_fold
-    from ferlab.train.fit import fit
+    from ferlab.train.fit import fit, read_history
 
     t0 = time.perf_counter()
     b = get_budget(budget) if isinstance(budget, str) else budget
@@ -246,7 +236,7 @@ def run_study(
         counts[status] += 1
         evaluation = _read_json(run_dir / "eval.json") or _evaluate(run_dir, rows, base_data)
         meta = json.loads((run_dir / "config.json").read_text())
-        res = RunResult(exp, run_dir, h, status, summary, evaluation, _history(run_dir), meta)
+        res = RunResult(exp, run_dir, h, status, summary, evaluation, read_history(run_dir), meta)
         results.append(res)
         fold_txt = f", held-out fold {res.acc('fold'):.3f}" if "fold" in evaluation else ""
         log(f"{head}: {status}; {summary['epochs_run']} epochs, {summary['train_seconds_total']:.0f} s; "

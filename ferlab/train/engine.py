@@ -119,9 +119,10 @@ def train_one_epoch(
     aug_g = g if world_size == 1 else torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=g)) + rank)
     bar = tqdm(local_batches, desc=desc, disable=not progress, leave=False, mininterval=1.0, dynamic_ncols=True)
     for step, idx in enumerate(bar):
-        x01, y_mix, lam = mix_batch(augment(to_unit(images[idx]), aug, aug_g), labels[idx], mixup, cutmix, aug_g)
+        y = labels[idx]  # (b,)
+        x01, y_mix, lam = mix_batch(augment(to_unit(images[idx]), aug, aug_g), y, mixup, cutmix, aug_g)
         x = layout(normalizer(x01), channels_last)  # (b, 1, H, W)
-        x, y = x.to(device, non_blocking=True), labels[idx].to(device, non_blocking=True)  # y: (b,)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         y_mix = y_mix.to(device, non_blocking=True)  # the partners' labels (y itself without mixing)
         with autocast(precision, device):
             logits = model(x)  # (b, K)

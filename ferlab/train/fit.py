@@ -145,6 +145,15 @@ def write_history(run_dir: Path, history: list[dict[str, float]]) -> None:
     plot_history(history, run_dir / "curves.png")
 
 
+def read_history(run_dir: str | Path) -> list[dict[str, float]]:
+    """The rows of RUN_DIR/history.csv as written by :func:`write_history` ([] when there is none yet)."""
+    path = Path(run_dir) / "history.csv"
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
 def fit(
     cfg: TrainConfig,
     run_dir: str | Path,
