@@ -94,6 +94,9 @@ TRAIN_FLAGS: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "--cutmix": ("cutmix", float, "CutMix Beta alpha, e.g. 1.0 (0: off; with --mixup: one per batch)"),
     "--ema-decay": ("ema_decay", float, "EMA of the weights per step, e.g. 0.999; validation and checkpoints "
                                         "then use the averaged weights (0: off)"),
+    "--distill-weight": ("distill_weight", float, "with --teacher: weight w of the distillation loss, (1 - w) on "
+                                                  "the labels (default 0.5)"),
+    "--distill-temperature": ("distill_temperature", float, "with --teacher: softmax temperature (default 4)"),
     "--normalize": ("normalize", str, "none | unit | image | dataset"),
     "--augment": ("augment", str, "preset (none, flip, keras, standard) or JSON options"),
     "--offline-copies": ("offline_copies", int, "offline expansion: augmented copies per training image"),
@@ -125,6 +128,8 @@ def _train_config(args: argparse.Namespace):
         over["precision"] = "fp32"
     if args.model_arg:
         over["model_args"] = dict(_kv(a) for a in args.model_arg)
+    if args.teacher:
+        over["teachers"] = list(args.teacher)
     if args.config:
         return TrainConfig.from_file(args.config, **over)
     return TrainConfig.from_dict(over)
@@ -148,7 +153,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         given = [flag for flag in TRAIN_FLAGS if getattr(args, flag[2:].replace("-", "_")) is not None]
         given += [f for f, on in (("--config", args.config), ("--out", args.out), ("--model-arg", args.model_arg),
-                                  ("--fp32", args.fp32), ("--skip-bad", args.skip_bad)) if on]
+                                  ("--teacher", args.teacher), ("--fp32", args.fp32), ("--skip-bad", args.skip_bad))
+                  if on]
         if given:
             raise ValueError(f"--resume continues a run exactly as it was configured; drop {', '.join(given)}")
         run_dir = Path(args.resume)
@@ -258,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, (_, typ, hlp) in TRAIN_FLAGS.items():
         t.add_argument(flag, type=typ, default=None, help=hlp)
     t.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="model argument (repeatable)")
+    t.add_argument("--teacher", action="append", metavar="RUN_OR_CKPT",
+                   help="distil from this checkpoint (run directory, .safetensors or shipped name); repeatable: "
+                        "the teachers' mean prediction is the target")
     t.add_argument("--fp32", action="store_true", help="plain fp32 (same as --precision fp32)")
     t.add_argument("--skip-bad", action="store_true", help="skip malformed rows instead of stopping")
     t.add_argument("--out", help="run directory (default runs/MODEL-TIMESTAMP)")

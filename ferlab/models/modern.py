@@ -55,7 +55,8 @@ class InvertedResidual(nn.Module):
 
 
 class StagedNet(FerModel):
-    """Stem, stages of blocks (the first of each stage but the first downsamples by 2), GAP, dropout, linear."""
+    """Stem (stride ``stem_stride``), stages of blocks (the first of each stage but the first downsamples by 2),
+    GAP, dropout, linear."""
 
     def __init__(
         self,
@@ -66,10 +67,11 @@ class StagedNet(FerModel):
         in_chans: int = 1,
         drop: float = 0.3,
         stem_width: int | None = None,
+        stem_stride: int = 1,
     ) -> None:
         super().__init__()
         stem = stem_width or widths[0]
-        self.stem = conv_bn_act(in_chans, stem, 3)
+        self.stem = conv_bn_act(in_chans, stem, 3, stem_stride)
         stages: list[nn.Module] = []
         cin = stem
         for i, (w, d) in enumerate(zip(widths, depths, strict=True)):
@@ -82,7 +84,7 @@ class StagedNet(FerModel):
         self.fc = nn.Linear(cin, num_classes)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        # (B, 1, 48, 48) -> (B, C_last, 6, 6) for four stages
+        # (B, 1, 48, 48) -> (B, C_last, 6, 6) for four stages (3 x 3 with a stride-2 stem)
         return self.stages(self.stem(x))
 
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:
@@ -108,3 +110,10 @@ def fer_resnet_l(num_classes: int = 7, in_chans: int = 1, drop: float = 0.4) -> 
 @register_model("fer-mobile", source="ferlab", description="MobileNetV2-style student, 4 stages 16-32-64-128")
 def fer_mobile(num_classes: int = 7, in_chans: int = 1, drop: float = 0.2) -> StagedNet:
     return StagedNet(InvertedResidual, (16, 32, 64, 128), (1, 2, 2, 2), num_classes, in_chans, drop, stem_width=16)
+
+
+@register_model("fer-mobile-fast", source="ferlab",
+                description="MobileNetV2-style student for speed: stride-2 stem, 4 stages 24-48-96-192")
+def fer_mobile_fast(num_classes: int = 7, in_chans: int = 1, drop: float = 0.2) -> StagedNet:
+    return StagedNet(InvertedResidual, (24, 48, 96, 192), (1, 2, 2, 2), num_classes, in_chans, drop, stem_width=16,
+                     stem_stride=2)

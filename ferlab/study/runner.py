@@ -29,7 +29,8 @@ CACHE_VERSION = 1  # bump when a change must invalidate every cached run
 NOT_HASHED = ("data", "threads", "eval_batch_size")
 # TrainConfig fields added after cache version 1, hashed only when set, so runs cached before they existed (at
 # their defaults, which reproduce the old behaviour exactly) keep their hashes.
-HASHED_WHEN_SET: dict[str, object] = {"mixup": 0.0, "cutmix": 0.0, "ema_decay": 0.0}
+HASHED_WHEN_SET: dict[str, object] = {"mixup": 0.0, "cutmix": 0.0, "ema_decay": 0.0, "teachers": [],
+                                      "distill_weight": 0.5, "distill_temperature": 4.0}
 STATUSES = ("trained", "resumed", "reused")
 
 

@@ -53,6 +53,10 @@ class TrainConfig:
     mixup: float = 0.0  # Beta(alpha, alpha) of mixup; 0 = off
     cutmix: float = 0.0  # Beta(alpha, alpha) of CutMix; 0 = off (both on: one of them per batch)
     ema_decay: float = 0.0  # exponential moving average of the weights per step, e.g. 0.999; 0 = off
+    # knowledge distillation: teacher checkpoints (run dirs, files or shipped names; several = their ensemble)
+    teachers: list[str] = field(default_factory=list)
+    distill_weight: float = 0.5  # the loss is (1 - w) * cross-entropy + w * T^2 * KL(teacher || student)
+    distill_temperature: float = 4.0  # T, the softmax temperature of teacher and student in the KL term
     early_stopping: int = 0  # patience in epochs; 0 = off
     monitor: str = "val_acc"
     seed: int = 0
@@ -77,6 +81,12 @@ class TrainConfig:
                 raise ValueError(f"{name} (a Beta alpha) must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if not 0 <= self.distill_weight <= 1:
+            raise ValueError(f"distill_weight must be in [0, 1], got {self.distill_weight}")
+        if self.distill_temperature <= 0:
+            raise ValueError(f"distill_temperature must be > 0, got {self.distill_temperature}")
+        if isinstance(self.teachers, str):
+            self.teachers = [self.teachers]
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
 

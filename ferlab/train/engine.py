@@ -13,6 +13,7 @@ import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -21,6 +22,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ferlab.transforms import AugmentConfig, Normalizer, augment, hflip, mix_batch
+
+if TYPE_CHECKING:
+    from ferlab.train.distill import Teacher
 
 
 def autocast(precision: str, device: torch.device | str = "cpu") -> contextlib.AbstractContextManager:
@@ -94,6 +98,8 @@ def train_one_epoch(
     label_smoothing: float = 0.0,
     mixup: float = 0.0,
     cutmix: float = 0.0,
+    teacher: Teacher | None = None,
+    distill_weight: float = 0.5,
     precision: str = "bf16",
     channels_last: bool = True,
     on_step: Callable[[], None] | None = None,
@@ -107,7 +113,9 @@ def train_one_epoch(
     ``batch_size`` is the global batch; with ``world_size`` > 1 (a DDP-wrapped model) this rank trains on its
     slice of each batch, augmented from its own random stream. ``mixup`` / ``cutmix`` (Beta alphas, 0: off) mix
     each batch with itself after augmentation (see :func:`ferlab.transforms.mix_batch`); the accuracy then counts
-    each label with its mixing weight. Returns this rank's mean loss, accuracy, number of images ``n`` and
+    each label with its mixing weight. With a ``teacher`` the loss is ``(1 - distill_weight)`` times the
+    cross-entropy plus ``distill_weight`` times the teacher's distillation loss on the same (augmented, mixed)
+    batch; the reported loss is that sum. Returns this rank's mean loss, accuracy, number of images ``n`` and
     seconds.
     """
     model.train()
@@ -129,6 +137,8 @@ def train_one_epoch(
         loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
         if lam < 1.0:
             loss = lam * loss + (1.0 - lam) * F.cross_entropy(logits.float(), y_mix, label_smoothing=label_smoothing)
+        if teacher is not None:
+            loss = (1.0 - distill_weight) * loss + distill_weight * teacher.loss(logits, x01)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss is {loss.item()} at batch {step}; lower the learning rate")
         optimizer.zero_grad(set_to_none=True)

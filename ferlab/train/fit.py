@@ -233,10 +233,27 @@ def _fit(
     ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True) \
         if cfg.ema_decay else None
     eval_net = ema.module if ema is not None else net
+    teacher = None
+    if cfg.teachers:
+        from ferlab.train.distill import Teacher
+
+        teacher = Teacher(cfg.teachers, cfg.distill_temperature, precision=cfg.precision,
+                          channels_last=cfg.channels_last)
+        teacher.check_compatible(prep.data.class_names, prep.data.images.shape[1:])
+        for warning in teacher.protocol_warnings(prep.data.fingerprint, split_protocol(prep.data, cfg, prep.splits)):
+            log(f"warning: {warning}")
+        teacher = teacher.to(ddp.device)
+        if cfg.channels_last:
+            teacher = teacher.to(memory_format=torch.channels_last)
     schedule = build_schedule(optimizer, cfg, steps_per_epoch(len(x_train), cfg.batch_size, ddp.world_size))
     mode = "max" if cfg.monitor == "val_acc" else "min"
     early, best = EarlyStopping(cfg.early_stopping, mode), BestCheckpoint(mode)
     meta = build_meta(cfg, net, normalizer, prep)
+    if teacher is not None:  # what the student learnt from, beyond the specs in meta["train"]["teachers"]
+        meta["teachers"] = [
+            {"spec": spec, "model": m["model"]["name"], "data_fingerprint": m.get("data", {}).get("fingerprint"),
+             "result": m.get("result")} for spec, m in zip(teacher.specs, teacher.metas, strict=True)
+        ]
     history: list[dict[str, float]] = []
     start, stopped_early = 0, False
 
@@ -267,6 +284,9 @@ def _fit(
         p = meta["model"]["params"]
         log(f"run {run_dir}: {cfg.model} ({p['trainable']:,} trainable parameters) on {prep.data.source}; "
             f"train {len(x_train):,} / val {len(prep.splits['val']):,} images; {meta['split']['text']}")
+        if teacher is not None:
+            log(f"distilling from {len(cfg.teachers)} teacher checkpoint(s) at temperature {cfg.distill_temperature}"
+                f", weight {cfg.distill_weight}: {', '.join(cfg.teachers)}")
     if ddp.distributed or ddp.device.type != "cpu":
         log(f"training on {ddp.world_size} x {ddp.device.type}"
             + (f" with DistributedDataParallel; global batch {cfg.batch_size}, "
@@ -288,8 +308,8 @@ def _fit(
         tr = train_one_epoch(
             model, optimizer, x_train, y_train, batch_size=cfg.batch_size, aug=cfg.augment_config(),
             normalizer=normalizer, g=epoch_generator(cfg.seed, epoch), label_smoothing=cfg.label_smoothing,
-            mixup=cfg.mixup, cutmix=cfg.cutmix, precision=cfg.precision, channels_last=cfg.channels_last,
-            on_step=on_step,
+            mixup=cfg.mixup, cutmix=cfg.cutmix, teacher=teacher, distill_weight=cfg.distill_weight,
+            precision=cfg.precision, channels_last=cfg.channels_last, on_step=on_step,
             progress=progress, desc=f"epoch {epoch + 1}/{cfg.epochs}", rank=ddp.rank, world_size=ddp.world_size,
         )
         ddp.broadcast_buffers(net)  # rank 0's BatchNorm statistics everywhere, as in the saved model

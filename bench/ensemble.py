@@ -1,0 +1,94 @@
+"""Ensemble accuracy: choose members on PublicTest (val) by greedy forward selection, report PrivateTest (test).
+
+    python bench/ensemble.py runs/a runs/b ferlab-shipped-name ... --data fer2013.csv.gz [--tta] [--max-members N]
+
+Each candidate (run directory, .safetensors file or shipped model name) predicts the val and test splits
+once. The ensemble (softmax probabilities averaged) grows one member at a time, each time by the candidate
+that raises val accuracy most, and stops when none raises it (Caruana et al. 2004). Test accuracy is printed
+beside each step but never used to choose. The last line is the chosen ensemble's PrivateTest accuracy and a
+``ferlab evaluate`` command that reproduces it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+
+
+def predict(spec: str, data, tta: bool) -> tuple[dict, dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """A candidate's metadata, its val/test row indices and its probabilities (N, K) on them."""
+    import torch
+
+    from ferlab.checkpoint import load_checkpoint, normalizer_from_meta
+    from ferlab.evaluate import split_rows
+    from ferlab.train.engine import predict_logits
+
+    model, meta = load_checkpoint(spec)
+    rows, probs = {}, {}
+    for split in ("val", "test"):
+        idx = split_rows(data, meta, split)
+        x = torch.from_numpy(data.images[idx]).unsqueeze(1)  # (N, 1, 48, 48) uint8
+        logits = predict_logits(model, x, normalizer_from_meta(meta), precision=meta["train"]["precision"],
+                                channels_last=False, tta=tta)
+        rows[split], probs[split] = idx, logits.softmax(1).numpy()
+    return meta, rows, probs
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ferlab.checkpoint import read_meta
+    from ferlab.ensemble import accuracy, greedy_selection
+    from ferlab.evaluate import data_for
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("candidates", nargs="+", help="run directories, .safetensors files or shipped model names")
+    p.add_argument("--data", help="the data all candidates were trained on, e.g. fer2013.csv.gz (default: the first "
+                                  "candidate's training data)")
+    p.add_argument("--tta", action="store_true", help="each member averaged with the mirrored face")
+    p.add_argument("--max-members", type=int, default=None)
+    args = p.parse_args(argv)
+
+    data = data_for(read_meta(args.candidates[0]), args.data)
+    metas, probs = [], []
+    rows0: dict[str, np.ndarray] | None = None
+    for spec in args.candidates:
+        meta, rows, pr = predict(spec, data, args.tta)
+        if meta["data"]["fingerprint"] != data.fingerprint:
+            print(f"error: {spec} was trained on other data (fingerprint {meta['data']['fingerprint']}, "
+                  f"{data.source} has {data.fingerprint})", file=sys.stderr)
+            return 2
+        if rows0 is None:
+            rows0 = rows
+        elif any(not np.array_equal(rows[s], rows0[s]) for s in rows):
+            print(f"error: {spec} uses other val/test rows than {args.candidates[0]}", file=sys.stderr)
+            return 2
+        metas.append(meta)
+        probs.append(pr)
+    assert rows0 is not None
+    y = {s: data.labels[rows0[s]] for s in ("val", "test")}
+    protocol = metas[0]["split"]["text"]
+    print(f"{len(args.candidates)} candidates on {data.source}; {protocol}; members chosen on val only"
+          + ("; flip TTA" if args.tta else ""))
+    print(f"\n{'candidate':<48} {'model':<14} {'val':>7} {'test':>7}")
+    for spec, meta, pr in zip(args.candidates, metas, probs, strict=True):
+        print(f"{spec:<48} {meta['model']['name']:<14} {accuracy(pr['val'], y['val']):>7.2%} "
+              f"{accuracy(pr['test'], y['test']):>7.2%}")
+
+    steps = greedy_selection([pr["val"] for pr in probs], y["val"], args.max_members)
+    print(f"\n{'step':>4}  {'member added':<48} {'ensemble val':>12} {'ensemble test':>13}")
+    for n, step in enumerate(steps, 1):
+        test = accuracy(np.mean([probs[i]["test"] for i in step.members], axis=0), y["test"])
+        print(f"{n:>4}  {args.candidates[step.added]:<48} {step.val_acc:>12.2%} {test:>13.2%}")
+    chosen = steps[-1].members
+    test = accuracy(np.mean([probs[i]["test"] for i in chosen], axis=0), y["test"])
+    specs = [args.candidates[i] for i in chosen]
+    print(f"\nchosen on val: {len(chosen)} member(s), val {steps[-1].val_acc:.2%}; PrivateTest (test) {test:.2%}"
+          + (" with flip TTA" if args.tta else ""))
+    print("reproduce: ferlab evaluate " + " ".join(specs) + (f" --data {args.data}" if args.data else "")
+          + " --split test" + (" --tta" if args.tta else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

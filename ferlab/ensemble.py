@@ -1,0 +1,48 @@
+"""Ensemble selection on the validation split: greedy forward selection (Caruana et al. 2004), no replacement."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of the selection: the candidate added and the ensemble's validation accuracy after it."""
+
+    added: int
+    members: tuple[int, ...]
+    val_acc: float
+
+
+def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Top-1 accuracy of probabilities (N, K) against labels (N,)."""
+    return float((probs.argmax(1) == labels).mean())
+
+
+def greedy_selection(
+    val_probs: Sequence[np.ndarray], val_labels: np.ndarray, max_members: int | None = None
+) -> list[Step]:
+    """Grow an ensemble (mean of probabilities) one candidate at a time, each time adding the one that gives the
+    highest validation accuracy (ties: the earlier candidate), until none improves it or ``max_members`` is
+    reached. Only validation data is looked at. Returns every step; the last is the chosen ensemble.
+    """
+    if not len(val_probs):
+        raise ValueError("no candidates to select from")
+    limit = len(val_probs) if max_members is None else min(max_members, len(val_probs))
+    chosen: list[int] = []
+    total = np.zeros_like(val_probs[0], dtype=np.float64)  # (N, K), the sum of the chosen members' probabilities
+    steps: list[Step] = []
+    best = -1.0
+    while len(chosen) < limit:
+        scores = [(accuracy(total + p, val_labels), i) for i, p in enumerate(val_probs) if i not in chosen]
+        acc, i = max(scores, key=lambda s: (s[0], -s[1]))
+        if acc <= best:
+            break
+        chosen.append(i)
+        total += val_probs[i]
+        best = acc
+        steps.append(Step(i, tuple(chosen), acc))
+    return steps

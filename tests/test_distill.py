@@ -1,0 +1,112 @@
+"""Knowledge distillation: the loss has its analytic value and gradient, the teacher averages its members,
+and inside training the weight w moves the student between the labels (w = 0) and the teacher (w = 1)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from ferlab.checkpoint import CheckpointError, save_checkpoint
+from ferlab.models import create_model
+from ferlab.train.config import TrainConfig
+from ferlab.train.distill import Teacher, distillation_loss
+from ferlab.train.engine import train_one_epoch
+from ferlab.train.fit import fit
+from ferlab.transforms import AUGMENT_PRESETS, Normalizer
+
+CLASSES = ["Angry", "Disgust", "Fear", "Happy", "Sad", "Surprise", "Neutral"]
+
+
+def save_teacher(path, seed: int, normalize: dict | None = None, classes=CLASSES, size=(48, 48)):
+    torch.manual_seed(seed)
+    model = create_model("fer-mobile").eval()
+    meta = {"model": {"name": "fer-mobile", "args": {}, "num_classes": 7, "in_chans": 1},
+            "preprocess": {"normalize": normalize or {"mode": "unit", "mean": 0.0, "std": 1.0},
+                           "input_size": list(size)},
+            "class_names": list(classes), "data": {"fingerprint": "fp"},
+            "split": {"val_carved": False, "val_fraction": 0.1, "split_seed": 0}}
+    save_checkpoint(path, model, meta)
+    return model
+
+
+def test_loss_is_zero_at_the_teacher_and_has_the_analytic_gradient():
+    torch.manual_seed(0)
+    t, s, temp = torch.randn(5, 7), torch.randn(5, 7, requires_grad=True), 3.0
+    p = (t / temp).softmax(1)
+    assert distillation_loss(t, p, temp).abs().item() < 1e-6
+    loss = distillation_loss(s, p, temp)
+    assert loss.item() > 0
+    loss.backward()
+    # d/ds [T^2 KL(p || softmax(s/T))] averaged over the batch = T (softmax(s/T) - p) / B
+    expected = temp * ((s.detach() / temp).softmax(1) - p) / len(s)
+    torch.testing.assert_close(s.grad, expected)
+
+
+def test_teacher_is_the_mean_of_its_members_softmax(tmp_path):
+    a = save_teacher(tmp_path / "a.safetensors", 0)
+    b = save_teacher(tmp_path / "b.safetensors", 1, normalize={"mode": "dataset", "mean": 0.5, "std": 0.25})
+    teacher = Teacher([str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")], 2.0,
+                      precision="fp32", channels_last=False)
+    x01 = torch.rand(4, 1, 48, 48)
+    with torch.no_grad():
+        expected = ((a(x01) / 2).softmax(1) + (b((x01 - 0.5) / 0.25) / 2).softmax(1)) / 2  # each its own normaliser
+    torch.testing.assert_close(teacher(x01), expected)
+    assert not any(p.requires_grad for p in teacher.parameters())
+
+
+def test_incompatible_teachers_are_refused(tmp_path):
+    save_teacher(tmp_path / "c.safetensors", 0, classes=list("abcdefg"))
+    with pytest.raises(CheckpointError, match="classes"):
+        Teacher([str(tmp_path / "c.safetensors")], 4.0).check_compatible(CLASSES, (48, 48))
+    save_teacher(tmp_path / "s.safetensors", 0, size=(64, 64))
+    with pytest.raises(CheckpointError, match="input size"):
+        Teacher([str(tmp_path / "s.safetensors")], 4.0).check_compatible(CLASSES, (48, 48))
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        Teacher([str(tmp_path / "missing.safetensors")], 4.0)
+
+
+@pytest.mark.parametrize("bad", [{"distill_weight": 1.5}, {"distill_weight": -0.1}, {"distill_temperature": 0.0}])
+def test_bad_distillation_values_are_errors(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        TrainConfig(**bad)
+
+
+def one_epoch(labels: torch.Tensor, images: torch.Tensor, teacher: Teacher | None, w: float) -> dict:
+    torch.manual_seed(0)
+    student = create_model("fer-mobile")
+    opt = torch.optim.SGD(student.parameters(), lr=0.1)
+    train_one_epoch(student, opt, images, labels, batch_size=16, aug=AUGMENT_PRESETS["standard"],
+                    normalizer=Normalizer("unit"), g=torch.Generator().manual_seed(0), label_smoothing=0.1,
+                    teacher=teacher, distill_weight=w, precision="fp32", channels_last=False, progress=False)
+    return student.state_dict()
+
+
+def test_the_weight_moves_the_student_from_the_labels_to_the_teacher(tmp_path):
+    save_teacher(tmp_path / "t.safetensors", 3)
+    teacher = Teacher([str(tmp_path / "t.safetensors")], 4.0, precision="fp32", channels_last=False)
+    g = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (48, 1, 48, 48), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 7, (48,), generator=g)
+    other = (labels + 1) % 7
+
+    def same(a: dict, b: dict) -> bool:
+        return all(torch.equal(a[k], b[k]) for k in a)
+
+    # w = 1: the labels no longer matter; w = 0: the teacher no longer matters
+    assert same(one_epoch(labels, images, teacher, 1.0), one_epoch(other, images, teacher, 1.0))
+    assert same(one_epoch(labels, images, teacher, 0.0), one_epoch(labels, images, None, 0.5))
+    assert not same(one_epoch(labels, images, teacher, 0.5), one_epoch(labels, images, None, 0.5))
+    assert not same(one_epoch(labels, images, teacher, 0.5), one_epoch(other, images, teacher, 0.5))
+
+
+def test_distilled_run_records_its_teacher_and_resumes(tmp_path, trained_tiny_run):
+    cfg = tiny_config(model="fer-mobile", epochs=2, teachers=[str(trained_tiny_run)], distill_weight=0.7)
+    summary = fit(cfg, tmp_path / "student", progress=False, stop_after=1, log=lambda _: None)
+    assert not summary["finished"]
+    meta = json.loads((tmp_path / "student/config.json").read_text())
+    assert meta["train"]["teachers"] == [str(trained_tiny_run)] and meta["train"]["distill_weight"] == 0.7
+    assert meta["teachers"][0]["model"] == "fer-resnet-s"
+    assert fit(cfg, tmp_path / "student", resume=True, progress=False, log=lambda _: None)["finished"]

@@ -1,0 +1,67 @@
+"""Ensemble selection: greedy forward selection on val with known answers, and bench/ensemble.py end to end."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO
+from safetensors.torch import load_file
+
+from ferlab.checkpoint import read_meta, resolve, save_checkpoint
+from ferlab.ensemble import greedy_selection
+from ferlab.evaluate import evaluate_checkpoints
+from ferlab.models import create_model
+
+
+def one_hot(pred: list[int], k: int = 3) -> np.ndarray:
+    return np.eye(k)[pred] * 0.9 + 0.1 / k  # (N, K) confident probabilities
+
+
+def test_greedy_selection_adds_the_best_candidate_and_stops_when_nothing_helps():
+    y = np.array([0, 1, 2, 0])
+    weak = one_hot([0, 0, 0, 0])  # 2/4
+    strong = one_hot([0, 1, 2, 1])  # 3/4
+    fixer = np.array([[0.1, 0.1, 0.8], [0.2, 0.6, 0.2], [0.1, 0.1, 0.8], [0.98, 0.01, 0.01]])  # 3/4, sure of row 3
+    steps = greedy_selection([weak, strong, fixer], y)
+    assert [s.added for s in steps] == [1, 2]  # strong first (tie with fixer: the earlier), then fixer: 4/4
+    assert [s.val_acc for s in steps] == [0.75, 1.0]
+    assert steps[-1].members == (1, 2)
+    assert [s.added for s in greedy_selection([weak, strong, fixer], y, max_members=1)] == [1]
+    # a candidate that cannot raise the accuracy is never added
+    assert [s.added for s in greedy_selection([strong, weak], y)] == [0]
+    with pytest.raises(ValueError, match="no candidates"):
+        greedy_selection([], y)
+
+
+def test_bench_ensemble_prints_the_val_chosen_ensemble_and_a_command_that_reproduces_it(tmp_path, trained_tiny_run,
+                                                                                          capsys):
+    # a second candidate: the tiny run with its weights perturbed
+    src = resolve(trained_tiny_run)
+    state = load_file(str(src))
+    g = torch.Generator().manual_seed(0)
+    noisy = {k: v + 0.05 * v.std() * torch.randn(v.shape, generator=g) if k.endswith("weight") and v.dim() > 1
+             else v for k, v in state.items()}  # conv and linear weights only
+    meta = read_meta(src)
+    model = create_model("fer-resnet-s")
+    model.load_state_dict(noisy)
+    save_checkpoint(tmp_path / "noisy.safetensors", model, meta)
+
+    spec = importlib.util.spec_from_file_location("bench_ensemble", REPO / "bench/ensemble.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    candidates = [str(trained_tiny_run), str(tmp_path / "noisy.safetensors")]
+    assert bench.main(candidates) == 0
+    out = capsys.readouterr().out
+    assert "members chosen on val only" in out
+    chosen = re.search(r"PrivateTest \(test\) ([\d.]+)%", out)
+    reproduce = out.strip().splitlines()[-1]
+    assert reproduce.startswith("reproduce: ferlab evaluate ") and chosen
+    specs = [s for s in reproduce.removeprefix("reproduce: ferlab evaluate ").split() if not s.startswith("--")
+             and s != "test"]
+    assert set(specs) <= set(candidates) and specs
+    acc = evaluate_checkpoints(specs, split="test", progress=False)["accuracy"]
+    assert f"{acc:.2%}" == f"{chosen.group(1)}%"
