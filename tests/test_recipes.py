@@ -65,15 +65,18 @@ def test_bad_values_are_errors(bad):
 
 
 def test_new_fields_at_their_defaults_keep_old_study_hashes():
-    """Runs cached before mixup/CutMix/EMA existed keep their hashes; setting one changes the hash."""
+    """Runs cached before mixup/CutMix/EMA/distillation existed keep their hashes; setting one changes the hash."""
     import hashlib
 
     from ferlab.study.runner import CACHE_VERSION, NOT_HASHED
 
+    # the fields added after cache version 1, with a non-default value each
+    added = {"mixup": 0.5, "cutmix": 0.5, "ema_decay": 0.5, "teachers": ["runs/t"], "distill_weight": 0.7,
+             "distill_temperature": 2.0}
     exp = Experiment("x", "q1", TrainConfig(model="r000-cnn1"))
-    old = {k: v for k, v in exp.cfg.to_dict().items() if k not in NOT_HASHED + ("mixup", "cutmix", "ema_decay")}
+    old = {k: v for k, v in exp.cfg.to_dict().items() if k not in NOT_HASHED + tuple(added)}
     blob = json.dumps({"v": CACHE_VERSION, "cfg": old, "data": "fp", "fold": {}}, sort_keys=True)
     assert run_hash(exp, "fp") == hashlib.sha256(blob.encode()).hexdigest()[:16]
-    for field in ("mixup", "cutmix", "ema_decay"):
-        changed = Experiment("x", "q1", TrainConfig(model="r000-cnn1", **{field: 0.5}))
-        assert run_hash(changed, "fp") != run_hash(exp, "fp")
+    for field, value in added.items():
+        changed = Experiment("x", "q1", TrainConfig(model="r000-cnn1", **{field: value}))
+        assert run_hash(changed, "fp") != run_hash(exp, "fp"), field
