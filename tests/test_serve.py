@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import select
 import socket
 import sys
 import threading
@@ -227,22 +228,38 @@ def test_declared_oversize_is_refused_before_reading(server):
     assert server.request("GET", "/healthz")[0] == 200
 
 
-def paced(chunks: list[bytes], after: int) -> Iterator[bytes]:
-    """Yield ``chunks``, pausing before each one once ``after`` bytes are sent: the server answers 413 at its cap
-    and closes, and a client still pouring bytes in would race that answer (a reset can swallow it)."""
-    sent = 0
-    for c in chunks:
-        if sent > after:
-            time.sleep(0.5)
-        yield c
-        sent += len(c)
+def post_chunked_until_answered(port: int, body: bytes, ctype: str, cap: int) -> tuple[int, bytes]:
+    """POST ``body`` to /predict with chunked encoding (no Content-Length). Once past ``cap`` bytes, wait (up to
+    30 s) for the server's answer before each further chunk and stop sending when it comes: the server answers
+    413 at its cap and closes, and a client still pouring bytes in would race that answer (a reset can swallow
+    it). A server that does not answer gets the whole body."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+    try:
+        sock.sendall((f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: {ctype}\r\n"
+                      "Transfer-Encoding: chunked\r\n\r\n").encode())
+        sent = 0
+        try:
+            for i in range(0, len(body), 65536):
+                if sent > cap and select.select([sock], [], [], 30)[0]:
+                    break  # the server has answered
+                chunk = body[i : i + 65536]
+                sock.sendall(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+                sent += len(chunk)
+            else:
+                sock.sendall(b"0\r\n\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # closed after answering; the answer is read below
+        res = http.client.HTTPResponse(sock)
+        res.begin()
+        return res.status, res.read()
+    finally:
+        sock.close()
 
 
 def test_streamed_oversize_is_cut_off(server):
     # chunked upload with no Content-Length: the server must count the bytes and stop at the cap
     body, ctype = multipart({"file": ("big.png", encode(astronaut(), ".png") + bytes(LIMIT), "image/png")})
-    chunks = paced([body[i : i + 65536] for i in range(0, len(body), 65536)], after=LIMIT)
-    status, _, raw = server.request("POST", "/predict", chunks, {"Content-Type": ctype})
+    status, raw = post_chunked_until_answered(server.port, body, ctype, LIMIT)
     assert status == 413
     assert "limit" in json.loads(raw)["error"]
     # just under the cap is accepted
