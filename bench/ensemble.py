@@ -21,18 +21,15 @@ def predict(spec: str, data, tta: bool) -> tuple[dict, dict[str, np.ndarray], di
     """A candidate's metadata, its val/test row indices and its probabilities (N, K) on them."""
     import torch
 
-    from ferlab.checkpoint import load_checkpoint, normalizer_from_meta
-    from ferlab.evaluate import split_rows
-    from ferlab.train.engine import predict_logits
+    from ferlab.checkpoint import load_checkpoint
+    from ferlab.evaluate import checkpoint_probs, split_rows
 
     model, meta = load_checkpoint(spec)
     rows, probs = {}, {}
     for split in ("val", "test"):
-        idx = split_rows(data, meta, split)
-        x = torch.from_numpy(data.images[idx]).unsqueeze(1)  # (N, 1, 48, 48) uint8
-        logits = predict_logits(model, x, normalizer_from_meta(meta), precision=meta["train"]["precision"],
-                                channels_last=False, tta=tta)
-        rows[split], probs[split] = idx, logits.softmax(1).numpy()
+        rows[split] = split_rows(data, meta, split)
+        x = torch.from_numpy(data.images[rows[split]]).unsqueeze(1)  # (N, 1, 48, 48) uint8
+        probs[split] = checkpoint_probs(model, meta, x, tta=tta)
     return meta, rows, probs
 
 
@@ -78,10 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     steps = greedy_selection([pr["val"] for pr in probs], y["val"], args.max_members)
     print(f"\n{'step':>4}  {'member added':<48} {'ensemble val':>12} {'ensemble test':>13}")
     for n, step in enumerate(steps, 1):
-        test = accuracy(np.mean([probs[i]["test"] for i in step.members], axis=0), y["test"])
+        test = accuracy(np.mean([probs[i]["test"] for i in step.members], axis=0), y["test"])  # reported only
         print(f"{n:>4}  {args.candidates[step.added]:<48} {step.val_acc:>12.2%} {test:>13.2%}")
-    chosen = steps[-1].members
-    test = accuracy(np.mean([probs[i]["test"] for i in chosen], axis=0), y["test"])
+    chosen = steps[-1].members  # ``test`` is now the chosen ensemble's
     specs = [args.candidates[i] for i in chosen]
     print(f"\nchosen on val: {len(chosen)} member(s), val {steps[-1].val_acc:.2%}; PrivateTest (test) {test:.2%}"
           + (" with flip TTA" if args.tta else ""))

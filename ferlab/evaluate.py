@@ -67,6 +67,16 @@ def split_rows(data: FerData, meta: dict[str, Any], split: str) -> np.ndarray:
     return idx
 
 
+def checkpoint_probs(model: torch.nn.Module, meta: dict[str, Any], images: torch.Tensor, *, tta: bool = False,
+                     batch_size: int = 512, progress: bool = False, desc: str = "predict") -> np.ndarray:
+    """Softmax probabilities (N, K) of a loaded checkpoint on images (N, 1, H, W) uint8, preprocessed as it was
+    trained (its saved normalisation and precision)."""
+    logits = predict_logits(model, images, normalizer_from_meta(meta), batch_size=batch_size,
+                            precision=meta["train"]["precision"], channels_last=False, tta=tta,
+                            progress=progress, desc=desc)
+    return logits.softmax(1).numpy()
+
+
 def evaluate_checkpoints(
     paths: Sequence[str | Path],
     *,
@@ -94,11 +104,8 @@ def evaluate_checkpoints(
 
     members, probs_all = [], []
     for p, model, meta in loaded:
-        train = meta["train"]
-        logits = predict_logits(model, x, normalizer_from_meta(meta), batch_size=batch_size,
-                                precision=train["precision"], channels_last=False, tta=tta,
-                                progress=progress, desc=Path(p).name)
-        probs = logits.softmax(1).numpy()
+        probs = checkpoint_probs(model, meta, x, tta=tta, batch_size=batch_size, progress=progress,
+                                 desc=Path(p).name)
         probs_all.append(probs)
         fp_ok = data_path is None or meta["data"]["fingerprint"] == data.fingerprint
         members.append({
