@@ -17,7 +17,7 @@ import sys
 import numpy as np
 
 
-def predict(spec: str, data, tta: bool) -> tuple[dict, dict[str, np.ndarray], dict[str, np.ndarray]]:
+def predict(spec: str, data, tta: str) -> tuple[dict, dict[str, np.ndarray], dict[str, np.ndarray]]:
     """A candidate's metadata, its val/test row indices and its probabilities (N, K) on them."""
     import torch
 
@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("candidates", nargs="+", help="run directories, .safetensors files or shipped model names")
     p.add_argument("--data", help="the data all candidates were trained on, e.g. fer2013.csv.gz (default: the first "
                                   "candidate's training data)")
-    p.add_argument("--tta", action="store_true", help="each member averaged with the mirrored face")
+    p.add_argument("--tta", nargs="?", const="flip", default="none", choices=("none", "flip", "shift"),
+                   help="each member's test-time augmentation: --tta the flip pair, --tta shift 10 views")
     p.add_argument("--max-members", type=int, default=None)
     args = p.parse_args(argv)
 
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     y = {s: data.labels[rows0[s]] for s in ("val", "test")}
     protocol = metas[0]["split"]["text"]
     print(f"{len(args.candidates)} candidates on {data.source}; {protocol}; members chosen on val only"
-          + ("; flip TTA" if args.tta else ""))
+          + (f"; {args.tta} TTA" if args.tta != "none" else ""))
     print(f"\n{'candidate':<48} {'model':<14} {'val':>7} {'test':>7}")
     for spec, meta, pr in zip(args.candidates, metas, probs, strict=True):
         print(f"{spec:<48} {meta['model']['name']:<14} {accuracy(pr['val'], y['val']):>7.2%} "
@@ -80,9 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     chosen = steps[-1].members  # ``test`` is now the chosen ensemble's
     specs = [args.candidates[i] for i in chosen]
     print(f"\nchosen on val: {len(chosen)} member(s), val {steps[-1].val_acc:.2%}; PrivateTest (test) {test:.2%}"
-          + (" with flip TTA" if args.tta else ""))
+          + (f" with {args.tta} TTA" if args.tta != "none" else ""))
     print("reproduce: ferlab evaluate " + " ".join(specs) + (f" --data {args.data}" if args.data else "")
-          + " --split test" + (" --tta" if args.tta else ""))
+          + " --split test" + {"none": "", "flip": " --tta"}.get(args.tta, f" --tta {args.tta}"))
     return 0
 
 

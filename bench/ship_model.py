@@ -147,6 +147,12 @@ def model_card(name: str, entry: dict[str, Any], meta: dict[str, Any], reports: 
     keys = ("optimizer", "lr", "weight_decay", "schedule", "epochs", "batch_size", "label_smoothing", "augment",
             "normalize", "precision", "seed")
     recipe = ", ".join(f"{k} {json.dumps(train[k])}" for k in keys if k in train)
+    if train.get("teachers"):  # knowledge distillation: the teachers are part of the recipe
+        fp = meta["data"]["fingerprint"]
+        same = all(t.get("data_fingerprint") == fp for t in meta.get("teachers", []))
+        recipe += (f"\n- distilled from {', '.join(f'`{t}`' for t in train['teachers'])} (weight "
+                   f"{train['distill_weight']}, temperature {train['distill_temperature']}); the teachers were "
+                   + ("trained on the same data" if same else "**not all trained on the same data**"))
     best = meta.get("result", {})
     return f"""# {name}
 

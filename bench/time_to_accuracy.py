@@ -1,11 +1,11 @@
 """Time to accuracy: train a config from scratch, then report PrivateTest accuracy and the wall time it took.
 
-The training runs as ``python -m ferlab train`` in a subprocess with jemalloc preloaded (what the
-``ferlab`` launcher does), so the wall time counts everything a user waits for: interpreter start, data
-loading and parsing (or the cache), every epoch and the checkpoints. The config's ``epochs`` set the run's
-length: choose them so that the run fits the budget; this script does not stop training early, it measures.
-Then the checkpoint selected on PublicTest (val) is evaluated on PrivateTest (test), with and without flip
-test-time augmentation.
+The training runs as ``python -m ferlab train`` in a subprocess, in the environment the ``ferlab``
+launcher would use (jemalloc only with FERLAB_JEMALLOC=1), so the wall time counts everything a user
+waits for: interpreter start, data loading and parsing (or the cache), every epoch and the checkpoints.
+The config's ``epochs`` set the run's length: choose them so that the run fits the budget; this script
+does not stop training early, it measures. Then the checkpoint selected on PublicTest (val) is evaluated
+on PrivateTest (test), with and without flip test-time augmentation.
 
     python bench/time_to_accuracy.py --data fer2013.csv.gz --config configs/X.toml --budget-min 30
     python bench/time_to_accuracy.py --config configs/X.toml --epochs 1 --synthetic '{"n_train": 500}'  # a dry run
@@ -32,13 +32,10 @@ def train_command(args: argparse.Namespace, out: Path) -> list[str]:
 
 
 def train_env() -> dict[str, str]:
-    """The environment of the training process: jemalloc preloaded when installed, as the launcher does."""
-    from ferlab.cli import JEMALLOC
+    """The environment of the training process: the one the ``ferlab`` launcher would use."""
+    from ferlab.cli import launcher_env
 
-    env = dict(os.environ)
-    if os.path.exists(JEMALLOC) and "jemalloc" not in env.get("LD_PRELOAD", ""):
-        env["LD_PRELOAD"] = (JEMALLOC + " " + env.get("LD_PRELOAD", "")).strip()
-    return env
+    return launcher_env(os.environ) or dict(os.environ)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,17 +5,18 @@ starts) and times real ``train_one_epoch`` steps (standard augmentation) on rand
 
 Modes (all with the same number of threads, all cores by default):
   fp32            plain PyTorch fp32, contiguous (NCHW) tensors, glibc malloc
-  fast            channels_last + bfloat16 autocast, glibc malloc
-  fast+jemalloc   the same with jemalloc preloaded (what the `ferlab` launcher does)
+  fast            channels_last + bfloat16 autocast, glibc malloc (`FERLAB_JEMALLOC=0 ferlab train ...`)
+  fast+jemalloc-defaults  the same with jemalloc preloaded, jemalloc's default settings
+  fast+jemalloc   jemalloc without page decay or background thread: what the `ferlab` launcher does
 Printed per model: images/s, achieved GFLOP/s (3 x the forward FLOPs of one image, for forward + backward,
-times images/s) and the ratio fast+jemalloc / fp32.
+times images/s) and the ratio fast+jemalloc / fp32 (the fast path as `ferlab train` runs it).
 
 Threads (fast+jemalloc, first model): 1 thread, all threads, all threads with OMP_WAIT_POLICY=PASSIVE,
 each on the machine as it is and with ``--contention K`` busy processes started by the bench. OpenMP
 threads spin while waiting by default; when another process holds a core, a spinning thread burns the time
 slice its partner needs, which is where multi-thread training under contention loses most of its speed.
 
-    python bench/train_speed.py                      # 4 models x 3 modes, then the thread table
+    python bench/train_speed.py                      # 4 models x 4 modes, then the thread table
     python bench/train_speed.py --quick              # fewer, smaller steps (a rough look)
     python bench/train_speed.py --models r002-vgg --steps 30 --no-threads
 """
@@ -30,7 +31,8 @@ import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
+from ferlab.cli import JEMALLOC, JEMALLOC_CONF  # what the launcher preloads, and how
+
 DEFAULT_MODELS = ["r002-vgg", "fer-resnet-s", "fer-mobile", "r004-cnn9"]
 
 
@@ -39,13 +41,16 @@ class Mode:
     precision: str
     channels_last: bool
     jemalloc: bool
+    malloc_conf: str = ""
 
 
 MODES: dict[str, Mode] = {
     "fp32": Mode("fp32", False, False),
     "fast": Mode("bf16", True, False),
-    "fast+jemalloc": Mode("bf16", True, True),
+    "fast+jemalloc-defaults": Mode("bf16", True, True),
+    "fast+jemalloc": Mode("bf16", True, True, JEMALLOC_CONF),
 }
+DEFAULT_MODE = "fast+jemalloc"  # what `ferlab train` runs: the ratio and the thread table use it
 
 
 @dataclass(frozen=True)
@@ -96,10 +101,13 @@ def measure(model_name: str, mode: Mode, threads: int, batch: int, steps: int, w
 
 def run_child(args: argparse.Namespace, model: str, mode: str, setting: ThreadSetting) -> dict:
     """One measurement in a fresh interpreter with the mode's allocator and the setting's environment."""
-    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    drop = ("LD_PRELOAD", "MALLOC_CONF", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
     env.update(setting.env, OMP_NUM_THREADS=str(setting.threads))
     if MODES[mode].jemalloc:
         env["LD_PRELOAD"] = JEMALLOC
+    if MODES[mode].malloc_conf:
+        env["MALLOC_CONF"] = MODES[mode].malloc_conf
     cmd = [sys.executable, __file__, "--_child", f"{model}|{mode}|{setting.threads}", "--batch", str(args.batch),
            "--steps", str(args.steps), "--warmup", str(args.warmup)]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -140,7 +148,8 @@ def main() -> None:
         print(json.dumps(measure(name, MODES[mode], int(threads), args.batch, args.steps, args.warmup)))
         return
     if not os.path.exists(JEMALLOC):
-        sys.exit(f"{JEMALLOC} not found (apt-get install libjemalloc2): the fast+jemalloc mode needs it")
+        sys.exit(f"{JEMALLOC} not found (apt-get install libjemalloc2): the jemalloc modes need it")
+    modes = list(MODES)
 
     cores = os.cpu_count() or 1
     threads = args.threads or cores
@@ -149,25 +158,25 @@ def main() -> None:
           f"{cores} cores; load average {load:.2f} at start (an idle machine reads ~0)")
     results: dict = {"batch": args.batch, "steps": args.steps, "threads": threads, "load_at_start": load,
                      "models": [], "thread_settings": []}
-    head = f"{'model':<14} {'MFLOPs/img':>10}" + "".join(f"  {m + ' img/s':>19} {'GFLOP/s':>7}" for m in MODES)
-    print(head + f"  {'fast+jemalloc / fp32':>20}")
+    head = f"{'model':<14} {'MFLOPs/img':>10}" + "".join(f"  {m + ' img/s':>27} {'GFLOP/s':>7}" for m in modes)
+    print(head + f"  {DEFAULT_MODE + ' / fp32':>11}")
     for name in args.models:
         row = {"model": name}
-        for mode in MODES:
+        for mode in modes:
             row[mode] = run_child(args, name, mode, ThreadSetting(threads))
-        row["ratio"] = row["fast+jemalloc"]["images_per_s"] / row["fp32"]["images_per_s"]
+        row["ratio"] = row[DEFAULT_MODE]["images_per_s"] / row["fp32"]["images_per_s"]
         results["models"].append(row)
-        cells = "".join(f"  {row[m]['images_per_s']:19.0f} {row[m]['gflops_per_s']:7.1f}" for m in MODES)
-        print(f"{name:<14} {row['fp32']['mflops_per_image']:10.1f}{cells}  {row['ratio']:19.2f}x", flush=True)
+        cells = "".join(f"  {row[m]['images_per_s']:27.0f} {row[m]['gflops_per_s']:7.1f}" for m in modes)
+        print(f"{name:<14} {row['fp32']['mflops_per_image']:10.1f}{cells}  {row['ratio']:10.2f}x", flush=True)
 
     if not args.no_threads:
         model = args.models[0]
-        print(f"\nthreads: {model}, fast+jemalloc, images/s; 'contended': +{args.contention} busy process(es)")
+        print(f"\nthreads: {model}, {DEFAULT_MODE}, images/s; 'contended': +{args.contention} busy process(es)")
         print(f"{'setting':<40} {'as is':>8} {'contended':>10}")
         for label, setting in thread_settings(cores).items():
-            as_is = run_child(args, model, "fast+jemalloc", setting)["images_per_s"]
+            as_is = run_child(args, model, DEFAULT_MODE, setting)["images_per_s"]
             with busy_processes(args.contention):
-                contended = run_child(args, model, "fast+jemalloc", setting)["images_per_s"]
+                contended = run_child(args, model, DEFAULT_MODE, setting)["images_per_s"]
             results["thread_settings"].append({"setting": label, "as_is": as_is, "contended": contended})
             print(f"{label:<40} {as_is:8.0f} {contended:10.0f}", flush=True)
     if args.json:

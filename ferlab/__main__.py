@@ -1,4 +1,4 @@
-"""``python -m ferlab``: the command line (the ``ferlab`` script re-executes this with jemalloc preloaded)."""
+"""``python -m ferlab``: the command line (the ``ferlab`` script runs it, preloading jemalloc if FERLAB_JEMALLOC=1)."""
 
 import sys
 

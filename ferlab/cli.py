@@ -7,11 +7,19 @@ import importlib
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
+# Keep freed pages (no decay) and no background thread: the allocator then never hands the activations' memory
+# back to the kernel between training steps.
+JEMALLOC_CONF = "background_thread:false,dirty_decay_ms:-1,muzzy_decay_ms:-1"
+# --tta alone is the flip pair; --tta shift adds 2-pixel shifts (10 views); see ferlab.transforms.TTA_MODES.
+TTA_ARG: dict[str, Any] = dict(
+    nargs="?", const="flip", default="none", choices=("none", "flip", "shift"), metavar="MODE",
+    help="test-time augmentation: --tta averages with the mirrored image; --tta shift also with the flip pair "
+         "moved 2 pixels up, down, left and right (10 views)")
 
 # Modules that contribute sub-commands: each exposes ``add_commands(sub)``, adding parsers whose ``func``
 # default is the command function. They must import heavy libraries inside the command functions only.
@@ -210,7 +218,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if out is None and args.checkpoints:  # next to the first run; a shipped model writes files only with --out
         first = Path(args.checkpoints[0])
         out = (first if first.is_dir() else first.parent) / (
-            f"eval-{args.split}" + ("-ensemble" if len(specs) > 1 else "") + ("-tta" if args.tta else ""))
+            f"eval-{args.split}" + ("-ensemble" if len(specs) > 1 else "")
+            + {"none": "", "flip": "-tta"}.get(args.tta, f"-tta-{args.tta}"))
     report = evaluate_checkpoints(specs, split=args.split, data_path=args.data, tta=args.tta,
                                   batch_size=args.batch_size, out_dir=out, progress=not args.json)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
@@ -289,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "checkpoints (then their ensemble is evaluated too)")
     e.add_argument("--split", default="test", choices=("train", "val", "test"))
     e.add_argument("--data", help="data path (default: the data the first checkpoint was trained on)")
-    e.add_argument("--tta", action="store_true", help="average with horizontally flipped images")
+    e.add_argument("--tta", **TTA_ARG)
     e.add_argument("--batch-size", type=int, default=512)
     e.add_argument("--out", help="where to write metrics.json and confusion.png (default RUN_DIR/eval-SPLIT; "
                                  "for shipped models only with --out)")
@@ -301,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     pc.add_argument("--data", required=True, help="test.csv (id,feature) or any supported layout")
     pc.add_argument("--split", default="unlabeled", help="which rows to predict (default: the unlabelled ones)")
     pc.add_argument("--out", default="submission.csv")
-    pc.add_argument("--tta", action="store_true")
+    pc.add_argument("--tta", **TTA_ARG)
     pc.set_defaults(func=cmd_predict_csv)
 
     d = sub.add_parser("data", help="load a data path and print its layout, splits and class counts")
@@ -331,13 +340,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def launcher_env(environ: Mapping[str, str]) -> dict[str, str] | None:
+    """The environment to re-execute Python in (jemalloc preloaded), or None to run as is.
+
+    jemalloc is preloaded when installed, unless ``FERLAB_JEMALLOC=0`` or it is preloaded already, with
+    ``MALLOC_CONF`` = :data:`JEMALLOC_CONF` unless the user set one: with jemalloc's default page decay, freed
+    activations go back to the kernel between steps and training is slower than with glibc (fer-resnet-s ~310
+    against ~460 img/s here); without decay it is faster (~520). ``python bench/train_speed.py`` measures all three.
+    """
+    if environ.get("FERLAB_JEMALLOC", "1") == "0" or "jemalloc" in environ.get("LD_PRELOAD", ""):
+        return None
+    if not os.path.exists(JEMALLOC):
+        return None
+    env = dict(environ, LD_PRELOAD=(JEMALLOC + " " + environ.get("LD_PRELOAD", "")).strip())
+    env.setdefault("MALLOC_CONF", JEMALLOC_CONF)
+    return env
+
+
 def entry() -> None:
-    """Console-script launcher: preloads jemalloc (faster CPU training) before Python's allocator starts."""
-    if (
-        os.environ.get("FERLAB_JEMALLOC", "1") != "0"
-        and "jemalloc" not in os.environ.get("LD_PRELOAD", "")
-        and os.path.exists(JEMALLOC)
-    ):
-        env = dict(os.environ, LD_PRELOAD=(JEMALLOC + " " + os.environ.get("LD_PRELOAD", "")).strip())
+    """Console-script launcher: re-executes itself with jemalloc preloaded (see :func:`launcher_env`)."""
+    env = launcher_env(os.environ)
+    if env is not None:
         os.execve(sys.executable, [sys.executable, "-m", "ferlab", *sys.argv[1:]], env)
     sys.exit(main())

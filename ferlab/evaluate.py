@@ -16,6 +16,7 @@ from ferlab.data.source import open_data
 from ferlab.data.splits import train_val_test
 from ferlab.data.types import FerData
 from ferlab.train.engine import predict_logits
+from ferlab.transforms import tta_mode
 
 
 def classification_metrics(labels: np.ndarray, probs: np.ndarray, class_names: Sequence[str]) -> dict[str, Any]:
@@ -67,7 +68,7 @@ def split_rows(data: FerData, meta: dict[str, Any], split: str) -> np.ndarray:
     return idx
 
 
-def checkpoint_probs(model: torch.nn.Module, meta: dict[str, Any], images: torch.Tensor, *, tta: bool = False,
+def checkpoint_probs(model: torch.nn.Module, meta: dict[str, Any], images: torch.Tensor, *, tta: bool | str = False,
                      batch_size: int = 512, progress: bool = False, desc: str = "predict") -> np.ndarray:
     """Softmax probabilities (N, K) of a loaded checkpoint on images (N, 1, H, W) uint8, preprocessed as it was
     trained (its saved normalisation and precision)."""
@@ -82,15 +83,17 @@ def evaluate_checkpoints(
     *,
     split: str = "test",
     data_path: str | None = None,
-    tta: bool = False,
+    tta: bool | str = False,
     batch_size: int = 512,
     out_dir: str | Path | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Evaluate each checkpoint on ``split`` and, given several, the ensemble of their averaged probabilities.
+    """Evaluate each checkpoint on ``split`` and, given several, the ensemble of their averaged probabilities;
+    ``tta``: a test-time augmentation of :data:`ferlab.transforms.TTA_MODES` (True: "flip").
 
     Writes metrics.json and confusion.png (counts and row-normalised) to ``out_dir``.
     """
+    tta = tta_mode(tta)
     loaded = [(str(p), *load_checkpoint(p)) for p in paths]
     first_meta = loaded[0][2]
     for p, _, meta in loaded[1:]:
@@ -142,7 +145,7 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"  {m['model']:<18} acc {m['accuracy']:.4f}  [{m['checkpoint']}]{warn}")
     label = f"ensemble of {len(report['members'])}" if report["ensemble"] else "accuracy"
     lines.append(f"{label}: {report['accuracy']:.4f}   macro-F1 {report['macro_f1']:.4f}"
-                 + ("   (flip TTA)" if report["tta"] else ""))
+                 + (f"   ({report['tta']} TTA)" if report["tta"] not in (False, "none") else ""))
     lines.append(f"  {'class':<10} {'precision':>9} {'recall':>7} {'f1':>6} {'support':>8}")
     for name, c in report["per_class"].items():
         lines.append(f"  {name:<10} {c['precision']:9.3f} {c['recall']:7.3f} {c['f1']:6.3f} {c['support']:8d}")

@@ -13,7 +13,7 @@ from ferlab.train.engine import predict_logits
 
 
 def predict_csv(checkpoint: str | Path, data_path: str, out: str | Path, *, split: str = "unlabeled",
-                tta: bool = False) -> int:
+                tta: bool | str = False) -> int:
     """Predict the rows of ``split`` in ``data_path`` and write ``id,label`` to ``out``; returns the row count."""
     model, meta = load_checkpoint(checkpoint)
     data = open_data(data_path)

@@ -9,6 +9,7 @@ resumed run draws exactly what an uninterrupted one would.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
@@ -109,6 +110,41 @@ AUGMENT_PRESETS: dict[str, AugmentConfig] = {
 def hflip(x: torch.Tensor) -> torch.Tensor:
     """Mirror (B, C, H, W) images left-right."""
     return x.flip(-1)
+
+
+def shift(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """Move (B, C, H, W) images down ``dy`` and right ``dx`` pixels, filling with zeros as the training crop pads."""
+    h, w = x.shape[-2:]
+    p = max(abs(dy), abs(dx))
+    xp = F.pad(x, (p, p, p, p))  # (B, C, H+2p, W+2p)
+    return xp[..., p - dy : p - dy + h, p - dx : p - dx + w]
+
+
+# Test-time augmentation: the views of a batch whose logits are averaged. "shift" is the flip pair at the
+# centre and moved 2 pixels up, down, left and right (10 views), within the training crop's +-4 pixels.
+def _shift_views(x: torch.Tensor) -> list[torch.Tensor]:
+    moved = [shift(x, dy, dx) for dy, dx in ((0, 0), (-2, 0), (2, 0), (0, -2), (0, 2))]
+    return [v for m in moved for v in (m, hflip(m))]
+
+
+TTA_MODES: dict[str, Callable[[torch.Tensor], list[torch.Tensor]]] = {
+    "none": lambda x: [x],
+    "flip": lambda x: [x, hflip(x)],
+    "shift": _shift_views,
+}
+
+
+def tta_mode(tta: bool | str | None) -> str:
+    """The TTA mode name of a ``tta`` argument: False/None -> "none", True -> "flip", names pass through."""
+    name = tta if isinstance(tta, str) else ("flip" if tta else "none")
+    if name not in TTA_MODES:
+        raise ValueError(f"unknown test-time augmentation {tta!r}; choose one of {', '.join(TTA_MODES)}")
+    return name
+
+
+def tta_views(x01: torch.Tensor, tta: bool | str | None) -> list[torch.Tensor]:
+    """The test-time views of images (B, C, H, W) in [0, 1] (each the same shape), the image itself first."""
+    return TTA_MODES[tta_mode(tta)](x01)
 
 
 def _uniform(n: int, bound: float, g: torch.Generator) -> torch.Tensor:

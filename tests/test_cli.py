@@ -106,3 +106,30 @@ def test_resume_of_a_finished_run_changes_nothing(trained_run, capsys):
     assert main(["train", "--resume", str(trained_run), "--no-progress"]) == 0
     assert (trained_run / "history.csv").read_text() == before
     assert "finished" in capsys.readouterr().out
+
+
+def test_evaluate_shift_tta(trained_run, capsys):
+    capsys.readouterr()
+    assert main(["evaluate", str(trained_run), "--split", "val", "--tta", "shift"]) == 0
+    assert "(shift TTA)" in capsys.readouterr().out
+    report = json.loads((trained_run / "eval-val-tta-shift" / "metrics.json").read_text())
+    assert report["tta"] == "shift"
+    with pytest.raises(SystemExit):
+        main(["evaluate", str(trained_run), "--tta", "crops"])
+    assert "invalid choice: 'crops'" in capsys.readouterr().err
+
+
+def test_launcher_preloads_jemalloc_without_decay(tmp_path, monkeypatch):
+    import ferlab.cli as cli
+
+    fake = tmp_path / "libjemalloc.so.2"
+    fake.write_bytes(b"")
+    monkeypatch.setattr(cli, "JEMALLOC", str(fake))
+    env = cli.launcher_env({"LD_PRELOAD": "libx.so", "PATH": "/bin"})
+    assert env == {"LD_PRELOAD": f"{fake} libx.so", "PATH": "/bin", "MALLOC_CONF": cli.JEMALLOC_CONF}
+    assert "dirty_decay_ms:-1" in cli.JEMALLOC_CONF  # the setting that makes jemalloc faster than glibc here
+    assert cli.launcher_env({"MALLOC_CONF": "narenas:1"})["MALLOC_CONF"] == "narenas:1"  # the user's own wins
+    assert cli.launcher_env({"FERLAB_JEMALLOC": "0"}) is None
+    assert cli.launcher_env({"LD_PRELOAD": str(fake)}) is None  # already preloaded: run as is
+    monkeypatch.setattr(cli, "JEMALLOC", str(tmp_path / "absent.so"))
+    assert cli.launcher_env({}) is None  # not installed: run as is

@@ -40,13 +40,13 @@ TINY = {"n_train": 128, "n_val": 32, "n_test": 32}
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 
-def _env() -> dict[str, str]:
-    return dict(os.environ, OMP_NUM_THREADS="1")
+def _env(**extra: str) -> dict[str, str]:
+    return dict(os.environ, OMP_NUM_THREADS="1", **extra)
 
 
-def _torchrun(args: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
+def _torchrun(args: list[str], timeout: int = 240, **env: str) -> subprocess.CompletedProcess:
     """Run torchrun with 2 workers; on a timeout the whole process group (launcher and workers) is killed."""
-    proc = subprocess.Popen(TORCHRUN + args, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    proc = subprocess.Popen(TORCHRUN + args, env=_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)

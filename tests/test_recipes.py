@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import REPO, tiny_config
 from safetensors.torch import load_file
 from test_resume import assert_same_weights, final_weights
 
@@ -80,3 +80,15 @@ def test_new_fields_at_their_defaults_keep_old_study_hashes():
     for field, value in added.items():
         changed = Experiment("x", "q1", TrainConfig(model="r000-cnn1", **{field: value}))
         assert run_hash(changed, "fp") != run_hash(exp, "fp"), field
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.toml")), ids=lambda p: p.name)
+def test_every_shipped_config_parses(path):
+    """Each runnable recipe under configs/ is a valid config for a registered model; teachers are shipped names."""
+    from ferlab.models import list_models
+    from ferlab.pretrained import pretrained_path
+
+    cfg = TrainConfig.from_file(path)
+    assert cfg.model in list_models()
+    for teacher in cfg.teachers:
+        assert pretrained_path(teacher).is_file(), teacher

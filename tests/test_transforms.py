@@ -12,6 +12,9 @@ from ferlab.transforms import (
     mix_batch,
     random_crop,
     random_erase,
+    shift,
+    tta_mode,
+    tta_views,
 )
 
 
@@ -159,3 +162,46 @@ def test_both_mixers_on_use_each_about_half_the_time():
         out, perm, lam = mix_batch(x, y, 0.4, 1.0, g)
         kinds.append(bool(((out == x) | (out == x[perm])).all()))  # CutMix only copies pixels
     assert 60 < sum(kinds) < 140
+
+
+def test_shift_moves_content_and_fills_black():
+    x = batch(2)
+    down = shift(x, 2, 0)
+    assert torch.equal(down[..., 2:, :], x[..., :-2, :]) and not down[..., :2, :].any()
+    left = shift(x, 0, -3)
+    assert torch.equal(left[..., :, :-3], x[..., :, 3:]) and not left[..., :, -3:].any()
+    assert torch.equal(shift(x, 0, 0), x)
+
+
+def test_tta_views():
+    x = batch(3)
+    assert tta_mode(True) == "flip" and tta_mode(False) == tta_mode(None) == "none" and tta_mode("shift") == "shift"
+    with pytest.raises(ValueError, match="unknown test-time augmentation 'crops'"):
+        tta_mode("crops")
+    assert [len(tta_views(x, m)) for m in ("none", "flip", "shift")] == [1, 2, 10]
+    views = tta_views(x, "shift")
+    assert torch.equal(views[0], x) and torch.equal(views[1], hflip(x))  # the image itself first, then its mirror
+    assert all(v.shape == x.shape for v in views)
+    assert len({v.sum().item() for v in views[::2]}) == 5  # five different positions
+
+
+def test_cli_tta_choices_are_the_modes():
+    from ferlab.cli import TTA_ARG
+    from ferlab.transforms import TTA_MODES
+
+    assert tuple(TTA_ARG["choices"]) == tuple(TTA_MODES)
+
+
+@pytest.mark.parametrize("mode", ["none", "flip", "shift"])
+def test_predict_logits_averages_the_views(mode):
+    """For a linear model the mean of the views' logits is W @ mean(normalised views) + b."""
+    from ferlab.train.engine import predict_logits
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48 * 48, 7))
+    images = torch.randint(0, 256, (5, 1, 48, 48), dtype=torch.uint8)
+    norm = Normalizer("dataset", mean=0.4, std=0.2)
+    got = predict_logits(model, images, norm, precision="fp32", channels_last=False, tta=mode)  # (5, 7)
+    mean_view = torch.stack([norm(v) for v in tta_views(images.double() / 255.0, mode)]).mean(0)  # (5, 1, 48, 48)
+    want = model(mean_view.float())
+    assert got.shape == (5, 7) and torch.allclose(got, want, atol=1e-4)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ferlab.transforms import AugmentConfig, Normalizer, augment, hflip, mix_batch
+from ferlab.transforms import AugmentConfig, Normalizer, augment, mix_batch, tta_views
 
 if TYPE_CHECKING:
     from ferlab.train.distill import Teacher
@@ -164,23 +164,26 @@ def predict_logits(
     batch_size: int = 512,
     precision: str = "bf16",
     channels_last: bool = True,
-    tta: bool = False,
+    tta: bool | str = False,
     progress: bool = False,
     desc: str = "predict",
 ) -> torch.Tensor:
     """Logits (N, K) float32 on the CPU for images (N, 1, H, W) uint8, computed on the model's device;
-    ``tta`` averages with the mirrored image."""
+    ``tta`` averages the logits of test-time views: ``"flip"`` (or True) with the mirrored image, ``"shift"``
+    the flip pair at 5 positions (see :data:`ferlab.transforms.TTA_MODES`)."""
     model.eval()
     device = model_device(model)
     out = []
     n_batches = (len(images) + batch_size - 1) // batch_size
     for idx in tqdm(batches(len(images), batch_size), total=n_batches, desc=desc, disable=not progress, leave=False):
-        x = layout(normalizer(to_unit(images[idx])), channels_last).to(device, non_blocking=True)  # (B, 1, H, W)
-        with autocast(precision, device):
-            logits = model(x).float()  # (B, K)
-            if tta:
-                logits = (logits + model(hflip(x)).float()) / 2
-        out.append(logits.cpu())
+        views = tta_views(to_unit(images[idx]), tta)  # V x (B, 1, H, W) in [0, 1]
+        logits = None
+        for view in views:
+            x = layout(normalizer(view), channels_last).to(device, non_blocking=True)  # (B, 1, H, W)
+            with autocast(precision, device):
+                v = model(x).float()  # (B, K)
+            logits = v if logits is None else logits + v
+        out.append((logits / len(views)).cpu())
     return torch.cat(out) if out else torch.empty(0, getattr(model, "num_classes", 7))
 
 
