@@ -35,6 +35,7 @@ def predict(spec: str, data, tta: str) -> tuple[dict, dict[str, np.ndarray], dic
 
 def main(argv: list[str] | None = None) -> int:
     from ferlab.checkpoint import read_meta
+    from ferlab.cli import TTA_ARG
     from ferlab.ensemble import accuracy, greedy_selection
     from ferlab.evaluate import data_for
 
@@ -42,8 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("candidates", nargs="+", help="run directories, .safetensors files or shipped model names")
     p.add_argument("--data", help="the data all candidates were trained on, e.g. fer2013.csv.gz (default: the first "
                                   "candidate's training data)")
-    p.add_argument("--tta", nargs="?", const="flip", default="none", choices=("none", "flip", "shift"),
-                   help="each member's test-time augmentation: --tta the flip pair, --tta shift 10 views")
+    p.add_argument("--tta", **TTA_ARG)  # each member's test-time augmentation, as in `ferlab evaluate`
     p.add_argument("--max-members", type=int, default=None)
     args = p.parse_args(argv)
 
