@@ -1,4 +1,5 @@
-"""Ensemble selection on the validation split: greedy forward selection (Caruana et al. 2004), no replacement."""
+"""Ensemble selection on the validation split: greedy forward selection (Caruana et al. 2004), with or without
+replacement."""
 
 from __future__ import annotations
 
@@ -23,26 +24,37 @@ def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
 
 
 def greedy_selection(
-    val_probs: Sequence[np.ndarray], val_labels: np.ndarray, max_members: int | None = None
+    val_probs: Sequence[np.ndarray], val_labels: np.ndarray, max_members: int | None = None, *,
+    replacement: bool = False,
 ) -> list[Step]:
     """Grow an ensemble (mean of probabilities) one candidate at a time, each time adding the one that gives the
-    highest validation accuracy (ties: the earlier candidate), until none improves it or ``max_members`` is
-    reached. Only validation data is looked at. Returns every step; the last is the chosen ensemble.
+    highest validation accuracy (ties: the earlier candidate). Only validation data is looked at. Returns every
+    step up to the chosen ensemble, which is the last.
+
+    Without replacement each candidate joins at most once and the selection stops when none improves the accuracy
+    or ``max_members`` are in. With ``replacement`` (Caruana et al.'s variant) a candidate may join again, which
+    raises its weight; the selection takes ``max_members`` steps (default: twice the candidates) whether or not a
+    step helps, and keeps the shortest prefix with the highest accuracy.
     """
     if not len(val_probs):
         raise ValueError("no candidates to select from")
-    limit = len(val_probs) if max_members is None else min(max_members, len(val_probs))
+    if replacement:
+        limit = 2 * len(val_probs) if max_members is None else max_members
+    else:
+        limit = len(val_probs) if max_members is None else min(max_members, len(val_probs))
     chosen: list[int] = []
     total = np.zeros_like(val_probs[0], dtype=np.float64)  # (N, K), the sum of the chosen members' probabilities
     steps: list[Step] = []
     best = -1.0
     while len(chosen) < limit:
-        scores = [(accuracy(total + p, val_labels), i) for i, p in enumerate(val_probs) if i not in chosen]
+        scores = [(accuracy(total + p, val_labels), i) for i, p in enumerate(val_probs)
+                  if replacement or i not in chosen]
         acc, i = max(scores, key=lambda s: (s[0], -s[1]))
-        if acc <= best:
+        if acc <= best and not replacement:
             break
         chosen.append(i)
         total += val_probs[i]
-        best = acc
+        best = max(best, acc)
         steps.append(Step(i, tuple(chosen), acc))
-    return steps
+    end = next(n for n, s in enumerate(steps) if s.val_acc == best)  # the shortest best prefix
+    return steps[:end + 1]

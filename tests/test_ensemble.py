@@ -11,7 +11,7 @@ import torch
 from conftest import REPO
 from safetensors.torch import load_file
 
-from ferlab.checkpoint import read_meta, resolve, save_checkpoint
+from ferlab.checkpoint import load_checkpoint, read_meta, resolve, save_checkpoint
 from ferlab.ensemble import greedy_selection
 from ferlab.evaluate import evaluate_checkpoints
 from ferlab.models import create_model
@@ -35,6 +35,20 @@ def test_greedy_selection_adds_the_best_candidate_and_stops_when_nothing_helps()
     assert [s.added for s in greedy_selection([strong, weak], y)] == [0]
     with pytest.raises(ValueError, match="no candidates"):
         greedy_selection([], y)
+
+
+def test_selection_with_replacement_weights_a_member_by_picking_it_again():
+    y = np.array([0, 0, 0, 1])
+    a = np.array([[0.6, 0.4]] * 4)  # 3/4: wrong on row 3 by a small margin
+    b = np.array([[0.35, 0.65], [0.9, 0.1], [0.9, 0.1], [0.1, 0.9]])  # 3/4: wrong on row 0
+    # a + b is 3/4 (row 0 lost), so without replacement the selection stops at a
+    assert [s.added for s in greedy_selection([a, b], y)] == [0]
+    # 2a + b is right everywhere: a is picked twice (the tie a+a = a+b goes to the earlier), then b
+    steps = greedy_selection([a, b], y, replacement=True)
+    assert [s.added for s in steps] == [0, 0, 1]
+    assert steps[-1].members == (0, 0, 1) and steps[-1].val_acc == 1.0
+    # the shortest prefix with the best accuracy is kept: two picks never beat a alone
+    assert [s.members for s in greedy_selection([a, b], y, max_members=2, replacement=True)] == [(0,)]
 
 
 def test_bench_ensemble_prints_the_val_chosen_ensemble_and_a_command_that_reproduces_it(tmp_path, trained_tiny_run,
@@ -65,3 +79,24 @@ def test_bench_ensemble_prints_the_val_chosen_ensemble_and_a_command_that_reprod
     assert set(specs) <= set(candidates) and specs
     acc = evaluate_checkpoints(specs, split="test", progress=False)["accuracy"]
     assert f"{acc:.2%}" == f"{chosen.group(1)}%"
+
+
+def test_bench_ensemble_cache_gives_the_same_selection_without_predicting_again(tmp_path, trained_tiny_run, capsys,
+                                                                                 monkeypatch):
+    spec = importlib.util.spec_from_file_location("bench_ensemble", REPO / "bench/ensemble.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    copy = tmp_path / "copy.safetensors"  # a second candidate: the same weights, other bytes in the header
+    model, meta = load_checkpoint(trained_tiny_run)
+    save_checkpoint(copy, model, {**meta, "note": "copy"})
+    argv = [str(trained_tiny_run), str(copy), "--replacement", "--cache", str(tmp_path / "cache")]
+    assert bench.main(argv) == 0
+    first = capsys.readouterr().out
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 2
+
+    def no_prediction(*args, **kwargs):
+        raise AssertionError("predicted again despite the cache")
+
+    monkeypatch.setattr("ferlab.evaluate.checkpoint_probs", no_prediction)
+    assert bench.main(argv) == 0
+    assert capsys.readouterr().out == first
