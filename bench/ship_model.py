@@ -146,7 +146,9 @@ def model_card(name: str, entry: dict[str, Any], meta: dict[str, Any], reports: 
     sizes = meta["split"].get("sizes", {})
     keys = ("optimizer", "lr", "weight_decay", "schedule", "epochs", "batch_size", "label_smoothing", "augment",
             "normalize", "precision", "seed")
+    optional = ("mixup", "cutmix", "ema_decay")  # named when on
     recipe = ", ".join(f"{k} {json.dumps(train[k])}" for k in keys if k in train)
+    recipe += "".join(f", {k} {json.dumps(train[k])}" for k in optional if train.get(k))
     if train.get("teachers"):  # knowledge distillation: the teachers are part of the recipe
         fp = meta["data"]["fingerprint"]
         same = all(t.get("data_fingerprint") == fp for t in meta.get("teachers", []))

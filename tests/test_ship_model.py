@@ -114,7 +114,7 @@ def test_unknown_pretrained_name_is_a_clear_error(weights, capsys):
     assert "no pretrained models are shipped" in capsys.readouterr().out
 
 
-def test_card_of_a_distilled_student_names_its_teacher(trained_tiny_run, weights, tmp_path):
+def test_card_of_a_distilled_student_names_its_teacher_and_regularisers(trained_tiny_run, weights, tmp_path):
     from conftest import LEARN_SYNTHETIC
 
     from ferlab.train.config import TrainConfig
@@ -122,10 +122,13 @@ def test_card_of_a_distilled_student_names_its_teacher(trained_tiny_run, weights
 
     student = tmp_path / "student"
     fit(TrainConfig(model="fer-mobile-fast", epochs=1, batch_size=64, synthetic=LEARN_SYNTHETIC, augment="flip",
-                    precision="fp32", teachers=[str(trained_tiny_run)], distill_weight=0.7, distill_temperature=2.0),
+                    precision="fp32", teachers=[str(trained_tiny_run)], distill_weight=0.7, distill_temperature=2.0,
+                    mixup=0.3),
         student, progress=False)
     docs = tmp_path / "docs"
     _ship(student, "tiny-student", docs)
     card = (docs / "tiny-student.md").read_text()
     assert f"distilled from `{trained_tiny_run}` (weight 0.7, temperature 2.0)" in card
     assert "the teachers were trained on the same data" in card
+    recipe = next(line for line in card.splitlines() if line.startswith("- optimizer "))
+    assert recipe.endswith(", seed 0, mixup 0.3")  # the regularisers that are on, and only those
