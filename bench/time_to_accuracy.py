@@ -1,8 +1,9 @@
 """Time to accuracy: train a config from scratch, then report PrivateTest accuracy and the wall time it took.
 
 The training runs as ``python -m ferlab train`` in a subprocess, in the environment the ``ferlab``
-launcher would use (jemalloc only with FERLAB_JEMALLOC=1), so the wall time counts everything a user
-waits for: interpreter start, data loading and parsing (or the cache), every epoch and the checkpoints.
+launcher would use (jemalloc without page decay, unless FERLAB_JEMALLOC=0), so the wall time counts
+everything a user waits for: interpreter start, data loading and parsing (or the cache), every epoch and
+the checkpoints.
 The config's ``epochs`` set the run's length: choose them so that the run fits the budget; this script
 does not stop training early, it measures. Then the checkpoint selected on PublicTest (val) is evaluated
 on PrivateTest (test), with and without flip test-time augmentation.

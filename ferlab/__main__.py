@@ -1,4 +1,5 @@
-"""``python -m ferlab``: the command line (the ``ferlab`` script runs it, preloading jemalloc if FERLAB_JEMALLOC=1)."""
+"""``python -m ferlab``: the command line (the ``ferlab`` script runs it with jemalloc preloaded, unless
+FERLAB_JEMALLOC=0)."""
 
 import sys
 
