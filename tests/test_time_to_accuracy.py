@@ -31,10 +31,17 @@ def test_time_to_accuracy_reports_the_selected_checkpoint_on_test(tmp_path):
     assert result["epochs_run"] == summary["epochs_run"] == 2
     assert result["best_epoch"] == summary["best_epoch"]
     assert result["val_acc_at_selection"] == summary["best_val_acc"]
-    # the accuracy is the selected checkpoint's on the test split, as `ferlab evaluate` reports it
+    # the accuracies are the selected checkpoint's, as `ferlab evaluate` reports them, in every TTA mode
     assert result["test_n"] == synthetic["n_test"]
-    assert result["test_acc"] == evaluate_checkpoints([run], split="test", progress=False)["accuracy"]
-    assert result["test_acc_tta"] == evaluate_checkpoints([run], split="test", tta=True, progress=False)["accuracy"]
+    assert set(result["by_tta"]) == {"none", "flip", "shift"}
+    for mode, accs in result["by_tta"].items():
+        for split in ("val", "test"):
+            assert accs[split] == evaluate_checkpoints([run], split=split, tta=mode, progress=False)["accuracy"]
+    # the reported mode is the one best on PublicTest (val), never chosen on test; ties go to the cheaper mode
+    best_val = max(a["val"] for a in result["by_tta"].values())
+    first_best = next(m for m in ("none", "flip", "shift") if result["by_tta"][m]["val"] == best_val)
+    assert result["selected_tta"] == first_best
+    assert result["test_acc"] == result["by_tta"][first_best]["test"]
     # the wall time covers the whole training process, not just its epochs
     assert result["train_wall_s"] > summary["train_seconds_total"]
     assert result["total_wall_s"] == result["train_wall_s"] + result["eval_wall_s"]
