@@ -67,12 +67,15 @@ def _print_pretrained(as_json: bool) -> int:
     if not rows:
         print(f"no pretrained models are shipped in this build ({manifest_path()} lists none)")
         return 0
-    head = (f"{'name':<28} {'model':<14} {'params':>10} {'MB':>6} {'PublicTest':>10} {'+TTA':>7} "
+    names = [r["name"] + (" *" if r.get("default") else "") for r in rows]
+    nw = max(28, *map(len, names))  # the name column fits the longest name
+    mw = max(14, *(len(r.get("model", "?")) for r in rows))
+    head = (f"{'name':<{nw}} {'model':<{mw}} {'params':>10} {'MB':>6} {'PublicTest':>10} {'+TTA':>7} "
             f"{'PrivateTest':>11} {'+TTA':>7}  card")
     print(head)
     print("-" * len(head))
-    for r in rows:
-        print(f"{r['name'] + (' *' if r.get('default') else ''):<28} {r.get('model', '?'):<14} "
+    for name, r in zip(names, rows, strict=True):
+        print(f"{name:<{nw}} {r.get('model', '?'):<{mw}} "
               f"{r.get('params', 0):>10,} {r.get('size_bytes', 0) / 1e6:>6.1f} {_pct(r, 'val', 'plain'):>10} "
               f"{_pct(r, 'val', 'tta'):>7} {_pct(r, 'test', 'plain'):>11} {_pct(r, 'test', 'tta'):>7}  "
               f"{r.get('card', '')}")

@@ -133,3 +133,18 @@ def test_launcher_preloads_jemalloc_without_decay(tmp_path, monkeypatch):
     assert cli.launcher_env({"LD_PRELOAD": str(fake)}) is None  # already preloaded: run as is
     monkeypatch.setattr(cli, "JEMALLOC", str(tmp_path / "absent.so"))
     assert cli.launcher_env({}) is None  # not installed: run as is
+
+
+def test_pretrained_table_columns_stay_aligned_with_long_names(monkeypatch, capsys):
+    import ferlab.pretrained
+
+    acc = {"val": {"plain": 0.5, "tta": 0.51}, "test": {"plain": 0.52, "tta": 0.53}}
+    rows = [{"name": "a" * 40, "model": "fer-mobile-fast", "params": 10, "size_bytes": 1, "accuracy": acc},
+            {"name": "short", "model": "m", "params": 1_000_000, "size_bytes": 1, "accuracy": acc, "default": True}]
+    monkeypatch.setattr(ferlab.pretrained, "list_pretrained", lambda: rows)
+    assert main(["models", "--pretrained"]) == 0
+    head, _, *lines = capsys.readouterr().out.splitlines()[:4]
+    col = head.index("model")
+    for line, r in zip(lines, rows, strict=True):
+        assert line[col:].startswith(r["model"] + " "), line  # the model column starts where its header does
+        assert line.rstrip().endswith("53.00%") and line.index("52.00%") == lines[0].index("52.00%")
