@@ -1,6 +1,6 @@
 """Ensemble accuracy: choose members on PublicTest (val) by greedy forward selection, report PrivateTest (test).
 
-    python bench/ensemble.py runs/a runs/b ferlab-shipped-name ... --data fer2013.csv.gz [--tta [shift]]
+    python bench/ensemble.py runs/a runs/b ferlab-shipped-name ... --data fer2013.csv.gz [--tta [shift|affine]]
         [--replacement] [--max-members N] [--cache DIR]
 
 Each candidate (run directory, .safetensors file or shipped model name) predicts the val and test splits

@@ -19,6 +19,10 @@ slice its partner needs, which is where multi-thread training under contention l
     python bench/train_speed.py                      # 4 models x 4 modes, then the thread table
     python bench/train_speed.py --quick              # fewer, smaller steps (a rough look)
     python bench/train_speed.py --models r002-vgg --steps 30 --no-threads
+    python bench/train_speed.py --models fer-resnet-s --no-threads --sides 48 40 32   # progressive resizing
+
+``--sides`` adds a table for the first model in the launcher's mode: images/s when training on augmented images
+resized to each side (``--size-start`` of ``ferlab train``), and the speed-up over 48 x 48.
 """
 
 from __future__ import annotations
@@ -67,8 +71,9 @@ def thread_settings(cores: int) -> dict[str, ThreadSetting]:
     }
 
 
-def measure(model_name: str, mode: Mode, threads: int, batch: int, steps: int, warmup: int) -> dict:
-    """Time ``steps`` training steps (after ``warmup``) with the real train_one_epoch on random data."""
+def measure(model_name: str, mode: Mode, threads: int, batch: int, steps: int, warmup: int, side: int = 48) -> dict:
+    """Time ``steps`` training steps (after ``warmup``) with the real train_one_epoch on random data, trained
+    at ``side`` x ``side`` (the 48 x 48 images resized after augmentation, as progressive resizing does)."""
     import time
 
     import torch
@@ -89,7 +94,8 @@ def measure(model_name: str, mode: Mode, threads: int, batch: int, steps: int, w
     x = torch.randint(0, 256, (n, 1, 48, 48), dtype=torch.uint8)
     y = torch.randint(0, 7, (n,))
     kw = dict(batch_size=batch, aug=AUGMENT_PRESETS["standard"], normalizer=Normalizer("unit"),
-              precision=mode.precision, channels_last=mode.channels_last, progress=False)
+              precision=mode.precision, channels_last=mode.channels_last, progress=False,
+              size=None if side == 48 else side)
     train_one_epoch(model, opt, x[: batch * warmup], y[: batch * warmup], g=torch.Generator().manual_seed(0), **kw)
     t0 = time.perf_counter()
     train_one_epoch(model, opt, x[batch * warmup :], y[batch * warmup :], g=torch.Generator().manual_seed(1), **kw)
@@ -99,7 +105,7 @@ def measure(model_name: str, mode: Mode, threads: int, batch: int, steps: int, w
             "threads": torch.get_num_threads()}
 
 
-def run_child(args: argparse.Namespace, model: str, mode: str, setting: ThreadSetting) -> dict:
+def run_child(args: argparse.Namespace, model: str, mode: str, setting: ThreadSetting, side: int = 48) -> dict:
     """One measurement in a fresh interpreter with the mode's allocator and the setting's environment."""
     drop = ("LD_PRELOAD", "MALLOC_CONF", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
     env = {k: v for k, v in os.environ.items() if k not in drop}
@@ -108,7 +114,7 @@ def run_child(args: argparse.Namespace, model: str, mode: str, setting: ThreadSe
         env["LD_PRELOAD"] = JEMALLOC
     if MODES[mode].malloc_conf:
         env["MALLOC_CONF"] = MODES[mode].malloc_conf
-    cmd = [sys.executable, __file__, "--_child", f"{model}|{mode}|{setting.threads}", "--batch", str(args.batch),
+    cmd = [sys.executable, __file__, "--_child", f"{model}|{mode}|{setting.threads}|{side}", "--batch", str(args.batch),
            "--steps", str(args.steps), "--warmup", str(args.warmup)]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if out.returncode:
@@ -138,14 +144,16 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="batch 64, 4 steps after 1 warm-up (rough numbers)")
     ap.add_argument("--no-threads", action="store_true", help="skip the thread-setting table")
     ap.add_argument("--contention", type=int, default=1, help="busy processes for the contended column")
+    ap.add_argument("--sides", type=int, nargs="*", default=[],
+                    help="also time the first model trained at these image sides, e.g. 48 40 32")
     ap.add_argument("--json", action="store_true", help="also print all measurements as JSON")
     ap.add_argument("--_child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.quick:
         args.batch, args.steps, args.warmup = 64, 4, 1
     if args._child:
-        name, mode, threads = args._child.split("|")
-        print(json.dumps(measure(name, MODES[mode], int(threads), args.batch, args.steps, args.warmup)))
+        name, mode, threads, side = args._child.split("|")
+        print(json.dumps(measure(name, MODES[mode], int(threads), args.batch, args.steps, args.warmup, int(side))))
         return
     if not os.path.exists(JEMALLOC):
         sys.exit(f"{JEMALLOC} not found (apt-get install libjemalloc2): the jemalloc modes need it")
@@ -157,7 +165,7 @@ def main() -> None:
     print(f"batch {args.batch}, {args.steps} timed steps after {args.warmup} warm-up; {threads} threads; "
           f"{cores} cores; load average {load:.2f} at start (an idle machine reads ~0)")
     results: dict = {"batch": args.batch, "steps": args.steps, "threads": threads, "load_at_start": load,
-                     "models": [], "thread_settings": []}
+                     "models": [], "thread_settings": [], "sides": []}
     head = f"{'model':<14} {'MFLOPs/img':>10}" + "".join(f"  {m + ' img/s':>27} {'GFLOP/s':>7}" for m in modes)
     print(head + f"  {DEFAULT_MODE + ' / fp32':>11}")
     for name in args.models:
@@ -168,6 +176,17 @@ def main() -> None:
         results["models"].append(row)
         cells = "".join(f"  {row[m]['images_per_s']:27.0f} {row[m]['gflops_per_s']:7.1f}" for m in modes)
         print(f"{name:<14} {row['fp32']['mflops_per_image']:10.1f}{cells}  {row['ratio']:10.2f}x", flush=True)
+
+    if args.sides:
+        model = args.models[0]
+        print(f"\nprogressive resizing: {model}, {DEFAULT_MODE}, trained at each side")
+        print(f"{'side':>6} {'img/s':>8} {'vs 48x48':>9}")
+        base = None
+        for side in sorted(set(args.sides), reverse=True):  # 48 first: the base of the ratio
+            ips = run_child(args, model, DEFAULT_MODE, ThreadSetting(threads), side)["images_per_s"]
+            base = ips if side == 48 else base
+            results["sides"].append({"side": side, "images_per_s": ips})
+            print(f"{side:>6} {ips:8.0f} {f'{ips / base:.2f}x' if base else '':>9}", flush=True)
 
     if not args.no_threads:
         model = args.models[0]

@@ -15,11 +15,13 @@ JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
 # Keep freed pages (no decay) and no background thread: the allocator then never hands the activations' memory
 # back to the kernel between training steps.
 JEMALLOC_CONF = "background_thread:false,dirty_decay_ms:-1,muzzy_decay_ms:-1"
-# --tta alone is the flip pair; --tta shift adds 2-pixel shifts (10 views); see ferlab.transforms.TTA_MODES.
+# --tta alone is the flip pair; --tta shift adds 2-pixel shifts (10 views), --tta affine also zoom and rotation
+# (18 views); see ferlab.transforms.TTA_MODES.
 TTA_ARG: dict[str, Any] = dict(
-    nargs="?", const="flip", default="none", choices=("none", "flip", "shift"), metavar="MODE",
+    nargs="?", const="flip", default="none", choices=("none", "flip", "shift", "affine"), metavar="MODE",
     help="test-time augmentation: --tta averages with the mirrored image; --tta shift also with the flip pair "
-         "moved 2 pixels up, down, left and right (10 views)")
+         "moved 2 pixels up, down, left and right (10 views); --tta affine also zoomed in and out 8%% and "
+         "rotated +-6 degrees (18 views)")
 
 # Modules that contribute sub-commands: each exposes ``add_commands(sub)``, adding parsers whose ``func``
 # default is the command function. They must import heavy libraries inside the command functions only.
@@ -111,6 +113,9 @@ TRAIN_FLAGS: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "--normalize": ("normalize", str, "none | unit | image | dataset"),
     "--augment": ("augment", str, "preset (none, flip, keras, standard) or JSON options"),
     "--offline-copies": ("offline_copies", int, "offline expansion: augmented copies per training image"),
+    "--size-start": ("size_start", int, "progressive resizing: the first epoch's image side, e.g. 32 (0: off)"),
+    "--size-ramp-epochs": ("size_ramp_epochs", int, "with --size-start: the epoch from which images are full "
+                                                    "size (the side grows linearly until then)"),
     "--early-stopping": ("early_stopping", int, "patience in epochs (0: off)"),
     "--monitor": ("monitor", str, "val_acc | val_loss: selects checkpoints, early stopping, plateau"),
     "--init": ("init", str, "default | xavier | he"),

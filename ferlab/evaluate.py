@@ -15,7 +15,7 @@ from ferlab.checkpoint import load_checkpoint, normalizer_from_meta
 from ferlab.data.source import open_data
 from ferlab.data.splits import train_val_test
 from ferlab.data.types import FerData
-from ferlab.train.engine import predict_logits
+from ferlab.train.engine import predict_view_logits
 from ferlab.transforms import tta_mode
 
 
@@ -68,14 +68,25 @@ def split_rows(data: FerData, meta: dict[str, Any], split: str) -> np.ndarray:
     return idx
 
 
+def checkpoint_view_logits(model: torch.nn.Module, meta: dict[str, Any], images: torch.Tensor, *,
+                           tta: bool | str = False, batch_size: int = 512, progress: bool = False,
+                           desc: str = "predict") -> torch.Tensor:
+    """Logits (V, N, K) of a loaded checkpoint for each test-time view of ``tta`` on images (N, 1, H, W) uint8,
+    preprocessed as it was trained (its saved normalisation and precision). Puts ``model`` in the channels_last
+    layout, the trainer's fast path: about twice the images/s on CPU, with the same predictions on FER2013
+    (measured)."""
+    model.to(memory_format=torch.channels_last)
+    return predict_view_logits(model, images, normalizer_from_meta(meta), batch_size=batch_size,
+                               precision=meta["train"]["precision"], channels_last=True, tta=tta,
+                               progress=progress, desc=desc)
+
+
 def checkpoint_probs(model: torch.nn.Module, meta: dict[str, Any], images: torch.Tensor, *, tta: bool | str = False,
                      batch_size: int = 512, progress: bool = False, desc: str = "predict") -> np.ndarray:
-    """Softmax probabilities (N, K) of a loaded checkpoint on images (N, 1, H, W) uint8, preprocessed as it was
-    trained (its saved normalisation and precision)."""
-    logits = predict_logits(model, images, normalizer_from_meta(meta), batch_size=batch_size,
-                            precision=meta["train"]["precision"], channels_last=False, tta=tta,
-                            progress=progress, desc=desc)
-    return logits.softmax(1).numpy()
+    """Softmax probabilities (N, K) of a loaded checkpoint on images (N, 1, H, W) uint8: of the mean logits over
+    the test-time views (see :func:`checkpoint_view_logits`)."""
+    views = checkpoint_view_logits(model, meta, images, tta=tta, batch_size=batch_size, progress=progress, desc=desc)
+    return views.mean(0).softmax(1).numpy()
 
 
 def evaluate_checkpoints(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,11 +19,17 @@ def _pyplot():
 
 
 def plot_history(history: Sequence[dict[str, float]], path: str | Path, title: str = "") -> None:
-    """Accuracy and loss per epoch, train vs val, side by side."""
+    """Accuracy and loss per epoch, train vs val, side by side; epochs trained on smaller images (progressive
+    resizing) shaded."""
     plt = _pyplot()
     ep = [h["epoch"] for h in history]
+    sizes = {h["epoch"]: h["size"] for h in history if h.get("size") and not math.isnan(h["size"])}
+    full = max(sizes.values(), default=0)
+    small = [e for e, side in sizes.items() if side < full]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key in zip(axes, ("acc", "loss"), strict=True):
+        if small:
+            ax.axvspan(min(small) - 0.5, max(small) + 0.5, color="0.92", label=f"trained below {full:.0f}x{full:.0f}")
         ax.plot(ep, [h[f"train_{key}"] for h in history], "o-", ms=3, label="train")
         ax.plot(ep, [h[f"val_{key}"] for h in history], "o-", ms=3, label="val")
         ax.set_xlabel("epoch")

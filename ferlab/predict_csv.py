@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-from ferlab.checkpoint import load_checkpoint, normalizer_from_meta
+from ferlab.checkpoint import load_checkpoint
 from ferlab.data.source import open_data
-from ferlab.train.engine import predict_logits
+from ferlab.evaluate import checkpoint_probs
 
 
 def predict_csv(checkpoint: str | Path, data_path: str, out: str | Path, *, split: str = "unlabeled",
@@ -22,9 +22,7 @@ def predict_csv(checkpoint: str | Path, data_path: str, out: str | Path, *, spli
         have = sorted(set(data.split.tolist()))
         raise ValueError(f"{data.source} has no rows in split {split!r} (it has {', '.join(have)}); use --split")
     x = torch.from_numpy(data.images[idx]).unsqueeze(1)  # (N, 1, 48, 48) uint8
-    logits = predict_logits(model, x, normalizer_from_meta(meta), precision=meta["train"]["precision"],
-                            channels_last=False, tta=tta, progress=True)
-    pred = logits.argmax(1).numpy()
+    pred = checkpoint_probs(model, meta, x, tta=tta, progress=True).argmax(1)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", newline="") as f:
         w = csv.writer(f)

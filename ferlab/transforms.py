@@ -120,17 +120,43 @@ def shift(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
     return xp[..., p - dy : p - dy + h, p - dx : p - dx + w]
 
 
+def zoom_rotate(x: torch.Tensor, scale: float = 1.0, degrees: float = 0.0) -> torch.Tensor:
+    """Resample (B, C, H, W) images about their centre: ``scale`` < 1 zooms in, ``degrees`` rotates; the border
+    pixels fill what comes in from outside (the training augmentation's "nearest" fill)."""
+    r = math.radians(degrees)
+    c, s = math.cos(r) * scale, math.sin(r) * scale
+    theta = torch.tensor([[c, -s, 0.0], [s, c, 0.0]], dtype=x.dtype).expand(len(x), 2, 3)  # (B, 2, 3)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)  # (B, H, W, 2)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
 # Test-time augmentation: the views of a batch whose logits are averaged. "shift" is the flip pair at the
-# centre and moved 2 pixels up, down, left and right (10 views), within the training crop's +-4 pixels.
+# centre and moved 2 pixels up, down, left and right (10 views), within the training crop's +-4 pixels;
+# "affine" adds the flip pair zoomed in and out 8% and rotated +-6 degrees (18 views), within the training
+# augmentation's +-10% zoom and +-10 degrees. Each mode's views start with those of the mode before it.
+TTA_SHIFTS = ((0, 0), (-2, 0), (2, 0), (0, -2), (0, 2))
+TTA_ZOOMS = (0.92, 1.08)
+TTA_DEGREES = (-6.0, 6.0)
+
+
+def _pairs(views: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [v for m in views for v in (m, hflip(m))]
+
+
 def _shift_views(x: torch.Tensor) -> list[torch.Tensor]:
-    moved = [shift(x, dy, dx) for dy, dx in ((0, 0), (-2, 0), (2, 0), (0, -2), (0, 2))]
-    return [v for m in moved for v in (m, hflip(m))]
+    return _pairs([shift(x, dy, dx) for dy, dx in TTA_SHIFTS])
+
+
+def _affine_views(x: torch.Tensor) -> list[torch.Tensor]:
+    warped = [zoom_rotate(x, scale=z) for z in TTA_ZOOMS] + [zoom_rotate(x, degrees=d) for d in TTA_DEGREES]
+    return _shift_views(x) + _pairs(warped)
 
 
 TTA_MODES: dict[str, Callable[[torch.Tensor], list[torch.Tensor]]] = {
     "none": lambda x: [x],
     "flip": lambda x: [x, hflip(x)],
     "shift": _shift_views,
+    "affine": _affine_views,
 }
 
 
@@ -218,6 +244,28 @@ def augment(x01: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> torch.
     if cfg.erase_p:
         x = random_erase(x, cfg.erase_p, g)
     return x.clamp_(0.0, 1.0)
+
+
+# Progressive resizing (as in fast.ai's DAWNBench runs and FFCV): early epochs train on smaller images, which
+# cost about (side / full)^2 of the FLOPs, and the last ones at full size so the net ends matched to test images.
+PROGRESSIVE_MULTIPLE = 8  # sides are multiples of this, so a 4-stage net's feature maps stay whole longer
+
+
+def progressive_side(epoch: int, full: int, start: int, ramp_epochs: int) -> int:
+    """The training image side of ``epoch`` (0-based): ``start`` at epoch 0, growing linearly to ``full`` at
+    epoch ``ramp_epochs`` and full from there on, rounded down to a multiple of :data:`PROGRESSIVE_MULTIPLE`
+    (never below ``start``). ``start`` 0 (or >= ``full``) turns it off: always ``full``."""
+    if not start or start >= full or epoch >= ramp_epochs:
+        return full
+    side = start + (full - start) * epoch / ramp_epochs
+    return max(start, int(side) // PROGRESSIVE_MULTIPLE * PROGRESSIVE_MULTIPLE)
+
+
+def resize(x: torch.Tensor, side: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C, side, side), bilinear with antialiasing (a no-op at the same size)."""
+    if x.shape[-2:] == (side, side):
+        return x
+    return F.interpolate(x, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
 
 
 def expand_offline(

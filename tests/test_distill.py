@@ -20,10 +20,10 @@ from ferlab.transforms import AUGMENT_PRESETS, Normalizer
 CLASSES = ["Angry", "Disgust", "Fear", "Happy", "Sad", "Surprise", "Neutral"]
 
 
-def save_teacher(path, seed: int, normalize: dict | None = None, classes=CLASSES, size=(48, 48)):
+def save_teacher(path, seed: int, normalize: dict | None = None, classes=CLASSES, size=(48, 48), name="fer-mobile"):
     torch.manual_seed(seed)
-    model = create_model("fer-mobile").eval()
-    meta = {"model": {"name": "fer-mobile", "args": {}, "num_classes": 7, "in_chans": 1},
+    model = create_model(name).eval()
+    meta = {"model": {"name": name, "args": {}, "num_classes": 7, "in_chans": 1},
             "preprocess": {"normalize": normalize or {"mode": "unit", "mean": 0.0, "std": 1.0},
                            "input_size": list(size)},
             "class_names": list(classes), "data": {"fingerprint": "fp"},
@@ -110,3 +110,10 @@ def test_distilled_run_records_its_teacher_and_resumes(tmp_path, trained_tiny_ru
     assert meta["train"]["teachers"] == [str(trained_tiny_run)] and meta["train"]["distill_weight"] == 0.7
     assert meta["teachers"][0]["model"] == "fer-resnet-s"
     assert fit(cfg, tmp_path / "student", resume=True, progress=False, log=lambda _: None)["finished"]
+
+
+def test_progressive_resizing_refuses_a_teacher_that_cannot_take_the_small_images(tmp_path):
+    save_teacher(tmp_path / "vgg.safetensors", 0, name="r002-vgg")  # a fixed dense head: 48 x 48 only
+    cfg = tiny_config(epochs=2, size_start=32, size_ramp_epochs=1, teachers=[str(tmp_path / "vgg.safetensors")])
+    with pytest.raises(ValueError, match=r"teacher .*vgg.safetensors does not accept 32x32 inputs"):
+        fit(cfg, tmp_path / "student", progress=False, log=lambda _: None)

@@ -14,7 +14,7 @@ from ferlab.checkpoint import LAST_STATE, load_state
 from ferlab.study.plan import Experiment
 from ferlab.study.runner import run_hash
 from ferlab.train.config import TrainConfig
-from ferlab.train.fit import fit
+from ferlab.train.fit import fit, read_history
 
 
 def quiet(_: str) -> None:
@@ -53,12 +53,37 @@ def test_ema_weights_are_validated_checkpointed_and_resumed(tmp_path):
     assert_same_weights(final_weights(tmp_path / "cut"), raw)
 
 
+def test_progressive_resizing_trains_small_then_full_and_resumes(tmp_path):
+    """Epochs 1-2 at 32x32, 3 at 40x40, then 48x48; the schedule is in the history and survives a resume."""
+    cfg = tiny_config(epochs=4, size_start=32, size_ramp_epochs=3)
+    lines: list[str] = []
+    fit(cfg, tmp_path / "ref", progress=False, log=lines.append)
+    sizes = [int(row["size"]) for row in read_history(tmp_path / "ref")]
+    assert sizes == [32, 32, 40, 48]
+    assert sum("at 32x32" in line for line in lines) == 2 and sum("at 40x40" in line for line in lines) == 1
+    fit(cfg, tmp_path / "cut", progress=False, stop_after=2, log=quiet)
+    fit(cfg, tmp_path / "cut", resume=True, progress=False, log=quiet)
+    assert [int(row["size"]) for row in read_history(tmp_path / "cut")] == sizes
+    assert_same_weights(final_weights(tmp_path / "cut"), final_weights(tmp_path / "ref"))
+    # off (the default), every epoch trains at full size
+    fit(tiny_config(epochs=1), tmp_path / "plain", progress=False, log=quiet)
+    assert [int(row["size"]) for row in read_history(tmp_path / "plain")] == [48]
+
+
+def test_progressive_resizing_needs_a_net_that_takes_smaller_images(tmp_path):
+    with pytest.raises(ValueError, match=r"r002-vgg does not accept 32x32 inputs.*progressive resizing"):
+        fit(tiny_config(model="r002-vgg", epochs=2, size_start=32, size_ramp_epochs=1), tmp_path / "run",
+            progress=False, log=quiet)
+
+
 def test_ema_off_changes_nothing_in_the_state(tmp_path):
     fit(tiny_config(epochs=1), tmp_path / "run", progress=False, log=quiet)
     assert "ema" not in load_state(tmp_path / "run" / LAST_STATE)
 
 
-@pytest.mark.parametrize("bad", [{"mixup": -0.1}, {"cutmix": -1.0}, {"ema_decay": 1.0}, {"ema_decay": -0.5}])
+@pytest.mark.parametrize("bad", [{"mixup": -0.1}, {"cutmix": -1.0}, {"ema_decay": 1.0}, {"ema_decay": -0.5},
+                                 {"size_start": 4}, {"size_start": 32, "size_ramp_epochs": 0},
+                                 {"size_start": 32, "size_ramp_epochs": 31}])
 def test_bad_values_are_errors(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         TrainConfig(**bad)
@@ -72,13 +97,14 @@ def test_new_fields_at_their_defaults_keep_old_study_hashes():
 
     # the fields added after cache version 1, with a non-default value each
     added = {"mixup": 0.5, "cutmix": 0.5, "ema_decay": 0.5, "teachers": ["runs/t"], "distill_weight": 0.7,
-             "distill_temperature": 2.0}
+             "distill_temperature": 2.0, "size_start": 32, "size_ramp_epochs": 1}
     exp = Experiment("x", "q1", TrainConfig(model="r000-cnn1"))
     old = {k: v for k, v in exp.cfg.to_dict().items() if k not in NOT_HASHED + tuple(added)}
     blob = json.dumps({"v": CACHE_VERSION, "cfg": old, "data": "fp", "fold": {}}, sort_keys=True)
     assert run_hash(exp, "fp") == hashlib.sha256(blob.encode()).hexdigest()[:16]
+    needs = {"size_start": {"size_ramp_epochs": 1}}  # a field only valid with another one set
     for field, value in added.items():
-        changed = Experiment("x", "q1", TrainConfig(model="r000-cnn1", **{field: value}))
+        changed = Experiment("x", "q1", TrainConfig(model="r000-cnn1", **{field: value, **needs.get(field, {})}))
         assert run_hash(changed, "fp") != run_hash(exp, "fp"), field
 
 

@@ -4,17 +4,21 @@ import torch
 
 from ferlab.transforms import (
     AUGMENT_PRESETS,
+    TTA_MODES,
     AugmentConfig,
     Normalizer,
     augment,
     expand_offline,
     hflip,
     mix_batch,
+    progressive_side,
     random_crop,
     random_erase,
+    resize,
     shift,
     tta_mode,
     tta_views,
+    zoom_rotate,
 )
 
 
@@ -178,21 +182,36 @@ def test_tta_views():
     assert tta_mode(True) == "flip" and tta_mode(False) == tta_mode(None) == "none" and tta_mode("shift") == "shift"
     with pytest.raises(ValueError, match="unknown test-time augmentation 'crops'"):
         tta_mode("crops")
-    assert [len(tta_views(x, m)) for m in ("none", "flip", "shift")] == [1, 2, 10]
-    views = tta_views(x, "shift")
+    assert [len(tta_views(x, m)) for m in ("none", "flip", "shift", "affine")] == [1, 2, 10, 18]
+    views = tta_views(x, "affine")
     assert torch.equal(views[0], x) and torch.equal(views[1], hflip(x))  # the image itself first, then its mirror
     assert all(v.shape == x.shape for v in views)
-    assert len({v.sum().item() for v in views[::2]}) == 5  # five different positions
+    assert len({round(v.sum().item(), 3) for v in views[::2]}) == 9  # five positions, two zooms, two rotations
+    # nested: each mode's views are the first views of the next (time_to_accuracy predicts the largest once)
+    modes = list(TTA_MODES)
+    for small, large in zip(modes, modes[1:], strict=False):
+        a, b = tta_views(x, small), tta_views(x, large)
+        assert all(torch.equal(u, v) for u, v in zip(a, b[: len(a)], strict=True)), (small, large)
+
+
+def test_zoom_rotate():
+    x = batch(2)
+    assert torch.allclose(zoom_rotate(x), x, atol=1e-5)  # the identity
+    dot = torch.zeros(1, 1, 48, 48)
+    dot[..., 20:28, 20:28] = 1.0  # a centred square
+    assert zoom_rotate(dot, scale=0.5).sum() > 3 * dot.sum()  # zoomed in 2x: about 4x the area
+    turned = zoom_rotate(dot, degrees=90.0)
+    assert torch.allclose(turned, dot, atol=1e-4)  # a centred square is symmetric under a quarter turn
+    assert not torch.allclose(zoom_rotate(dot, degrees=30.0), dot, atol=1e-2)
 
 
 def test_cli_tta_choices_are_the_modes():
     from ferlab.cli import TTA_ARG
-    from ferlab.transforms import TTA_MODES
 
     assert tuple(TTA_ARG["choices"]) == tuple(TTA_MODES)
 
 
-@pytest.mark.parametrize("mode", ["none", "flip", "shift"])
+@pytest.mark.parametrize("mode", ["none", "flip", "shift", "affine"])
 def test_predict_logits_averages_the_views(mode):
     """For a linear model the mean of the views' logits is W @ mean(normalised views) + b."""
     from ferlab.train.engine import predict_logits
@@ -205,3 +224,19 @@ def test_predict_logits_averages_the_views(mode):
     mean_view = torch.stack([norm(v) for v in tta_views(images.double() / 255.0, mode)]).mean(0)  # (5, 1, 48, 48)
     want = model(mean_view.float())
     assert got.shape == (5, 7) and torch.allclose(got, want, atol=1e-4)
+
+
+def test_progressive_side_grows_in_multiples_of_8_to_full():
+    sides = [progressive_side(e, 48, 32, 24) for e in range(30)]
+    assert sides == [32] * 12 + [40] * 12 + [48] * 6
+    assert [progressive_side(e, 48, 0, 0) for e in range(3)] == [48] * 3  # off
+    assert progressive_side(0, 48, 56, 5) == 48  # a start above full is full
+    assert progressive_side(0, 48, 36, 10) == 36  # never below the start, even off the multiples
+
+
+def test_resize_shape_constant_and_identity():
+    x = batch(4)
+    assert resize(x, 48) is x
+    assert resize(x, 32).shape == (4, 1, 32, 32)
+    grey = torch.full((2, 1, 48, 48), 0.25)
+    assert torch.allclose(resize(grey, 40), torch.full((2, 1, 40, 40), 0.25))

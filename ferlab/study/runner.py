@@ -30,7 +30,8 @@ NOT_HASHED = ("data", "threads", "eval_batch_size")
 # TrainConfig fields added after cache version 1, hashed only when set, so runs cached before they existed (at
 # their defaults, which reproduce the old behaviour exactly) keep their hashes.
 HASHED_WHEN_SET: dict[str, object] = {"mixup": 0.0, "cutmix": 0.0, "ema_decay": 0.0, "teachers": [],
-                                      "distill_weight": 0.5, "distill_temperature": 4.0}
+                                      "distill_weight": 0.5, "distill_temperature": 4.0, "size_start": 0,
+                                      "size_ramp_epochs": 0}
 STATUSES = ("trained", "resumed", "reused")
 
 
@@ -92,17 +93,14 @@ def _evaluate(run_dir: Path, rows: dict[str, np.ndarray], data: FerData) -> dict
     """Metrics and saved probabilities of the run's selected checkpoint on each split of ``rows``."""
     import torch
 
-    from ferlab.checkpoint import load_checkpoint, normalizer_from_meta
-    from ferlab.evaluate import classification_metrics
-    from ferlab.train.engine import predict_logits
+    from ferlab.checkpoint import load_checkpoint
+    from ferlab.evaluate import checkpoint_probs, classification_metrics
 
     model, meta = load_checkpoint(run_dir)
-    norm = normalizer_from_meta(meta)
     out: dict[str, Any] = {}
     for split, idx in rows.items():
         x = torch.from_numpy(data.images[idx]).unsqueeze(1)  # (N, 1, 48, 48) uint8
-        logits = predict_logits(model, x, norm, precision=meta["train"]["precision"], channels_last=False)
-        probs = logits.softmax(1).numpy().astype(np.float32)  # (N, K)
+        probs = checkpoint_probs(model, meta, x).astype(np.float32)  # (N, K)
         np.save(run_dir / f"probs-{split}.npy", probs)
         out[split] = classification_metrics(data.labels[idx], probs, list(data.class_names))
     out["selected_epoch"] = meta.get("result", {}).get("epoch")

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from ferlab.transforms import AUGMENT_PRESETS, NORMALIZE_MODES, AugmentConfig
+from ferlab.transforms import AUGMENT_PRESETS, NORMALIZE_MODES, PROGRESSIVE_MULTIPLE, AugmentConfig
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "optimizer": ("sgd", "adam", "adamw"),
@@ -38,6 +38,10 @@ class TrainConfig:
     normalize: str = "dataset"
     augment: str | dict[str, Any] = "standard"  # a preset name (see transforms.AUGMENT_PRESETS) or options
     offline_copies: int = 0  # offline expansion: k augmented copies of each training image
+    # progressive resizing: the first epoch trains on size_start x size_start images (0 = off), growing to the
+    # data's size at epoch size_ramp_epochs (see transforms.progressive_side); needs a net with global pooling
+    size_start: int = 0
+    size_ramp_epochs: int = 0
     # optimisation
     epochs: int = 30
     batch_size: int = 128
@@ -87,6 +91,11 @@ class TrainConfig:
             raise ValueError(f"distill_temperature must be > 0, got {self.distill_temperature}")
         if isinstance(self.teachers, str):
             self.teachers = [self.teachers]
+        if self.size_start != 0 and self.size_start < PROGRESSIVE_MULTIPLE:
+            raise ValueError(f"size_start must be 0 (off) or >= {PROGRESSIVE_MULTIPLE}, got {self.size_start}")
+        if self.size_start and not 1 <= self.size_ramp_epochs <= self.epochs:
+            raise ValueError(f"size_ramp_epochs must be in [1, epochs={self.epochs}] with size_start set, "
+                             f"got {self.size_ramp_epochs}")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
 

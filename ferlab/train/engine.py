@@ -1,4 +1,4 @@
-"""``train_one_epoch`` and ``predict_probs``/``evaluate`` as plain functions (as in torchvision's references).
+"""``train_one_epoch`` and ``predict_logits``/``evaluate`` as plain functions (as in torchvision's references).
 
 Images stay in memory as one uint8 tensor (N, 1, 48, 48); each batch is gathered,
 scaled to [0, 1], augmented on the fly (on the CPU), normalised, moved to the model's
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ferlab.transforms import AugmentConfig, Normalizer, augment, mix_batch, tta_views
+from ferlab.transforms import AugmentConfig, Normalizer, augment, mix_batch, resize, tta_views
 
 if TYPE_CHECKING:
     from ferlab.train.distill import Teacher
@@ -96,6 +96,7 @@ def train_one_epoch(
     normalizer: Normalizer,
     g: torch.Generator,
     label_smoothing: float = 0.0,
+    size: int | None = None,
     mixup: float = 0.0,
     cutmix: float = 0.0,
     teacher: Teacher | None = None,
@@ -110,7 +111,8 @@ def train_one_epoch(
 ) -> dict[str, float]:
     """One pass over (images (N, 1, H, W) uint8, labels (N,) int64) on the model's device.
 
-    ``batch_size`` is the global batch; with ``world_size`` > 1 (a DDP-wrapped model) this rank trains on its
+    ``size`` trains on images resized to size x size after augmentation (progressive resizing; None: as they
+    are). ``batch_size`` is the global batch; with ``world_size`` > 1 (a DDP-wrapped model) this rank trains on its
     slice of each batch, augmented from its own random stream. ``mixup`` / ``cutmix`` (Beta alphas, 0: off) mix
     each batch with itself after augmentation (see :func:`ferlab.transforms.mix_batch`); the accuracy then counts
     each label with its mixing weight. With a ``teacher`` the loss is ``(1 - distill_weight)`` times the
@@ -128,7 +130,10 @@ def train_one_epoch(
     bar = tqdm(local_batches, desc=desc, disable=not progress, leave=False, mininterval=1.0, dynamic_ncols=True)
     for step, idx in enumerate(bar):
         y = labels[idx]  # (b,)
-        x01, y_mix, lam = mix_batch(augment(to_unit(images[idx]), aug, aug_g), y, mixup, cutmix, aug_g)
+        x01 = augment(to_unit(images[idx]), aug, aug_g)  # (b, 1, H, W) in [0, 1]
+        if size is not None:
+            x01 = resize(x01, size)  # (b, 1, size, size)
+        x01, y_mix, lam = mix_batch(x01, y, mixup, cutmix, aug_g)
         x = layout(normalizer(x01), channels_last)  # (b, 1, H, W)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         y_mix = y_mix.to(device, non_blocking=True)  # the partners' labels (y itself without mixing)
@@ -156,7 +161,7 @@ def train_one_epoch(
 
 
 @torch.no_grad()
-def predict_logits(
+def predict_view_logits(
     model: nn.Module,
     images: torch.Tensor,
     normalizer: Normalizer,
@@ -168,23 +173,31 @@ def predict_logits(
     progress: bool = False,
     desc: str = "predict",
 ) -> torch.Tensor:
-    """Logits (N, K) float32 on the CPU for images (N, 1, H, W) uint8, computed on the model's device;
-    ``tta`` averages the logits of test-time views: ``"flip"`` (or True) with the mirrored image, ``"shift"``
-    the flip pair at 5 positions (see :data:`ferlab.transforms.TTA_MODES`)."""
+    """Logits (V, N, K) float32 on the CPU of each of the V test-time views of ``tta`` (see
+    :data:`ferlab.transforms.TTA_MODES`; V = 1 without TTA) for images (N, 1, H, W) uint8, computed on the
+    model's device. The modes' views are nested, so the first views of a larger mode are a smaller mode's."""
     model.eval()
     device = model_device(model)
     out = []
     n_batches = (len(images) + batch_size - 1) // batch_size
     for idx in tqdm(batches(len(images), batch_size), total=n_batches, desc=desc, disable=not progress, leave=False):
-        views = tta_views(to_unit(images[idx]), tta)  # V x (B, 1, H, W) in [0, 1]
-        logits = None
-        for view in views:
+        per_view = []
+        for view in tta_views(to_unit(images[idx]), tta):  # V x (B, 1, H, W) in [0, 1]
             x = layout(normalizer(view), channels_last).to(device, non_blocking=True)  # (B, 1, H, W)
             with autocast(precision, device):
-                v = model(x).float()  # (B, K)
-            logits = v if logits is None else logits + v
-        out.append((logits / len(views)).cpu())
-    return torch.cat(out) if out else torch.empty(0, getattr(model, "num_classes", 7))
+                per_view.append(model(x).float().cpu())  # (B, K)
+        out.append(torch.stack(per_view))  # (V, B, K)
+    if not out:
+        n_views = len(tta_views(torch.zeros(1, *images.shape[1:]), tta))
+        return torch.empty(n_views, 0, getattr(model, "num_classes", 7))
+    return torch.cat(out, dim=1)
+
+
+def predict_logits(model: nn.Module, images: torch.Tensor, normalizer: Normalizer, **kw) -> torch.Tensor:
+    """Logits (N, K) float32 on the CPU for images (N, 1, H, W) uint8: with ``tta``, the mean over the
+    test-time views (``"flip"`` or True: the image and its mirror; ``"shift"``, ``"affine"``: see
+    :data:`ferlab.transforms.TTA_MODES`). Keywords as :func:`predict_view_logits`."""
+    return predict_view_logits(model, images, normalizer, **kw).mean(0)
 
 
 def evaluate(

@@ -41,7 +41,7 @@ from ferlab.train.callbacks import BestCheckpoint, EarlyStopping
 from ferlab.train.config import TrainConfig
 from ferlab.train.engine import evaluate, steps_per_epoch, train_one_epoch
 from ferlab.train.optim import build_optimizer, build_schedule
-from ferlab.transforms import Normalizer, expand_offline
+from ferlab.transforms import Normalizer, expand_offline, progressive_side
 
 INITS: dict[str, Callable[[torch.Tensor], Any]] = {
     "xavier": nn.init.xavier_uniform_,
@@ -123,6 +123,22 @@ def build_meta(cfg: TrainConfig, model: nn.Module, normalizer: Normalizer, prep:
     }
 
 
+def check_input_side(net: nn.Module, name: str, side: int) -> None:
+    """Raise a clear error naming ``name`` ("model NAME", "teacher SPEC") when ``net`` cannot take side x side
+    inputs (progressive resizing needs that)."""
+    was_training = net.training
+    net.eval()
+    try:
+        with torch.no_grad():
+            net(torch.zeros(2, 1, side, side, device=next(net.parameters()).device))
+    except RuntimeError as e:
+        raise ValueError(f"{name} does not accept {side}x{side} inputs, so it cannot train with "
+                         f"progressive resizing (size_start); use a net with global pooling, e.g. fer-resnet-s "
+                         f"({str(e).splitlines()[0]})") from None
+    finally:
+        net.train(was_training)
+
+
 def default_run_dir(cfg: TrainConfig, root: str | Path = "runs") -> Path:
     return Path(root) / f"{cfg.model}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
@@ -132,14 +148,15 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
 
 
-HISTORY_FIELDS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "seconds", "images_per_s")
+HISTORY_FIELDS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "seconds", "images_per_s",
+                  "size")
 
 
 def write_history(run_dir: Path, history: list[dict[str, float]]) -> None:
     from ferlab.plots import plot_history
 
     with open(run_dir / "history.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=HISTORY_FIELDS)
+        w = csv.DictWriter(f, fieldnames=HISTORY_FIELDS, restval="")
         w.writeheader()
         w.writerows(history)
     plot_history(history, run_dir / "curves.png")
@@ -151,7 +168,8 @@ def read_history(run_dir: str | Path) -> list[dict[str, float]]:
     if not path.is_file():
         return []
     with open(path, newline="") as f:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+        # a column added since the run started is empty in its earlier rows
+        return [{k: float(v) if v != "" else float("nan") for k, v in row.items()} for row in csv.DictReader(f)]
 
 
 def fit(
@@ -228,6 +246,9 @@ def _fit(
     net = net.to(ddp.device)
     if cfg.channels_last:
         net = net.to(memory_format=torch.channels_last)
+    full_side = int(x_train.shape[-1])
+    if cfg.size_start:
+        check_input_side(net, f"model {cfg.model}", min(cfg.size_start, full_side))
     optimizer = build_optimizer(net, cfg)
     # EMA of the weights (and BatchNorm statistics): when on, it is what is validated and checkpointed
     ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True) \
@@ -242,6 +263,9 @@ def _fit(
         teacher.check_compatible(prep.data.class_names, prep.data.images.shape[1:])
         for warning in teacher.protocol_warnings(prep.data.fingerprint, split_protocol(prep.data, cfg, prep.splits)):
             log(f"warning: {warning}")
+        if cfg.size_start:  # the teacher sees the student's resized batches
+            for spec, member in zip(teacher.specs, teacher.members, strict=True):
+                check_input_side(member, f"teacher {spec}", min(cfg.size_start, full_side))
         teacher = teacher.to(ddp.device)
         if cfg.channels_last:
             teacher = teacher.to(memory_format=torch.channels_last)
@@ -305,9 +329,11 @@ def _fit(
             break
         torch.manual_seed(cfg.seed * 1_000_003 + epoch + 7_919 * ddp.rank)  # dropout and the like
         lr = optimizer.param_groups[0]["lr"]
+        side = progressive_side(epoch, full_side, cfg.size_start, cfg.size_ramp_epochs)
         tr = train_one_epoch(
             model, optimizer, x_train, y_train, batch_size=cfg.batch_size, aug=cfg.augment_config(),
             normalizer=normalizer, g=epoch_generator(cfg.seed, epoch), label_smoothing=cfg.label_smoothing,
+            size=side if side != full_side else None,
             mixup=cfg.mixup, cutmix=cfg.cutmix, teacher=teacher, distill_weight=cfg.distill_weight,
             precision=cfg.precision, channels_last=cfg.channels_last, on_step=on_step,
             progress=progress, desc=f"epoch {epoch + 1}/{cfg.epochs}", rank=ddp.rank, world_size=ddp.world_size,
@@ -323,7 +349,7 @@ def _fit(
         history.append({
             "epoch": epoch + 1, "lr": lr, "train_loss": tr["loss"], "train_acc": tr["acc"],
             "val_loss": va["loss"], "val_acc": va["acc"], "seconds": tr["seconds"] + va["seconds"],
-            "images_per_s": tr["n"] / tr["seconds"],
+            "images_per_s": tr["n"] / tr["seconds"], "size": side,
         })
         is_best = best.update(monitored, epoch + 1)
         if is_best:
@@ -342,7 +368,8 @@ def _fit(
         epochs_this_call += 1
         log(f"epoch {epoch + 1}/{cfg.epochs}  train loss {tr['loss']:.4f} acc {tr['acc']:.4f} | "
             f"val loss {va['loss']:.4f} acc {va['acc']:.4f} | lr {lr:.2e} | {tr['seconds']:.1f}s "
-            f"({tr['n'] / tr['seconds']:.0f} img/s){'  *best' if is_best else ''}")
+            f"({tr['n'] / tr['seconds']:.0f} img/s{'' if side == full_side else f' at {side}x{side}'})"
+            f"{'  *best' if is_best else ''}")
         if stopped_early:
             log(f"early stopping: {cfg.monitor} has not improved for {cfg.early_stopping} epochs")
 
