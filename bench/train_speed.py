@@ -95,7 +95,7 @@ def measure(model_name: str, mode: Mode, threads: int, batch: int, steps: int, w
     y = torch.randint(0, 7, (n,))
     kw = dict(batch_size=batch, aug=AUGMENT_PRESETS["standard"], normalizer=Normalizer("unit"),
               precision=mode.precision, channels_last=mode.channels_last, progress=False,
-              size=None if side == 48 else side)
+              size=side)
     train_one_epoch(model, opt, x[: batch * warmup], y[: batch * warmup], g=torch.Generator().manual_seed(0), **kw)
     t0 = time.perf_counter()
     train_one_epoch(model, opt, x[batch * warmup :], y[batch * warmup :], g=torch.Generator().manual_seed(1), **kw)

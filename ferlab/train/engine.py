@@ -111,11 +111,11 @@ def train_one_epoch(
 ) -> dict[str, float]:
     """One pass over (images (N, 1, H, W) uint8, labels (N,) int64) on the model's device.
 
-    ``size`` trains on images resized to size x size after augmentation (progressive resizing; None: as they
-    are). ``batch_size`` is the global batch; with ``world_size`` > 1 (a DDP-wrapped model) this rank trains on its
-    slice of each batch, augmented from its own random stream. ``mixup`` / ``cutmix`` (Beta alphas, 0: off) mix
-    each batch with itself after augmentation (see :func:`ferlab.transforms.mix_batch`); the accuracy then counts
-    each label with its mixing weight. With a ``teacher`` the loss is ``(1 - distill_weight)`` times the
+    ``size`` trains on images resized to size x size after augmentation (progressive resizing; None or their own
+    size: as they are). ``batch_size`` is the global batch; with ``world_size`` > 1 (a DDP-wrapped model) this rank
+    trains on its slice of each batch, augmented from its own random stream. ``mixup`` / ``cutmix`` (Beta alphas, 0:
+    off) mix each batch with itself after augmentation (see :func:`ferlab.transforms.mix_batch`); the accuracy then
+    counts each label with its mixing weight. With a ``teacher`` the loss is ``(1 - distill_weight)`` times the
     cross-entropy plus ``distill_weight`` times the teacher's distillation loss on the same (augmented, mixed)
     batch; the reported loss is that sum. Returns this rank's mean loss, accuracy, number of images ``n`` and
     seconds.

@@ -333,7 +333,7 @@ def _fit(
         tr = train_one_epoch(
             model, optimizer, x_train, y_train, batch_size=cfg.batch_size, aug=cfg.augment_config(),
             normalizer=normalizer, g=epoch_generator(cfg.seed, epoch), label_smoothing=cfg.label_smoothing,
-            size=side if side != full_side else None,
+            size=side,
             mixup=cfg.mixup, cutmix=cfg.cutmix, teacher=teacher, distill_weight=cfg.distill_weight,
             precision=cfg.precision, channels_last=cfg.channels_last, on_step=on_step,
             progress=progress, desc=f"epoch {epoch + 1}/{cfg.epochs}", rank=ddp.rank, world_size=ddp.world_size,
