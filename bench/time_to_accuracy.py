@@ -30,7 +30,7 @@ from ferlab.transforms import TTA_MODES, tta_views
 
 def train_command(args: argparse.Namespace, out: Path) -> list[str]:
     cmd = [sys.executable, "-m", "ferlab", "train", "--config", args.config, "--out", str(out), "--no-progress"]
-    for flag in ("data", "epochs", "threads", "synthetic"):
+    for flag in ("data", "epochs", "seed", "threads", "synthetic"):
         value = getattr(args, flag)
         if value is not None:
             cmd += [f"--{flag}", str(value)]
@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget-min", type=float, default=30.0, help="the wall-time budget in minutes")
     ap.add_argument("--target", type=float, default=0.70, help="the PrivateTest accuracy to reach")
     ap.add_argument("--epochs", type=int, help="override the config's epochs")
+    ap.add_argument("--seed", type=int, help="override the config's seed (to measure the seed-to-seed spread)")
     ap.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     ap.add_argument("--tta-modes", nargs="+", default=list(TTA_MODES), choices=list(TTA_MODES),
                     help="test-time augmentations to choose from on PublicTest (val); default: all")

@@ -21,7 +21,7 @@ def test_time_to_accuracy_reports_the_selected_checkpoint_on_test(tmp_path):
     synthetic = {"n_train": 256, "n_val": 64, "n_test": 96}
     cmd = [sys.executable, str(REPO / "bench/time_to_accuracy.py"), "--config", str(config), "--epochs", "2",
            "--synthetic", json.dumps(synthetic), "--out", str(run), "--budget-min", "30", "--target", "0.0",
-           "--json"]
+           "--seed", "3", "--json"]
     res = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
                          timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
@@ -29,6 +29,7 @@ def test_time_to_accuracy_reports_the_selected_checkpoint_on_test(tmp_path):
     result = json.loads(out[out.index("\n{") + 1:])
 
     summary = json.loads((run / "summary.json").read_text())
+    assert json.loads((run / "config.json").read_text())["train"]["seed"] == 3  # --seed reaches the trainer
     assert result["epochs_run"] == summary["epochs_run"] == 2
     assert result["best_epoch"] == summary["best_epoch"]
     assert result["val_acc_at_selection"] == summary["best_val_acc"]

