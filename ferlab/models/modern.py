@@ -100,7 +100,7 @@ def fer_resnet_s(num_classes: int = 7, in_chans: int = 1, drop: float = 0.3) -> 
 @register_model("fer-resnet-s16", source="ferlab",
                 description="fer-resnet-s with a 16-wide stem and first stage (16-64-128-256): ~1.3x faster to train")
 def fer_resnet_s16(num_classes: int = 7, in_chans: int = 1, drop: float = 0.3) -> StagedNet:
-    # The 48 x 48 stage holds ~30% of fer-resnet-s's training time; halving its width keeps the depth.
+    # Halving the 48 x 48 stage (stem and first block) keeps the depth and cuts 27% of fer-resnet-s's FLOPs.
     return StagedNet(BasicBlock, (16, 64, 128, 256), (1, 1, 1, 1), num_classes, in_chans, drop, stem_width=16)
 
 
