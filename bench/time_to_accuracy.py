@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from ferlab.transforms import TTA_MODES, tta_views
+from ferlab.transforms import TTA_MODES, tta_view_count
 
 
 def train_command(args: argparse.Namespace, out: Path) -> list[str]:
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = {split: split_rows(data, meta, split) for split in ("val", "test")}
     # the modes' views are nested (each starts with the views of the smaller ones), so the views of the largest
     # mode are predicted once and every mode averages its first views
-    n_views = {mode: len(tta_views(torch.zeros(1, 1, *data.images.shape[1:]), mode)) for mode in args.tta_modes}
+    n_views = {mode: tta_view_count(mode, (1, *data.images.shape[1:])) for mode in args.tta_modes}
     largest = max(args.tta_modes, key=n_views.__getitem__)
     by_tta: dict[str, dict[str, float]] = {mode: {} for mode in args.tta_modes}
     for split, idx in rows.items():

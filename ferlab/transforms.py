@@ -173,6 +173,11 @@ def tta_views(x01: torch.Tensor, tta: bool | str | None) -> list[torch.Tensor]:
     return TTA_MODES[tta_mode(tta)](x01)
 
 
+def tta_view_count(tta: bool | str | None, image_shape: tuple[int, ...]) -> int:
+    """How many views :func:`tta_views` makes of images of ``image_shape`` (C, H, W)."""
+    return len(tta_views(torch.zeros(1, *image_shape), tta))
+
+
 def _uniform(n: int, bound: float, g: torch.Generator) -> torch.Tensor:
     return (torch.rand(n, generator=g) * 2 - 1) * bound
 

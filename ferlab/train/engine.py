@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ferlab.transforms import AugmentConfig, Normalizer, augment, mix_batch, resize, tta_views
+from ferlab.transforms import AugmentConfig, Normalizer, augment, mix_batch, resize, tta_view_count, tta_views
 
 if TYPE_CHECKING:
     from ferlab.train.distill import Teacher
@@ -188,8 +188,7 @@ def predict_view_logits(
                 per_view.append(model(x).float().cpu())  # (B, K)
         out.append(torch.stack(per_view))  # (V, B, K)
     if not out:
-        n_views = len(tta_views(torch.zeros(1, *images.shape[1:]), tta))
-        return torch.empty(n_views, 0, getattr(model, "num_classes", 7))
+        return torch.empty(tta_view_count(tta, images.shape[1:]), 0, getattr(model, "num_classes", 7))
     return torch.cat(out, dim=1)
 
 
