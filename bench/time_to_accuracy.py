@@ -25,6 +25,7 @@ import sys
 import time
 from pathlib import Path
 
+from ferlab.hardware import describe
 from ferlab.transforms import TTA_MODES, tta_view_count
 
 
@@ -101,9 +102,11 @@ def main(argv: list[str] | None = None) -> int:
         "by_tta": by_tta, "selected_tta": selected, "test_acc": by_tta[selected]["test"],
         "test_n": len(rows["test"]), "train_wall_s": train_wall, "eval_wall_s": eval_wall,
         "total_wall_s": train_wall + eval_wall, "budget_s": args.budget_min * 60, "target": args.target,
+        "hardware": describe(),
     }
     within = result["total_wall_s"] <= result["budget_s"]
     print(f"\nconfig {args.config} on {result['data']}; {result['protocol']}")
+    print(f"machine: {result['hardware']} (wall times depend on it)")
     print(f"wall time: training {train_wall / 60:.1f} min (process start, data loading, {result['epochs_run']} "
           f"epochs, checkpoints) + evaluation {eval_wall / 60:.1f} min ({len(args.tta_modes)} test-time "
           f"augmentation modes on PublicTest and PrivateTest) = {result['total_wall_s'] / 60:.1f} min; "

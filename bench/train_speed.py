@@ -36,6 +36,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from ferlab.cli import JEMALLOC, JEMALLOC_CONF  # what the launcher preloads, and how
+from ferlab.hardware import cpu_name
 
 DEFAULT_MODELS = ["r002-vgg", "fer-resnet-s", "fer-mobile", "r004-cnn9"]
 
@@ -162,10 +163,10 @@ def main() -> None:
     cores = os.cpu_count() or 1
     threads = args.threads or cores
     load = os.getloadavg()[0]
-    print(f"batch {args.batch}, {args.steps} timed steps after {args.warmup} warm-up; {threads} threads; "
+    print(f"{cpu_name()}; batch {args.batch}, {args.steps} timed steps after {args.warmup} warm-up; {threads} threads; "
           f"{cores} cores; load average {load:.2f} at start (an idle machine reads ~0)")
-    results: dict = {"batch": args.batch, "steps": args.steps, "threads": threads, "load_at_start": load,
-                     "models": [], "thread_settings": [], "sides": []}
+    results: dict = {"cpu": cpu_name(), "batch": args.batch, "steps": args.steps, "threads": threads,
+                     "load_at_start": load, "models": [], "thread_settings": [], "sides": []}
     head = f"{'model':<14} {'MFLOPs/img':>10}" + "".join(f"  {m + ' img/s':>27} {'GFLOP/s':>7}" for m in modes)
     print(head + f"  {DEFAULT_MODE + ' / fp32':>11}")
     for name in args.models:
