@@ -153,7 +153,10 @@ def model_card(name: str, entry: dict[str, Any], meta: dict[str, Any], reports: 
         fp = meta["data"]["fingerprint"]
         same = all(t.get("data_fingerprint") == fp for t in meta.get("teachers", []))
         recipe += (f"\n- distilled from {', '.join(f'`{t}`' for t in train['teachers'])} (weight "
-                   f"{train['distill_weight']}, temperature {train['distill_temperature']}); the teachers were "
+                   f"{train['distill_weight']}, temperature {train['distill_temperature']}"
+                   + (f", offline: soft targets predicted once on the un-augmented Training images, averaged over "
+                      f"the {train['distill_offline']} test-time views" if train.get("distill_offline") else "")
+                   + "); the teachers were "
                    + ("trained on the same data" if same else "**not all trained on the same data**"))
     best = meta.get("result", {})
     return f"""# {name}

@@ -8,6 +8,7 @@ Modes (all with the same number of threads, all cores by default):
   fast            channels_last + bfloat16 autocast, glibc malloc (`FERLAB_JEMALLOC=0 ferlab train ...`)
   fast+jemalloc-defaults  the same with jemalloc preloaded, jemalloc's default settings
   fast+jemalloc   jemalloc without page decay or background thread: what the `ferlab` launcher does
+  fp32-cl+jemalloc  (with --fp32-cl) fp32, channels_last, the launcher's jemalloc: `ferlab train --precision fp32`
 Printed per model: images/s, achieved GFLOP/s (3 x the forward FLOPs of one image, for forward + backward,
 times images/s) and the ratio fast+jemalloc / fp32 (the fast path as `ferlab train` runs it).
 
@@ -56,6 +57,10 @@ MODES: dict[str, Mode] = {
     "fast+jemalloc": Mode("bf16", True, True, JEMALLOC_CONF),
 }
 DEFAULT_MODE = "fast+jemalloc"  # what `ferlab train` runs: the ratio and the thread table use it
+# with --fp32-cl: what `ferlab train --precision fp32` runs (channels_last, the launcher's jemalloc, no autocast)
+FP32_CL_MODE = "fp32-cl+jemalloc"
+EXTRA_MODES: dict[str, Mode] = {FP32_CL_MODE: Mode("fp32", True, True, JEMALLOC_CONF)}
+ALL_MODES = {**MODES, **EXTRA_MODES}
 
 
 @dataclass(frozen=True)
@@ -111,10 +116,10 @@ def run_child(args: argparse.Namespace, model: str, mode: str, setting: ThreadSe
     drop = ("LD_PRELOAD", "MALLOC_CONF", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
     env = {k: v for k, v in os.environ.items() if k not in drop}
     env.update(setting.env, OMP_NUM_THREADS=str(setting.threads))
-    if MODES[mode].jemalloc:
+    if ALL_MODES[mode].jemalloc:
         env["LD_PRELOAD"] = JEMALLOC
-    if MODES[mode].malloc_conf:
-        env["MALLOC_CONF"] = MODES[mode].malloc_conf
+    if ALL_MODES[mode].malloc_conf:
+        env["MALLOC_CONF"] = ALL_MODES[mode].malloc_conf
     cmd = [sys.executable, __file__, "--_child", f"{model}|{mode}|{setting.threads}|{side}", "--batch", str(args.batch),
            "--steps", str(args.steps), "--warmup", str(args.warmup)]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -147,6 +152,9 @@ def main() -> None:
     ap.add_argument("--contention", type=int, default=1, help="busy processes for the contended column")
     ap.add_argument("--sides", type=int, nargs="*", default=[],
                     help="also time the first model trained at these image sides, e.g. 48 40 32")
+    ap.add_argument("--fp32-cl", action="store_true",
+                    help="also time fp32 with channels_last and jemalloc (`ferlab train --precision fp32`): on a CPU "
+                         "without AMX it can beat bf16 autocast for nets of depthwise convolutions")
     ap.add_argument("--json", action="store_true", help="also print all measurements as JSON")
     ap.add_argument("--_child", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -154,11 +162,12 @@ def main() -> None:
         args.batch, args.steps, args.warmup = 64, 4, 1
     if args._child:
         name, mode, threads, side = args._child.split("|")
-        print(json.dumps(measure(name, MODES[mode], int(threads), args.batch, args.steps, args.warmup, int(side))))
+        print(json.dumps(measure(name, ALL_MODES[mode], int(threads), args.batch, args.steps, args.warmup,
+                                 int(side))))
         return
     if not os.path.exists(JEMALLOC):
         sys.exit(f"{JEMALLOC} not found (apt-get install libjemalloc2): the jemalloc modes need it")
-    modes = list(MODES)
+    modes = list(MODES) + ([FP32_CL_MODE] if args.fp32_cl else [])
 
     cores = os.cpu_count() or 1
     threads = args.threads or cores

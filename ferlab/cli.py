@@ -110,6 +110,10 @@ TRAIN_FLAGS: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "--distill-weight": ("distill_weight", float, "with --teacher: weight w of the distillation loss, (1 - w) on "
                                                   "the labels (default 0.5)"),
     "--distill-temperature": ("distill_temperature", float, "with --teacher: softmax temperature (default 4)"),
+    "--distill-offline": ("distill_offline", str, "with --teacher: compute the teacher's soft targets once, on the "
+                                                  "un-augmented training images averaged over these TTA views "
+                                                  "(none | flip | shift | affine), instead of on every augmented "
+                                                  "batch: far cheaper, blind to the augmentation"),
     "--normalize": ("normalize", str, "none | unit | image | dataset"),
     "--augment": ("augment", str, "preset (none, flip, keras, standard) or JSON options"),
     "--offline-copies": ("offline_copies", int, "offline expansion: augmented copies per training image"),

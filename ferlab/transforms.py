@@ -299,23 +299,23 @@ def _beta(alpha: float, g: torch.Generator) -> float:
 
 
 def mix_batch(
-    x: torch.Tensor, y: torch.Tensor, mixup: float, cutmix: float, g: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor, float]:
+    x: torch.Tensor, mixup: float, cutmix: float, g: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor | None, float]:
     """Mixup (Zhang et al. 2018) or CutMix (Yun et al. 2019) of a batch with its own shuffled copy.
 
-    x: (B, C, H, W) float; y: (B,) int64. ``mixup`` / ``cutmix`` are the Beta(alpha, alpha) parameters (0: off);
-    with both on, each batch uses one of them with equal chance (as timm does). Returns the mixed batch, the
-    partner labels y[perm] and the weight ``lam`` of the original labels: the loss is
+    x: (B, C, H, W) float. ``mixup`` / ``cutmix`` are the Beta(alpha, alpha) parameters (0: off); with both on,
+    each batch uses one of them with equal chance (as timm does). Returns the mixed batch, the partner of each
+    image ``perm`` (B,) (None when off) and the weight ``lam`` of the original images: the loss is
     lam * CE(out, y) + (1 - lam) * CE(out, y[perm]). For CutMix ``lam`` is the exact unpasted area fraction.
     """
     if mixup <= 0 and cutmix <= 0:
-        return x, y, 1.0
+        return x, None, 1.0
     b, _, h, w = x.shape
     perm = torch.randperm(b, generator=g)
     use_cutmix = cutmix > 0 and (mixup <= 0 or bool(torch.rand(1, generator=g) < 0.5))
     lam = _beta(cutmix if use_cutmix else mixup, g)
     if not use_cutmix:
-        return lam * x + (1.0 - lam) * x[perm], y[perm], lam
+        return lam * x + (1.0 - lam) * x[perm], perm, lam
     # a box of area (1 - lam) * H * W at a uniform centre, clipped to the image
     cut_h, cut_w = int(h * math.sqrt(1.0 - lam)), int(w * math.sqrt(1.0 - lam))
     cy, cx = int(torch.randint(h, (1,), generator=g)), int(torch.randint(w, (1,), generator=g))
@@ -323,4 +323,4 @@ def mix_batch(
     x0, x1 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, w)
     out = x.clone()
     out[:, :, y0:y1, x0:x1] = x[perm][:, :, y0:y1, x0:x1]
-    return out, y[perm], 1.0 - (y1 - y0) * (x1 - x0) / (h * w)
+    return out, perm, 1.0 - (y1 - y0) * (x1 - x0) / (h * w)

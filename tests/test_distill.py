@@ -12,9 +12,9 @@ from conftest import tiny_config
 from ferlab.checkpoint import CheckpointError, save_checkpoint
 from ferlab.models import create_model
 from ferlab.train.config import TrainConfig
-from ferlab.train.distill import Teacher, distillation_loss
+from ferlab.train.distill import SoftTargets, Teacher, distillation_loss, offline_soft_targets
 from ferlab.train.engine import train_one_epoch
-from ferlab.train.fit import fit
+from ferlab.train.fit import SOFT_TARGETS, fit
 from ferlab.transforms import AUGMENT_PRESETS, Normalizer
 
 CLASSES = ["Angry", "Disgust", "Fear", "Happy", "Sad", "Surprise", "Neutral"]
@@ -117,3 +117,91 @@ def test_progressive_resizing_refuses_a_teacher_that_cannot_take_the_small_image
     cfg = tiny_config(epochs=2, size_start=32, size_ramp_epochs=1, teachers=[str(tmp_path / "vgg.safetensors")])
     with pytest.raises(ValueError, match=r"teacher .*vgg.safetensors does not accept 32x32 inputs"):
         fit(cfg, tmp_path / "student", progress=False, log=lambda _: None)
+
+
+def test_offline_soft_targets_are_the_teachers_mean_over_the_views(tmp_path):
+    save_teacher(tmp_path / "t.safetensors", 3)
+    teacher = Teacher([str(tmp_path / "t.safetensors")], 2.0, precision="fp32", channels_last=False)
+    images = torch.randint(0, 256, (10, 1, 48, 48), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    x01 = images.float() / 255
+    with torch.no_grad():
+        expected = (teacher(x01) + teacher(x01.flip(-1))) / 2  # the image and its mirror
+    probs = teacher.soft_targets(images, "flip", batch_size=4)  # batches of 4, 4, 2
+    torch.testing.assert_close(probs, expected)
+    torch.testing.assert_close(probs.sum(1), torch.ones(10))
+
+
+def test_offline_targets_of_a_mixed_batch_are_mixed_with_its_weights():
+    torch.manual_seed(0)
+    probs = torch.randn(6, 7).softmax(1)
+    targets = SoftTargets(probs, 2.0)
+    idx, perm, lam = torch.tensor([4, 1, 5]), torch.tensor([2, 0, 1]), 0.3
+    mixed = lam * probs[idx] + 0.7 * probs[idx[perm]]  # (3, 7)
+    student = 2.0 * mixed.log()  # logits whose softmax at T = 2 is the mixed target: zero loss
+    assert targets.loss(student, idx=idx, perm=perm, lam=lam).abs().item() < 1e-6
+    assert targets.loss(student, idx=idx).item() > 1e-3  # unmixed, the same logits miss the targets
+    with pytest.raises(ValueError, match=r"\(N, K\)"):
+        SoftTargets(torch.ones(7), 2.0)
+
+
+def test_without_augmentation_offline_distillation_trains_as_the_online_teacher(tmp_path):
+    """The online teacher predicts the batch the student sees; with no augmentation and no mixing, that is the
+    un-augmented image, so both ways give the student the same targets and the same weights."""
+    save_teacher(tmp_path / "t.safetensors", 3)
+    teacher = Teacher([str(tmp_path / "t.safetensors")], 4.0, precision="fp32", channels_last=False)
+    g = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (48, 1, 48, 48), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 7, (48,), generator=g)
+    offline = SoftTargets(teacher.soft_targets(images, "none"), 4.0)
+
+    def run(t) -> dict:
+        torch.manual_seed(0)
+        student = create_model("fer-mobile")
+        opt = torch.optim.SGD(student.parameters(), lr=0.1)
+        train_one_epoch(student, opt, images, labels, batch_size=16, aug=AUGMENT_PRESETS["none"],
+                        normalizer=Normalizer("unit"), g=torch.Generator().manual_seed(0), teacher=t,
+                        distill_weight=1.0, precision="fp32", channels_last=False, progress=False)
+        return student.state_dict()
+
+    a, b = run(teacher), run(offline)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    uniform = SoftTargets(torch.full((48, 7), 1 / 7), 4.0)
+    assert not all(torch.allclose(a[k], c, rtol=1e-4, atol=1e-5) for k, c in run(uniform).items())
+
+
+def test_offline_run_caches_its_targets_and_resumes_without_the_teacher_pass(tmp_path, trained_tiny_run, monkeypatch):
+    cfg = tiny_config(model="fer-mobile", epochs=2, teachers=[str(trained_tiny_run)], distill_offline="flip")
+    logs: list[str] = []
+    assert not fit(cfg, tmp_path / "student", progress=False, stop_after=1, log=logs.append)["finished"]
+    assert any("offline distillation: soft targets of" in m and "(flip views)" in m for m in logs)
+    cache = tmp_path / "student" / SOFT_TARGETS
+    assert cache.is_file()
+    assert json.loads((tmp_path / "student/config.json").read_text())["train"]["distill_offline"] == "flip"
+
+    def no_teacher_pass(*_, **__):
+        raise AssertionError("the resumed run recomputed the cached soft targets")
+
+    monkeypatch.setattr(Teacher, "soft_targets", no_teacher_pass)
+    assert fit(cfg, tmp_path / "student", resume=True, progress=False, log=lambda _: None)["finished"]
+
+
+def test_stale_or_corrupt_soft_target_caches(tmp_path, trained_tiny_run):
+    teacher = Teacher([str(trained_tiny_run)], 4.0, precision="fp32", channels_last=False)
+    images = torch.randint(0, 256, (8, 1, 48, 48), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    cache = tmp_path / "soft.safetensors"
+    first = offline_soft_targets(teacher, images, "none", cache, data_fingerprint="fp")
+    again = offline_soft_targets(teacher, images, "none", cache, data_fingerprint="fp")
+    torch.testing.assert_close(first.probs, again.probs)
+    other = offline_soft_targets(teacher, images, "flip", cache, data_fingerprint="fp")  # other views: recomputed
+    assert not torch.allclose(first.probs, other.probs)
+    cache.write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match="cannot read the cached soft targets"):
+        offline_soft_targets(teacher, images, "none", cache, data_fingerprint="fp")
+
+
+@pytest.mark.parametrize("bad, match", [({"distill_offline": "mirror", "teachers": ["t"]}, "distill_offline"),
+                                        ({"distill_offline": "flip"}, "needs teachers")])
+def test_bad_offline_distillation_settings_are_errors(bad, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**bad)

@@ -114,7 +114,8 @@ def test_unknown_pretrained_name_is_a_clear_error(weights, capsys):
     assert "no pretrained models are shipped" in capsys.readouterr().out
 
 
-def test_card_of_a_distilled_student_names_its_teacher_and_regularisers(trained_tiny_run, weights, tmp_path):
+@pytest.mark.parametrize("offline", ["", "flip"])
+def test_card_of_a_distilled_student_names_its_teacher_and_regularisers(trained_tiny_run, weights, tmp_path, offline):
     from conftest import LEARN_SYNTHETIC
 
     from ferlab.train.config import TrainConfig
@@ -123,12 +124,14 @@ def test_card_of_a_distilled_student_names_its_teacher_and_regularisers(trained_
     student = tmp_path / "student"
     fit(TrainConfig(model="fer-mobile-fast", epochs=1, batch_size=64, synthetic=LEARN_SYNTHETIC, augment="flip",
                     precision="fp32", teachers=[str(trained_tiny_run)], distill_weight=0.7, distill_temperature=2.0,
-                    mixup=0.3),
+                    mixup=0.3, distill_offline=offline),
         student, progress=False)
     docs = tmp_path / "docs"
     _ship(student, "tiny-student", docs)
     card = (docs / "tiny-student.md").read_text()
-    assert f"distilled from `{trained_tiny_run}` (weight 0.7, temperature 2.0)" in card
+    assert f"distilled from `{trained_tiny_run}` (weight 0.7, temperature 2.0" in card
     assert "the teachers were trained on the same data" in card
+    assert ("offline: soft targets predicted once" in card) == bool(offline)
+    assert not offline or "averaged over the flip test-time views)" in card
     recipe = next(line for line in card.splitlines() if line.startswith("- optimizer "))
     assert recipe.endswith(", seed 0, mixup 0.3")  # the regularisers that are on, and only those

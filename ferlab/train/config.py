@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from ferlab.transforms import AUGMENT_PRESETS, NORMALIZE_MODES, PROGRESSIVE_MULTIPLE, AugmentConfig
+from ferlab.transforms import AUGMENT_PRESETS, NORMALIZE_MODES, PROGRESSIVE_MULTIPLE, TTA_MODES, AugmentConfig
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "optimizer": ("sgd", "adam", "adamw"),
@@ -61,6 +61,9 @@ class TrainConfig:
     teachers: list[str] = field(default_factory=list)
     distill_weight: float = 0.5  # the loss is (1 - w) * cross-entropy + w * T^2 * KL(teacher || student)
     distill_temperature: float = 4.0  # T, the softmax temperature of teacher and student in the KL term
+    # "" = online (the teacher sees every augmented batch); a TTA mode (none, flip, shift, affine) = offline: the
+    # teacher's soft targets are computed once, on the un-augmented training images averaged over that mode's views
+    distill_offline: str = ""
     early_stopping: int = 0  # patience in epochs; 0 = off
     monitor: str = "val_acc"
     seed: int = 0
@@ -91,6 +94,11 @@ class TrainConfig:
             raise ValueError(f"distill_temperature must be > 0, got {self.distill_temperature}")
         if isinstance(self.teachers, str):
             self.teachers = [self.teachers]
+        if self.distill_offline and self.distill_offline not in TTA_MODES:
+            raise ValueError(f"distill_offline = {self.distill_offline!r} is not one of '' (online), "
+                             f"{', '.join(TTA_MODES)}")
+        if self.distill_offline and not self.teachers:
+            raise ValueError(f"distill_offline = {self.distill_offline!r} needs teachers")
         if self.size_start != 0 and self.size_start < PROGRESSIVE_MULTIPLE:
             raise ValueError(f"size_start must be 0 (off) or >= {PROGRESSIVE_MULTIPLE}, got {self.size_start}")
         if self.size_start and not 1 <= self.size_ramp_epochs <= self.epochs:

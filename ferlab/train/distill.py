@@ -3,20 +3,27 @@
 The student learns from ``(1 - w) * cross-entropy(labels) + w * T^2 * KL(teacher_T || student_T)``, where
 ``_T`` is a softmax at temperature ``T`` (Hinton et al. 2015) and the teacher's probabilities are the mean of
 its members'. The teacher sees the very batch the student sees (augmented and mixed), each member through its
-own normalisation, so it need not share the student's preprocessing.
+own normalisation, so it need not share the student's preprocessing. Offline distillation
+(:class:`SoftTargets`) predicts the un-augmented training images once instead, for the cost of plain training.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
+from tqdm.auto import tqdm
 
 from ferlab.checkpoint import CheckpointError, load_checkpoint, normalizer_from_meta
-from ferlab.train.engine import autocast, layout, model_device
+from ferlab.train.engine import autocast, batches, layout, model_device, to_unit
+from ferlab.transforms import tta_views
 
 
 class Teacher(nn.Module):
@@ -77,10 +84,84 @@ class Teacher(nn.Module):
             probs = p if probs is None else probs + p
         return probs / len(self.members)
 
-    def loss(self, student_logits: torch.Tensor, x01: torch.Tensor) -> torch.Tensor:
-        """The distillation loss of the student's logits (B, K) on the images (B, 1, H, W) in [0, 1]."""
+    def loss(self, student_logits: torch.Tensor, *, x01: torch.Tensor, **_: Any) -> torch.Tensor:
+        """The distillation loss of the student's logits (B, K) on the images (B, 1, H, W) in [0, 1] it saw."""
         targets = self(x01).to(student_logits.device)  # (B, K)
         return distillation_loss(student_logits, targets, self.temperature)
+
+    @torch.no_grad()
+    def soft_targets(self, images: torch.Tensor, tta: str = "none", *, batch_size: int = 512,
+                     progress: bool = False) -> torch.Tensor:
+        """Soft targets (N, K) float32 on the CPU for images (N, 1, H, W) uint8: the mean over the members and
+        over the test-time views of ``tta`` (see :data:`ferlab.transforms.TTA_MODES`) of the softmax at the
+        temperature."""
+        out = []
+        n_batches = (len(images) + batch_size - 1) // batch_size
+        for idx in tqdm(batches(len(images), batch_size), total=n_batches, desc="teacher soft targets",
+                        disable=not progress, leave=False, mininterval=1.0, dynamic_ncols=True):
+            views = tta_views(to_unit(images[idx]), tta)  # V x (B, 1, H, W) in [0, 1]
+            out.append((sum(self(v) for v in views) / len(views)).float().cpu())  # (B, K)
+        if not out:
+            return torch.empty(0, len(self.metas[0]["class_names"]))
+        return torch.cat(out)
+
+
+class SoftTargets:
+    """Offline distillation: the teacher's soft targets for every training image, computed once.
+
+    The online :class:`Teacher` predicts each augmented batch, which costs a teacher forward pass per student
+    step (with an ensemble teacher, more than the student's own step). These targets are predicted once on the
+    un-augmented images (averaged over test-time views), so an epoch costs what plain training costs; the price
+    is that they ignore the batch's augmentation. Mixed batches get the same mix of their images' targets.
+    """
+
+    def __init__(self, probs: torch.Tensor, temperature: float) -> None:
+        if probs.ndim != 2:
+            raise ValueError(f"soft targets must be (N, K), got shape {tuple(probs.shape)}")
+        self.probs = probs.float()  # (N, K), rows sum to 1
+        self.temperature = temperature
+
+    def loss(self, student_logits: torch.Tensor, *, idx: torch.Tensor, perm: torch.Tensor | None = None,
+             lam: float = 1.0, **_: Any) -> torch.Tensor:
+        """The distillation loss of the student's logits (B, K) on the images ``idx`` (B,) of the training set,
+        mixed (when ``perm`` is given) with their partners ``idx[perm]`` at weight ``lam``."""
+        targets = self.probs[idx]  # (B, K)
+        if perm is not None:
+            targets = lam * targets + (1.0 - lam) * targets[perm]
+        return distillation_loss(student_logits, targets.to(student_logits.device), self.temperature)
+
+    def save(self, path: Path, key: dict[str, Any]) -> None:
+        """Write the targets to ``path`` (safetensors) with ``key``, what they were computed from."""
+        save_file({"probs": self.probs.contiguous()}, str(path), metadata={"key": json.dumps(key, sort_keys=True)})
+
+    @classmethod
+    def load(cls, path: Path, key: dict[str, Any], temperature: float) -> SoftTargets | None:
+        """The targets saved at ``path`` when they were computed from ``key``; None when absent or stale."""
+        if not path.is_file():
+            return None
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                saved = json.loads((f.metadata() or {}).get("key", "null"))
+                probs = f.get_tensor("probs")
+        except (SafetensorError, OSError, ValueError) as e:  # JSONDecodeError is a ValueError
+            raise CheckpointError(f"{path}: cannot read the cached soft targets ({e}); delete the file") from None
+        return cls(probs, temperature) if saved == json.loads(json.dumps(key, sort_keys=True)) else None
+
+
+def offline_soft_targets(teacher: Teacher, images: torch.Tensor, tta: str, cache: Path | None, *,
+                         data_fingerprint: str, batch_size: int = 512, progress: bool = False) -> SoftTargets:
+    """The teacher's :class:`SoftTargets` for the training images (N, 1, H, W) uint8, read from ``cache`` when
+    it holds them for these teachers, views, temperature and images, else computed (and written there)."""
+    key = {"teachers": teacher.specs, "tta": tta, "temperature": teacher.temperature,
+           "data_fingerprint": data_fingerprint, "n": len(images),
+           "images_sum": int(images.sum(dtype=torch.int64))}
+    if cache is not None and (found := SoftTargets.load(cache, key, teacher.temperature)) is not None:
+        return found
+    targets = SoftTargets(teacher.soft_targets(images, tta, batch_size=batch_size, progress=progress),
+                          teacher.temperature)
+    if cache is not None:
+        targets.save(cache, key)
+    return targets
 
 
 def distillation_loss(student_logits: torch.Tensor, soft_targets: torch.Tensor, temperature: float) -> torch.Tensor:

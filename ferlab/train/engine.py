@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from ferlab.transforms import AugmentConfig, Normalizer, augment, mix_batch, resize, tta_view_count, tta_views
 
 if TYPE_CHECKING:
-    from ferlab.train.distill import Teacher
+    from ferlab.train.distill import SoftTargets, Teacher
 
 
 def autocast(precision: str, device: torch.device | str = "cpu") -> contextlib.AbstractContextManager:
@@ -99,7 +99,7 @@ def train_one_epoch(
     size: int | None = None,
     mixup: float = 0.0,
     cutmix: float = 0.0,
-    teacher: Teacher | None = None,
+    teacher: Teacher | SoftTargets | None = None,
     distill_weight: float = 0.5,
     precision: str = "bf16",
     channels_last: bool = True,
@@ -117,8 +117,9 @@ def train_one_epoch(
     off) mix each batch with itself after augmentation (see :func:`ferlab.transforms.mix_batch`); the accuracy then
     counts each label with its mixing weight. With a ``teacher`` the loss is ``(1 - distill_weight)`` times the
     cross-entropy plus ``distill_weight`` times the teacher's distillation loss on the same (augmented, mixed)
-    batch; the reported loss is that sum. Returns this rank's mean loss, accuracy, number of images ``n`` and
-    seconds.
+    batch, or, for precomputed :class:`~ferlab.train.distill.SoftTargets` (offline distillation), on the soft
+    targets of the batch's images mixed with the same weights; the reported loss is that sum. Returns this rank's
+    mean loss, accuracy, number of images ``n`` and seconds.
     """
     model.train()
     device = model_device(model)
@@ -133,17 +134,19 @@ def train_one_epoch(
         x01 = augment(to_unit(images[idx]), aug, aug_g)  # (b, 1, H, W) in [0, 1]
         if size is not None:
             x01 = resize(x01, size)  # (b, 1, size, size)
-        x01, y_mix, lam = mix_batch(x01, y, mixup, cutmix, aug_g)
+        x01, perm, lam = mix_batch(x01, mixup, cutmix, aug_g)  # perm (b,): each image's partner (None: unmixed)
+        y_mix = y if perm is None else y[perm]  # (b,) the partners' labels
         x = layout(normalizer(x01), channels_last)  # (b, 1, H, W)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        y_mix = y_mix.to(device, non_blocking=True)  # the partners' labels (y itself without mixing)
+        y_mix = y_mix.to(device, non_blocking=True)
         with autocast(precision, device):
             logits = model(x)  # (b, K)
         loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
         if lam < 1.0:
             loss = lam * loss + (1.0 - lam) * F.cross_entropy(logits.float(), y_mix, label_smoothing=label_smoothing)
         if teacher is not None:
-            loss = (1.0 - distill_weight) * loss + distill_weight * teacher.loss(logits, x01)
+            loss = (1.0 - distill_weight) * loss + distill_weight * teacher.loss(logits, x01=x01, idx=idx, perm=perm,
+                                                                                 lam=lam)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss is {loss.item()} at batch {step}; lower the learning rate")
         optimizer.zero_grad(set_to_none=True)

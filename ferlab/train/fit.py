@@ -43,6 +43,8 @@ from ferlab.train.engine import evaluate, steps_per_epoch, train_one_epoch
 from ferlab.train.optim import build_optimizer, build_schedule
 from ferlab.transforms import Normalizer, expand_offline, progressive_side
 
+SOFT_TARGETS = "soft_targets.safetensors"  # offline distillation's teacher targets, kept for a resume
+
 INITS: dict[str, Callable[[torch.Tensor], Any]] = {
     "xavier": nn.init.xavier_uniform_,
     "he": lambda w: nn.init.kaiming_normal_(w, nonlinearity="relu"),
@@ -310,11 +312,21 @@ def _fit(
             f"train {len(x_train):,} / val {len(prep.splits['val']):,} images; {meta['split']['text']}")
         if teacher is not None:
             log(f"distilling from {len(cfg.teachers)} teacher checkpoint(s) at temperature {cfg.distill_temperature}"
-                f", weight {cfg.distill_weight}: {', '.join(cfg.teachers)}")
+                f", weight {cfg.distill_weight}" + (f", offline ({cfg.distill_offline} views)" if cfg.distill_offline
+                                                    else "") + f": {', '.join(cfg.teachers)}")
     if ddp.distributed or ddp.device.type != "cpu":
         log(f"training on {ddp.world_size} x {ddp.device.type}"
             + (f" with DistributedDataParallel; global batch {cfg.batch_size}, "
                f"{cfg.batch_size // ddp.world_size} per process" if ddp.distributed else ""))
+    if teacher is not None and cfg.distill_offline:  # the targets replace the teacher for the whole run
+        from ferlab.train.distill import offline_soft_targets
+
+        t0 = time.perf_counter()
+        teacher = offline_soft_targets(teacher, x_train, cfg.distill_offline, run_dir / SOFT_TARGETS if main else None,
+                                       data_fingerprint=prep.data.fingerprint, batch_size=cfg.eval_batch_size,
+                                       progress=progress)
+        log(f"offline distillation: soft targets of {len(x_train):,} training images ({cfg.distill_offline} views), "
+            f"{time.perf_counter() - t0:.1f}s")
     model = ddp.wrap(net)  # DDP broadcasts rank 0's weights to all ranks here
 
     def on_step() -> None:
