@@ -233,7 +233,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             f"eval-{args.split}" + ("-ensemble" if len(specs) > 1 else "")
             + {"none": "", "flip": "-tta"}.get(args.tta, f"-tta-{args.tta}"))
     report = evaluate_checkpoints(specs, split=args.split, data_path=args.data, tta=args.tta,
-                                  batch_size=args.batch_size, out_dir=out, progress=not args.json)
+                                  batch_size=args.batch_size, out_dir=out,
+                                  progress=not (args.json or args.no_progress))
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
 
@@ -315,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", help="where to write metrics.json and confusion.png (default RUN_DIR/eval-SPLIT; "
                                  "for shipped models only with --out)")
     e.add_argument("--json", action="store_true", help="print JSON")
+    e.add_argument("--no-progress", action="store_true", help="no progress bars (for logs; --json implies it)")
     e.set_defaults(func=cmd_evaluate)
 
     pc = sub.add_parser("predict-csv", help="write a Kaggle-style submission (id,label) for an unlabelled CSV")

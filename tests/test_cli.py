@@ -119,6 +119,15 @@ def test_evaluate_shift_tta(trained_run, capsys):
     assert "invalid choice: 'crops'" in capsys.readouterr().err
 
 
+def test_evaluate_no_progress_keeps_stderr_clean(trained_run, capsys):
+    capsys.readouterr()
+    assert main(["evaluate", str(trained_run), "--split", "val", "--tta", "shift"]) == 0
+    assert "%|" in capsys.readouterr().err  # the bars, by default
+    assert main(["evaluate", str(trained_run), "--split", "val", "--tta", "shift", "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert "%|" not in captured.err and "(shift TTA)" in captured.out
+
+
 def test_launcher_preloads_jemalloc_without_decay(tmp_path, monkeypatch):
     import ferlab.cli as cli
 
