@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--target", type=float, default=0.70, help="the PrivateTest accuracy to reach")
     ap.add_argument("--epochs", type=int, help="override the config's epochs")
     ap.add_argument("--seed", type=int, help="override the config's seed (to measure the seed-to-seed spread)")
-    ap.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    ap.add_argument("--threads", type=int,
+                    help="torch threads (default: auto, the cores not busy with other work at start)")
     ap.add_argument("--tta-modes", nargs="+", default=list(TTA_MODES), choices=list(TTA_MODES),
                     help="test-time augmentations to choose from on PublicTest (val); default: all")
     ap.add_argument("--synthetic", help=argparse.SUPPRESS)  # options of the synthetic data, for tests

@@ -25,6 +25,7 @@ from ferlab.transforms import Normalizer
 
 FORMAT = "ferlab-checkpoint"
 FORMAT_VERSION = 1
+META_KEYS = ("model", "preprocess", "class_names")  # what rebuilding and feeding the model need
 BEST = "best.safetensors"
 LAST_STATE = "last.pt"
 
@@ -89,9 +90,16 @@ def read_meta(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{p}: not a readable safetensors file ({e})") from None
     if raw is None:
         raise CheckpointError(f"{p}: safetensors file has no ferlab metadata; not a ferlab checkpoint")
-    meta = json.loads(raw)
-    if meta.get("format") != FORMAT or meta.get("version", 0) > FORMAT_VERSION:
-        raise CheckpointError(f"{p}: unsupported checkpoint format {meta.get('format')} v{meta.get('version')}")
+    try:
+        meta = json.loads(raw)
+    except ValueError as e:
+        raise CheckpointError(f"{p}: damaged ferlab metadata ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version", 0) > FORMAT_VERSION:
+        got = f"{meta.get('format')} v{meta.get('version')}" if isinstance(meta, dict) else type(meta).__name__
+        raise CheckpointError(f"{p}: unsupported checkpoint format {got}")
+    missing = [k for k in META_KEYS if k not in meta]
+    if missing:
+        raise CheckpointError(f"{p}: incomplete ferlab metadata (no {', '.join(missing)})")
     return meta
 
 

@@ -200,13 +200,19 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Train then evaluate on the embedded synthetic data: the whole cycle in a few minutes on 2 cores."""
+    from ferlab.checkpoint import CheckpointError
     from ferlab.evaluate import evaluate_checkpoints, format_report
     from ferlab.train.config import TrainConfig
-    from ferlab.train.fit import fit
+    from ferlab.train.fit import check_same_options, fit
 
     run_dir = Path(args.out)
     cfg = TrainConfig(model=args.model, epochs=args.epochs)
-    resume = (run_dir / "last.pt").exists()
+    resume = (run_dir / "last.pt").exists()  # a demo run already there continues, or is left alone
+    if resume:
+        try:
+            check_same_options(run_dir, cfg)
+        except CheckpointError as e:
+            raise CheckpointError(f"{e} (for a demo with these options: --out DIR)") from None
     fit(cfg, run_dir, resume=resume, progress=not args.no_progress)
     report = evaluate_checkpoints([run_dir], split="test", out_dir=run_dir / "eval-test", progress=False)
     print(format_report(report))
@@ -229,9 +235,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     out: Path | None = Path(args.out) if args.out else None
     if out is None and args.checkpoints:  # next to the first run; a shipped model writes files only with --out
         first = Path(args.checkpoints[0])
-        out = (first if first.is_dir() else first.parent) / (
-            f"eval-{args.split}" + ("-ensemble" if len(specs) > 1 else "")
-            + {"none": "", "flip": "-tta"}.get(args.tta, f"-tta-{args.tta}"))
+        base = first if first.is_dir() else first.parent if first.is_file() else None  # None: a shipped name
+        if base is not None:
+            out = base / (f"eval-{args.split}" + ("-ensemble" if len(specs) > 1 else "")
+                          + {"none": "", "flip": "-tta"}.get(args.tta, f"-tta-{args.tta}"))
     report = evaluate_checkpoints(specs, split=args.split, data_path=args.data, tta=args.tta,
                                   batch_size=args.batch_size, out_dir=out,
                                   progress=not (args.json or args.no_progress))
@@ -346,6 +353,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except (DataError, CheckpointError, FileNotFoundError, FileExistsError, ValueError, KeyError) as e:
+        if os.environ.get("FERLAB_DEBUG", "0") not in ("", "0"):
+            raise  # the whole traceback, for bug reports
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"ferlab {args.command}: error: {msg}", file=sys.stderr)
         return 2

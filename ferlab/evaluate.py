@@ -110,6 +110,14 @@ def evaluate_checkpoints(
     for p, _, meta in loaded[1:]:
         if meta["class_names"] != first_meta["class_names"]:
             raise ValueError(f"{p}: class names {meta['class_names']} differ from {first_meta['class_names']}")
+        if first_meta["split"]["val_carved"] and (
+                (meta["split"]["val_fraction"], meta["split"]["split_seed"])
+                != (first_meta["split"]["val_fraction"], first_meta["split"]["split_seed"])):
+            # each member carved its own val part out of train: one member's val rows are another's training rows
+            raise ValueError(f"{p}: its val part was carved with fraction {meta['split']['val_fraction']} and seed "
+                             f"{meta['split']['split_seed']}, {loaded[0][0]}'s with fraction "
+                             f"{first_meta['split']['val_fraction']} and seed {first_meta['split']['split_seed']}: "
+                             "an ensemble needs members trained on the same split")
     data = data_for(first_meta, data_path, progress)
     idx = split_rows(data, first_meta, split)
     x = torch.from_numpy(data.images[idx]).unsqueeze(1)  # (N, 1, 48, 48) uint8
@@ -121,7 +129,7 @@ def evaluate_checkpoints(
         probs = checkpoint_probs(model, meta, x, tta=tta, batch_size=batch_size, progress=progress,
                                  desc=Path(p).name)
         probs_all.append(probs)
-        fp_ok = data_path is None or meta["data"]["fingerprint"] == data.fingerprint
+        fp_ok = meta["data"]["fingerprint"] == data.fingerprint  # also without --data: the file may have changed
         members.append({
             "checkpoint": p, "model": meta["model"]["name"], "accuracy": float((probs.argmax(1) == y).mean()),
             "best_epoch": meta.get("result", {}).get("epoch"),

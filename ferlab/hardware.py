@@ -24,19 +24,31 @@ def describe() -> str:
     return f"{cpu_name()}, {len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()} cores"
 
 
-def _cpu_times() -> tuple[int, int] | None:
-    """(busy, total) jiffies of all CPUs from /proc/stat, or None where there is no /proc/stat."""
+def _usable_cpus() -> set[int] | None:
+    """The CPUs this process may run on (its affinity set), or None where the OS does not say."""
+    return set(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+
+
+def _cpu_times(stat: str | None = None) -> dict[int, tuple[int, int]] | None:
+    """(busy, total) jiffies of each CPU (``cpuN`` lines of /proc/stat), or None where there is no /proc/stat."""
     try:
-        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    except (OSError, ValueError):
+        text = Path("/proc/stat").read_text() if stat is None else stat
+        times = {}
+        for line in text.splitlines():
+            name, *values = line.split()
+            if name.startswith("cpu") and name[3:].isdigit():
+                fields = [int(v) for v in values]
+                idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+                total = sum(fields[:8])  # user nice system idle iowait irq softirq steal (guest is inside user)
+                times[int(name[3:])] = (total - idle, total)
+    except (OSError, ValueError, IndexError):
         return None
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    total = sum(fields[:8])  # user nice system idle iowait irq softirq steal (guest is inside user)
-    return total - idle, total
+    return times or None
 
 
 def busy_cores(interval: float = 0.5) -> float:
-    """How many cores other work keeps busy now: CPU use sampled over ``interval`` seconds.
+    """How many of the cores this process may use other work keeps busy now: CPU use sampled over ``interval``
+    seconds on the CPUs of this process's affinity set (in a container pinned to 2 of a host's 64 CPUs, those 2).
 
     Sampled (from /proc/stat) rather than the 1-minute load average, which still counts work that has just
     ended, e.g. this process's previous training run. Falls back to the load average where /proc/stat is absent.
@@ -46,6 +58,11 @@ def busy_cores(interval: float = 0.5) -> float:
         return os.getloadavg()[0]
     time.sleep(interval)
     after = _cpu_times()
-    if after is None or after[1] <= before[1]:
+    if after is None:
         return os.getloadavg()[0]
-    return (os.cpu_count() or 1) * (after[0] - before[0]) / (after[1] - before[1])
+    cpus = _usable_cpus() or set(before)
+    busy = 0.0
+    for cpu in cpus & set(before) & set(after):
+        d_busy, d_total = after[cpu][0] - before[cpu][0], after[cpu][1] - before[cpu][1]
+        busy += d_busy / d_total if d_total > 0 else 0.0
+    return busy

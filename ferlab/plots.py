@@ -1,4 +1,4 @@
-"""Figures: training curves and confusion matrices (matplotlib, Agg backend, PNG files)."""
+"""Figures: training curves and confusion matrices (matplotlib Figures rendered with Agg, PNG files)."""
 
 from __future__ import annotations
 
@@ -9,24 +9,23 @@ from pathlib import Path
 import numpy as np
 
 
-def _pyplot():
-    import matplotlib
+def _figure(width: float, height: float):
+    """A bare matplotlib Figure: no pyplot state, so no backend switch in the caller's process (a notebook's
+    plots keep showing); it renders with Agg when saved."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return Figure(figsize=(width, height))
 
 
 def plot_history(history: Sequence[dict[str, float]], path: str | Path, title: str = "") -> None:
     """Accuracy and loss per epoch, train vs val, side by side; epochs trained on smaller images (progressive
     resizing) shaded."""
-    plt = _pyplot()
     ep = [h["epoch"] for h in history]
     sizes = {h["epoch"]: h["size"] for h in history if h.get("size") and not math.isnan(h["size"])}
     full = max(sizes.values(), default=0)
     small = [e for e, side in sizes.items() if side < full]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig = _figure(10, 4)
+    axes = fig.subplots(1, 2)
     for ax, key in zip(axes, ("acc", "loss"), strict=True):
         if small:
             ax.axvspan(min(small) - 0.5, max(small) + 0.5, color="0.92", label=f"trained below {full:.0f}x{full:.0f}")
@@ -40,15 +39,14 @@ def plot_history(history: Sequence[dict[str, float]], path: str | Path, title: s
         fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def plot_confusion(cm: np.ndarray, class_names: Sequence[str], path: str | Path, title: str = "") -> None:
     """Confusion matrix as counts and row-normalised (recall per true class), side by side."""
-    plt = _pyplot()
     cm = np.asarray(cm)
     norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
+    fig = _figure(13, 5.5)
+    axes = fig.subplots(1, 2)
     for ax, mat, fmt, name in ((axes[0], cm, "d", "counts"), (axes[1], norm, ".2f", "row-normalised")):
         im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
         k = len(class_names)
@@ -66,4 +64,3 @@ def plot_confusion(cm: np.ndarray, class_names: Sequence[str], path: str | Path,
         fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from ferlab.checkpoint import CheckpointError, load_checkpoint, load_state, read_meta, save_checkpoint, save_state
 from ferlab.models import create_model
@@ -34,6 +36,19 @@ def test_missing_and_corrupt_files(tmp_path):
     bad.write_bytes(b"\x00" * 100)
     with pytest.raises(CheckpointError, match="bad.safetensors"):
         load_checkpoint(bad)
+
+
+def test_damaged_or_incomplete_metadata_names_the_file(tmp_path):
+    tensors = {"w": torch.zeros(1)}
+    cases = {"garbled": "{not json", "a-list": "[1, 2]", "old-format": json.dumps({"format": "other"}),
+             "incomplete": json.dumps({"format": "ferlab-checkpoint", "version": 1, "model": {}})}
+    expected = {"garbled": "damaged ferlab metadata", "a-list": "unsupported checkpoint format list",
+                "old-format": "unsupported checkpoint format other", "incomplete": "no preprocess, class_names"}
+    for name, raw in cases.items():
+        path = tmp_path / f"{name}.safetensors"
+        save_file(tensors, str(path), metadata={"ferlab": raw})
+        with pytest.raises(CheckpointError, match=f"{name}.safetensors: .*{expected[name]}"):
+            read_meta(path)
 
 
 def test_weights_of_another_model_are_refused(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from conftest import LEARN_SYNTHETIC, TINY_SYNTHETIC
@@ -157,3 +158,34 @@ def test_pretrained_table_columns_stay_aligned_with_long_names(monkeypatch, caps
     for line, r in zip(lines, rows, strict=True):
         assert line[col:].startswith(r["model"] + " "), line  # the model column starts where its header does
         assert line.rstrip().endswith("53.00%") and line.index("52.00%") == lines[0].index("52.00%")
+
+
+def test_evaluate_writes_files_next_to_a_run_and_for_a_shipped_name_only_with_out(trained_run, tmp_path,
+                                                                                  monkeypatch):
+    import ferlab.evaluate
+
+    seen = []
+    monkeypatch.setattr(ferlab.evaluate, "evaluate_checkpoints", lambda specs, **kw: seen.append(kw["out_dir"]) or {})
+    monkeypatch.setattr(ferlab.evaluate, "format_report", lambda report: "")
+    monkeypatch.chdir(tmp_path)
+    for argv in ([str(trained_run)], ["fer-resnet-s-fer2013"], ["fer-resnet-s-fer2013", "--out", "mine"]):
+        assert main(["evaluate", *argv, "--split", "val", "--tta", "shift"]) == 0
+    assert seen == [trained_run / "eval-val-tta-shift", None, Path("mine")]
+
+
+def test_demo_refuses_to_continue_a_demo_run_with_other_options(tmp_path, capsys):
+    run = tmp_path / "demo"
+    run.mkdir()
+    (run / "last.pt").write_bytes(b"")
+    (run / "config.json").write_text(json.dumps({"train": {"model": "fer-resnet-s", "epochs": 99}}))
+    assert main(["demo", "--out", str(run), "--epochs", "2", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "other training options" in err and "epochs: 99 -> 2" in err and "--out DIR" in err
+
+
+def test_ferlab_debug_shows_the_traceback_instead_of_one_line(tmp_path, monkeypatch, capsys):
+    argv = ["evaluate", str(tmp_path / "missing-run")]
+    assert main(argv) == 2 and "missing-run" in capsys.readouterr().err
+    monkeypatch.setenv("FERLAB_DEBUG", "1")
+    with pytest.raises(Exception, match="missing-run"):
+        main(argv)

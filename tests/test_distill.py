@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from ferlab.checkpoint import CheckpointError, save_checkpoint
+from ferlab.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ferlab.models import create_model
 from ferlab.train.config import TrainConfig
 from ferlab.train.distill import SoftTargets, Teacher, distillation_loss, offline_soft_targets
@@ -198,6 +198,26 @@ def test_stale_or_corrupt_soft_target_caches(tmp_path, trained_tiny_run):
     cache.write_bytes(b"not a safetensors file")
     with pytest.raises(CheckpointError, match="cannot read the cached soft targets"):
         offline_soft_targets(teacher, images, "none", cache, data_fingerprint="fp")
+
+
+def test_a_teacher_retrained_in_place_is_not_served_stale_targets(tmp_path, trained_tiny_run):
+    model, meta = load_checkpoint(trained_tiny_run)
+    path = tmp_path / "teacher.safetensors"
+    save_checkpoint(path, model, meta)
+    images = torch.randint(0, 256, (8, 1, 48, 48), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    cache = tmp_path / "soft.safetensors"
+
+    def targets() -> torch.Tensor:
+        teacher = Teacher([str(path)], 4.0, precision="fp32", channels_last=False)
+        return offline_soft_targets(teacher, images, "none", cache, data_fingerprint="fp").probs
+
+    before = targets()
+    with torch.no_grad():
+        for prm in model.parameters():
+            prm.add_(0.05 * torch.randn_like(prm))
+    save_checkpoint(path, model, meta)  # same path, other weights
+    assert not torch.allclose(before, targets())
+    assert not list(tmp_path.glob(".soft.safetensors.*"))  # written atomically: no temporary file left
 
 
 @pytest.mark.parametrize("bad, match", [({"distill_offline": "mirror", "teachers": ["t"]}, "distill_offline"),

@@ -31,9 +31,11 @@ import torch
 from safetensors.torch import load_file
 
 from ferlab.checkpoint import LAST_STATE, load_state
+from ferlab.models import create_model
 from ferlab.train.config import TrainConfig
-from ferlab.train.engine import epoch_batches, steps_per_epoch
+from ferlab.train.engine import epoch_batches, steps_per_epoch, train_one_epoch
 from ferlab.train.fit import fit
+from ferlab.transforms import AUGMENT_PRESETS, Normalizer
 
 SMALL = {"n_train": 256, "n_val": 64, "n_test": 64}
 TINY = {"n_train": 128, "n_val": 32, "n_test": 32}
@@ -73,6 +75,27 @@ def test_epoch_batches_shard_the_same_permutation():
     assert sum(len(p) for r in ranks for p in r) == 102
     with pytest.raises(ValueError, match="divisible"):
         epoch_batches(n, 15, torch.Generator(), 0, 2)
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_a_last_batch_of_one_image_per_rank_is_dropped_and_counted(world):
+    for b in (8, 16, 64):
+        for n in range(b * world // 2, 3 * b + 2 * world):
+            local = epoch_batches(n, b, torch.Generator().manual_seed(0), 0, world)
+            assert len(local) == steps_per_epoch(n, b, world), (n, b)
+            assert len(local) == 1 or len(local[-1]) >= 2, (n, b)
+
+
+def test_a_dense_batchnorm_net_trains_when_one_image_is_left_over():
+    model = create_model("r002-vgg")  # BatchNorm1d in its dense head cannot train on a batch of one
+    images = torch.randint(0, 256, (17, 1, 48, 48), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(17) % 7
+    assert [len(b) for b in epoch_batches(17, 8, torch.Generator().manual_seed(0))] == [8, 8]
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    out = train_one_epoch(model, opt, images, labels, batch_size=8, aug=AUGMENT_PRESETS["none"],
+                          normalizer=Normalizer("unit"), g=torch.Generator().manual_seed(0), precision="fp32",
+                          channels_last=False, progress=False)
+    assert out["n"] == 16
 
 
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path):

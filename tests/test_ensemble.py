@@ -100,3 +100,21 @@ def test_bench_ensemble_cache_gives_the_same_selection_without_predicting_again(
     monkeypatch.setattr("ferlab.evaluate.checkpoint_probs", no_prediction)
     assert bench.main(argv) == 0
     assert capsys.readouterr().out == first
+
+
+def test_a_member_whose_data_changed_is_flagged_even_without_data(tmp_path, trained_tiny_run):
+    model, meta = load_checkpoint(trained_tiny_run)
+    other = tmp_path / "other.safetensors"  # as if trained on another version of the file
+    save_checkpoint(other, model, {**meta, "data": {**meta["data"], "fingerprint": "0" * 16}})
+    members = evaluate_checkpoints([trained_tiny_run, other], split="test", progress=False)["members"]
+    assert [m["same_data_as_training"] for m in members] == [True, False]
+
+
+def test_an_ensemble_of_runs_with_differently_carved_val_parts_is_refused(tmp_path, trained_tiny_run):
+    model, meta = load_checkpoint(trained_tiny_run)
+    paths = []
+    for seed in (0, 1):  # each member held out its own val rows: one member's val rows trained the other
+        paths.append(tmp_path / f"seed{seed}.safetensors")
+        save_checkpoint(paths[-1], model, {**meta, "split": {**meta["split"], "val_carved": True, "split_seed": seed}})
+    with pytest.raises(ValueError, match="seed1.safetensors: its val part was carved with fraction .* and seed 1"):
+        evaluate_checkpoints(paths, split="val", progress=False)

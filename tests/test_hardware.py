@@ -33,3 +33,18 @@ def test_auto_threads_follows_the_sampled_cores_not_the_load_average(monkeypatch
     assert fit.auto_threads(world_size=2) == 0
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     assert fit.auto_threads() == 0
+
+
+def test_busy_cores_counts_only_the_cpus_this_process_may_use(monkeypatch):
+    # a 4-CPU host; this process is pinned to CPUs 1 and 2. Between the samples CPU 0 and CPU 3 (not ours) are
+    # fully busy, CPU 1 is half busy and CPU 2 idle: 0.5 busy cores of ours, not 2.5
+    def stat(busy: list[int], idle: list[int]) -> str:
+        total = f"cpu {sum(busy)} 0 0 {sum(idle)} 0 0 0 0 0 0"
+        per_cpu = [f"cpu{i} {b} 0 0 {d} 0 0 0 0 0 0" for i, (b, d) in enumerate(zip(busy, idle, strict=True))]
+        return "\n".join([total, *per_cpu])
+
+    samples = iter([stat([0, 0, 0, 0], [0, 0, 0, 0]), stat([100, 50, 0, 100], [0, 50, 100, 0])])
+    monkeypatch.setattr(hardware, "_cpu_times", lambda real=hardware._cpu_times: real(next(samples)))
+    monkeypatch.setattr(hardware, "_usable_cpus", lambda: {1, 2})
+    monkeypatch.setattr(hardware.time, "sleep", lambda s: None)
+    assert hardware.busy_cores() == pytest.approx(0.5)

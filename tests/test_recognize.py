@@ -140,6 +140,16 @@ def test_to_bgr8_channel_order_alpha_and_depth():
         to_bgr8(np.zeros((4, 4, 2), np.uint8))
 
 
+def test_to_bgr8_of_a_large_16_bit_rgba_image_matches_the_exact_formula_band_by_band():
+    # taller than one compositing band (2^20 pixels / 700 columns = 1,497 rows): bands must join seamlessly
+    g = np.random.default_rng(0)
+    img = g.integers(0, 65536, size=(1600, 700, 4), dtype=np.uint16)
+    exact = img[:, :, :3] / 257.0 * (img[:, :, 3:4] / 65535.0) + 255.0 * (1 - img[:, :, 3:4] / 65535.0)
+    got = to_bgr8(img, "rgb")
+    assert got.dtype == np.uint8 and got.shape == (1600, 700, 3)
+    assert np.abs(got.astype(float) - exact[:, :, ::-1]).max() <= 1.5  # 8-bit alpha: within a level or so
+
+
 def test_video_gives_every_nth_frame(media):
     frames = list(read_video(media["video"], every=2))
     assert [i for i, _ in frames] == [0, 2, 4]

@@ -9,12 +9,13 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from conftest import TINY_SYNTHETIC, tiny_config
 from safetensors.torch import load_file
 
-from ferlab.checkpoint import LAST_STATE, load_state
-from ferlab.train.fit import fit
+from ferlab.checkpoint import LAST_STATE, CheckpointError, load_state
+from ferlab.train.fit import fit, format_eta
 
 
 def final_weights(run_dir) -> dict[str, torch.Tensor]:
@@ -29,11 +30,16 @@ def assert_same_weights(a: dict, b: dict) -> None:
 
 def test_stop_and_resume_equals_uninterrupted(tmp_path):
     cfg = tiny_config(epochs=3)
-    fit(cfg, tmp_path / "ref", progress=False, log=lambda s: None)
+    ref_log: list[str] = []
+    fit(cfg, tmp_path / "ref", progress=False, log=ref_log.append)
     part = fit(cfg, tmp_path / "cut", progress=False, stop_after=1, log=lambda s: None)
     assert not part["finished"] and part["epochs_run"] == 1
-    done = fit(cfg, tmp_path / "cut", resume=True, progress=False, log=lambda s: None)
+    cut_log: list[str] = []
+    done = fit(cfg, tmp_path / "cut", resume=True, progress=False, log=cut_log.append)
     assert done["finished"] and done["epochs_run"] == 3
+    # every epoch line but the last says how long the rest of the run will take, a resumed run's too
+    assert [("| eta " in m) for m in ref_log if m.startswith("epoch ")] == [True, True, False]
+    assert [("| eta " in m) for m in cut_log if m.startswith("epoch ")] == [True, False]
     assert_same_weights(final_weights(tmp_path / "ref"), final_weights(tmp_path / "cut"))
     h_ref = (tmp_path / "ref/history.csv").read_text().splitlines()
     h_cut = (tmp_path / "cut/history.csv").read_text().splitlines()
@@ -73,3 +79,17 @@ def test_sigkill_then_resume_matches_uninterrupted_cli(tmp_path):
     assert res.returncode == 0, res.stderr
     assert f"resuming {tmp_path / 'cut'} after epoch {killed_after}" in res.stdout
     assert_same_weights(final_weights(tmp_path / "ref"), final_weights(tmp_path / "cut"))
+
+
+def test_format_eta():
+    assert [format_eta(s) for s in (0, 41.6, 60, 249, 3599.4, 3600, 3900, 11 * 3600 + 59)] == [
+        "0s", "42s", "1m00s", "4m09s", "59m59s", "1h00m", "1h05m", "11h00m"]
+
+
+def test_resuming_with_other_options_is_refused(tmp_path):
+    fit(tiny_config(epochs=3), tmp_path / "run", progress=False, stop_after=1, log=lambda s: None)
+    with pytest.raises(CheckpointError, match=r"other training options than these \(epochs: 3 -> 4\)"):
+        fit(tiny_config(epochs=4), tmp_path / "run", resume=True, progress=False, log=lambda s: None)
+    # the thread count and the evaluation batch size change nothing a run learns
+    assert fit(tiny_config(epochs=3, threads=1, eval_batch_size=256), tmp_path / "run", resume=True,
+               progress=False, log=lambda s: None)["finished"]

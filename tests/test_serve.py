@@ -357,6 +357,7 @@ def test_cli_serve_runs_uvicorn(trained_tiny_run, monkeypatch, capsys, host, bac
     assert main(argv) == 0
     (app, kw), = calls
     assert kw["host"] == (host or "127.0.0.1") and kw["port"] == 8123
+    assert kw["limit_concurrency"] == 16  # more connections get 503: upload bodies in memory stay bounded
     info = app.state.info
     assert info["limits"]["max_upload_bytes"] == 2 * 2**20
     assert (info["backend"], info["explain_method"]) == (backend or "torch", "gradcam")

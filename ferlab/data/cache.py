@@ -1,9 +1,9 @@
 """On-disk cache of parsed FER data: uncompressed ``.npz`` entries, written atomically, keyed by content hash.
 
 Key choice: the key hashes the *content* of the source file(s) (SHA-256 of the bytes on disk, about 0.1 s for the
-94 MB ``fer2013.csv.gz`` with hardware SHA), their sizes, the layout, ``skip_bad`` and ``FORMAT_VERSION``. The mtime
-is deliberately not part of a CSV key: the content hash already catches every change, and ``touch``/``cp`` then do
-not force a re-parse. Image folders are keyed on the sorted ``(relative path, size, mtime_ns)`` list instead (hashing
+94 MB ``fer2013.csv.gz`` with hardware SHA), their sizes and modification times, the layout, ``skip_bad`` and
+``FORMAT_VERSION``; the content hash catches every edit, the modification time makes a touched file re-parse too.
+Image folders are keyed on the sorted ``(relative path, size, mtime_ns)`` list instead (hashing
 35k small files on every load would be slow); their content hash is stored inside the entry as the fingerprint.
 """
 
@@ -15,6 +15,7 @@ import logging
 import os
 import uuid
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -112,7 +113,7 @@ def load_entry(path: Path, key: str) -> FerData | None:
             n_skipped=int(meta["n_skipped"]),
             notes=[str(n) for n in meta["notes"]],
         )
-    except Exception as e:  # any damage to a cache file means: rebuild it
+    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as e:  # a damaged file: rebuild it
         warnings.warn(f"ignoring unreadable cache file {path} ({type(e).__name__}: {e}); re-parsing", stacklevel=3)
         try:
             path.unlink()

@@ -216,7 +216,8 @@ class SmoothGradExplainer(Explainer):
 
 @register
 class IntegratedGradientsExplainer(Explainer):
-    """Integrated gradients from a uniform baseline (``baseline``, model-input units) in ``steps`` Riemann steps."""
+    """Integrated gradients from a uniform baseline (``baseline``, model-input units) in ``steps``
+    Gauss-Legendre steps (default 16)."""
 
     name = "integrated-gradients"
     reduce = "positive"

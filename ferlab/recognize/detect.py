@@ -28,6 +28,9 @@ class HaarDetector:
     """OpenCV's Viola-Jones cascade on a gray image, downscaled first so that its longest side is <= max_side.
 
     min_face: smallest face side in original pixels; scale_factor / min_neighbors: as in detectMultiScale.
+    The cascade finds nothing under 20 pixels of the downscaled image, so on a photo whose longest side L is over
+    max_side the smallest face found is max(min_face, 20 * L / max_side) pixels (62 for a 4000-pixel photo);
+    raise max_side to find smaller faces there, at a cost that grows with the pixels searched.
     """
 
     def __init__(self, cascade: str = "haarcascade_frontalface_default.xml", min_face: int = 24,

@@ -129,8 +129,8 @@ def to_bgr8(img: np.ndarray, color: str = "bgr") -> np.ndarray:
         img = img[:, :, 0]
     if img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[2] not in (3, 4)) or img.size == 0:
         raise ImageError(f"image array of shape {img.shape}: expected (H, W), (H, W, 3) or (H, W, 4)")
-    if img.dtype == np.uint16:
-        x = img.astype(np.float32) / 257.0
+    if img.dtype == np.uint16:  # to 8 bits without a float copy of the whole image: (H, W*C) keeps any C
+        x = cv2.convertScaleAbs(img.reshape(img.shape[0], -1), alpha=1 / 257.0).reshape(img.shape)
     elif img.dtype.kind == "f":
         x = np.clip(img.astype(np.float32), 0.0, 1.0) * 255.0
     elif img.dtype == np.uint8:
@@ -139,10 +139,15 @@ def to_bgr8(img: np.ndarray, color: str = "bgr") -> np.ndarray:
         x = np.clip(img, 0, 255).astype(np.uint8)
     else:
         raise ImageError(f"unsupported image dtype {img.dtype}")
-    if x.ndim == 3 and x.shape[2] == 4:
-        alpha = x[:, :, 3:4].astype(np.float32) / 255.0  # (H, W, 1)
-        x = x[:, :, :3].astype(np.float32) * alpha + 255.0 * (1.0 - alpha)
     x = np.clip(np.rint(x), 0, 255).astype(np.uint8) if x.dtype != np.uint8 else x
+    if x.ndim == 3 and x.shape[2] == 4:  # composite over white, in bands of rows: float copies stay small
+        out = np.empty(x.shape[:2] + (3,), np.uint8)
+        rows = max(1, (1 << 20) // x.shape[1])  # about a million pixels a band
+        for r in range(0, x.shape[0], rows):
+            band = x[r : r + rows]
+            alpha = band[:, :, 3:4].astype(np.float32) / 255.0  # (h, W, 1)
+            out[r : r + rows] = np.rint(band[:, :, :3] * alpha + 255.0 * (1.0 - alpha))
+        x = out
     if x.ndim == 2:
         return cv2.cvtColor(x, cv2.COLOR_GRAY2BGR)
     return np.ascontiguousarray(x[:, :, ::-1] if color == "rgb" else x)

@@ -32,7 +32,9 @@ from ferlab.serve.uploads import (
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 DEFAULT_MAX_UPLOAD_MB = 10.0
-MAX_CONCURRENT_IMAGES = 2  # decoded images in flight at once (each up to max_pixels x 3 bytes)
+MAX_CONNECTIONS = 16  # uvicorn answers 503 above this: bounds the upload bodies held at once (each <= the cap)
+MAX_CONCURRENT_IMAGES = 2  # images decoded at once: each up to max_pixels x 8 bytes (16-bit RGBA PNG) while
+# decoding, then max_pixels x 3 (BGR)
 
 # Served with every response: the page may load only its own files (no CDN, works offline), images may also be
 # data: URLs (the overlays) and blob: URLs (the user's photo), media may be the webcam stream.

@@ -35,7 +35,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from ferlab.recognize.api import Recognizer
     from ferlab.recognize.backends import default_model
-    from ferlab.serve.app import create_app
+    from ferlab.serve.app import MAX_CONNECTIONS, create_app
 
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in 0..65535, got {args.port}")
@@ -57,7 +57,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     shown = f"[{args.host}]" if ":" in args.host else args.host
     print(f"ferlab serve: model {info['model']} ({info['backend']}); open http://{shown}:{args.port}/ "
           "(Ctrl+C to stop)", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, server_header=False)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, server_header=False,
+                limit_concurrency=MAX_CONNECTIONS)
     return 0
 
 

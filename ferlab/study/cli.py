@@ -40,7 +40,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--budget", default="quick", choices=("quick", "full"),
                    help="quick: synthetic faces, minutes (default); full: FER2013, hours, resumable")
     s.add_argument("--out", help="output folder (default runs/study-BUDGET)")
-    s.add_argument("--threads", type=int, default=0, help="torch threads for training and evaluation (0: all cores)")
+    s.add_argument("--threads", type=int, default=0,
+                   help="torch threads for training and evaluation "
+                        "(0: auto, the cores not busy with other work at start)")
     s.add_argument("--adopt", action="append", metavar="RUN_DIR",
                    help="reuse a finished run trained elsewhere (e.g. by `ferlab train --config configs/...`) when "
                         "its config and data match an experiment of the budget (repeatable)")

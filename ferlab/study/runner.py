@@ -23,10 +23,10 @@ import numpy as np
 
 from ferlab.data.types import FerData
 from ferlab.study.plan import Budget, Experiment, get_budget, plan_for
+from ferlab.train.config import NOT_LEARNED
 
 CACHE_VERSION = 1  # bump when a change must invalidate every cached run
-# TrainConfig fields that do not change what a run learns.
-NOT_HASHED = ("data", "threads", "eval_batch_size")
+NOT_HASHED = NOT_LEARNED  # TrainConfig fields that do not change what a run learns
 # TrainConfig fields added after cache version 1, hashed only when set, so runs cached before they existed (at
 # their defaults, which reproduce the old behaviour exactly) keep their hashes.
 HASHED_WHEN_SET: dict[str, object] = {"mixup": 0.0, "cutmix": 0.0, "ema_decay": 0.0, "teachers": [],

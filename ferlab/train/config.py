@@ -19,6 +19,10 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "monitor": ("val_acc", "val_loss"),
 }
 
+# Options that do not change what a run learns: where the data file lives (its content is checked by its
+# fingerprint), the thread count and the evaluation batch size.
+NOT_LEARNED: tuple[str, ...] = ("data", "threads", "eval_batch_size")
+
 
 @dataclass
 class TrainConfig:

@@ -21,7 +21,8 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from ferlab.checkpoint import CheckpointError, load_checkpoint, normalizer_from_meta
+from ferlab.checkpoint import CheckpointError, atomic_write, load_checkpoint, normalizer_from_meta, resolve
+from ferlab.data.cache import sha256_file
 from ferlab.train.engine import autocast, batches, layout, model_device, to_unit
 from ferlab.transforms import tta_views
 
@@ -132,7 +133,9 @@ class SoftTargets:
 
     def save(self, path: Path, key: dict[str, Any]) -> None:
         """Write the targets to ``path`` (safetensors) with ``key``, what they were computed from."""
-        save_file({"probs": self.probs.contiguous()}, str(path), metadata={"key": json.dumps(key, sort_keys=True)})
+        probs = self.probs.contiguous()
+        atomic_write(Path(path), lambda tmp: save_file({"probs": probs}, tmp,
+                                                       metadata={"key": json.dumps(key, sort_keys=True)}))
 
     @classmethod
     def load(cls, path: Path, key: dict[str, Any], temperature: float) -> SoftTargets | None:
@@ -151,8 +154,10 @@ class SoftTargets:
 def offline_soft_targets(teacher: Teacher, images: torch.Tensor, tta: str, cache: Path | None, *,
                          data_fingerprint: str, batch_size: int = 512, progress: bool = False) -> SoftTargets:
     """The teacher's :class:`SoftTargets` for the training images (N, 1, H, W) uint8, read from ``cache`` when
-    it holds them for these teachers, views, temperature and images, else computed (and written there)."""
-    key = {"teachers": teacher.specs, "tta": tta, "temperature": teacher.temperature,
+    it holds them for these teachers (their checkpoints' bytes: a teacher retrained in place is another teacher),
+    views, temperature and images, else computed (and written there, atomically)."""
+    key = {"teachers": teacher.specs, "teacher_sha256": [sha256_file(resolve(spec)) for spec in teacher.specs],
+           "tta": tta, "temperature": teacher.temperature,
            "data_fingerprint": data_fingerprint, "n": len(images),
            "images_sum": int(images.sum(dtype=torch.int64))}
     if cache is not None and (found := SoftTargets.load(cache, key, teacher.temperature)) is not None:

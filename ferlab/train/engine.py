@@ -66,7 +66,8 @@ def epoch_batches(
     ``batch_size``; rank r takes the r-th of ``world_size`` equal slices of each. With several ranks the
     permutation is first cut to a multiple of ``world_size`` (at most world_size - 1 images skipped, different
     ones each epoch), so all slices of a batch have equal size and DDP's gradient average is the global
-    batch's mean gradient. With one rank this is exactly :func:`batches`.
+    batch's mean gradient. A last batch of a single image per rank is dropped (BatchNorm cannot train on one
+    sample; a different image each epoch). Otherwise, with one rank, this is exactly :func:`batches`.
     """
     if world_size > 1 and batch_size % world_size:
         raise ValueError(f"batch_size {batch_size} (the global batch) must be divisible by the {world_size} processes")
@@ -77,12 +78,16 @@ def epoch_batches(
         b = order[i : i + batch_size]
         k = len(b) // world_size
         local.append(b[rank * k : (rank + 1) * k])
+    if len(local) > 1 and len(local[-1]) < 2:
+        local.pop()
     return local
 
 
 def steps_per_epoch(n: int, batch_size: int, world_size: int = 1) -> int:
     """The number of optimiser steps in one epoch of :func:`epoch_batches`."""
-    return math.ceil((n - n % world_size) / batch_size)
+    m = n - n % world_size
+    steps = math.ceil(m / batch_size)
+    return steps - 1 if steps > 1 and (m - (steps - 1) * batch_size) // world_size < 2 else steps
 
 
 def train_one_epoch(

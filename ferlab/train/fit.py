@@ -38,7 +38,7 @@ from ferlab.data.types import FerData
 from ferlab.models import count_params, create_model
 from ferlab.train import distributed
 from ferlab.train.callbacks import BestCheckpoint, EarlyStopping
-from ferlab.train.config import TrainConfig
+from ferlab.train.config import NOT_LEARNED, TrainConfig
 from ferlab.train.engine import evaluate, steps_per_epoch, train_one_epoch
 from ferlab.train.optim import build_optimizer, build_schedule
 from ferlab.transforms import Normalizer, expand_offline, progressive_side
@@ -174,6 +174,33 @@ def read_history(run_dir: str | Path) -> list[dict[str, float]]:
         return [{k: float(v) if v != "" else float("nan") for k, v in row.items()} for row in csv.DictReader(f)]
 
 
+def check_same_options(run_dir: Path, cfg: TrainConfig) -> None:
+    """Refuse to resume ``run_dir`` with training options other than those it started with (those of
+    :data:`NOT_LEARNED` aside): the saved optimiser and schedule state belong to them (a one-cycle schedule, for
+    one, to its epoch count). An option newer than the run counts as its default."""
+    path = run_dir / "config.json"
+    try:
+        saved = json.loads(path.read_text())["train"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: cannot read the run's training options ({e})") from None
+    now = json.loads(json.dumps(cfg.to_dict()))  # as config.json holds them (tuples as lists)
+    default = json.loads(json.dumps(TrainConfig().to_dict()))
+    differ = [k for k in sorted(set(saved) | set(now))
+              if k not in NOT_LEARNED and saved.get(k, default.get(k)) != now.get(k, default.get(k))]
+    if differ:
+        changes = "; ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in differ)
+        raise CheckpointError(f"{run_dir}: started with other training options than these ({changes}); "
+                              "a run resumes only as it was configured: start a new run in another directory")
+
+
+def format_eta(seconds: float) -> str:
+    """A remaining time for the epoch lines: ``1h05m``, ``4m09s``, ``42s``."""
+    s = max(0, round(seconds))
+    hours, rest = divmod(s, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
 def fit(
     cfg: TrainConfig,
     run_dir: str | Path,
@@ -289,6 +316,7 @@ def _fit(
         if main:  # rank 0 reads the state and sends it to the others (no shared file system needed)
             if not state_path.is_file():
                 raise CheckpointError(f"{run_dir}: nothing to resume ({LAST_STATE} missing)")
+            check_same_options(run_dir, cfg)
             state = load_state(state_path)
         state = ddp.broadcast_object(state)
         if state["data_fingerprint"] != prep.data.fingerprint:
@@ -336,9 +364,11 @@ def _fit(
 
     t_run = time.perf_counter()
     epochs_this_call = 0
+    epoch_seconds: list[float] = []  # wall time of each epoch of this call, for the remaining-time estimate
     for epoch in range(start, cfg.epochs):
         if stopped_early or (stop_after is not None and epochs_this_call >= stop_after):
             break
+        t_epoch = time.perf_counter()
         torch.manual_seed(cfg.seed * 1_000_003 + epoch + 7_919 * ddp.rank)  # dropout and the like
         lr = optimizer.param_groups[0]["lr"]
         side = progressive_side(epoch, full_side, cfg.size_start, cfg.size_ramp_epochs)
@@ -378,9 +408,12 @@ def _fit(
                 **({"ema": ema.state_dict()} if ema is not None else {}),
             })
         epochs_this_call += 1
+        epoch_seconds.append(time.perf_counter() - t_epoch)
+        left = 0 if stopped_early else cfg.epochs - (epoch + 1)  # early stopping may end the run sooner
+        eta = f" | eta {format_eta(left * float(np.mean(epoch_seconds[-5:])))}" if left else ""
         log(f"epoch {epoch + 1}/{cfg.epochs}  train loss {tr['loss']:.4f} acc {tr['acc']:.4f} | "
             f"val loss {va['loss']:.4f} acc {va['acc']:.4f} | lr {lr:.2e} | {tr['seconds']:.1f}s "
-            f"({tr['n'] / tr['seconds']:.0f} img/s{'' if side == full_side else f' at {side}x{side}'})"
+            f"({tr['n'] / tr['seconds']:.0f} img/s{'' if side == full_side else f' at {side}x{side}'}){eta}"
             f"{'  *best' if is_best else ''}")
         if stopped_early:
             log(f"early stopping: {cfg.monitor} has not improved for {cfg.early_stopping} epochs")
