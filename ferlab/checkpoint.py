@@ -94,16 +94,51 @@ def read_meta(path: str | Path) -> dict[str, Any]:
         meta = json.loads(raw)
     except ValueError as e:
         raise CheckpointError(f"{p}: damaged ferlab metadata ({e})") from None
+    if isinstance(meta, dict) and meta.get("format") == FORMAT and not _is_int(meta.get("version", 0)):
+        raise CheckpointError(f"{p}: malformed ferlab metadata (version must be an integer, "
+                              f"got {meta['version']!r})")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version", 0) > FORMAT_VERSION:
         got = f"{meta.get('format')} v{meta.get('version')}" if isinstance(meta, dict) else type(meta).__name__
         raise CheckpointError(f"{p}: unsupported checkpoint format {got}")
     missing = [k for k in META_KEYS if k not in meta]
     if missing:
         raise CheckpointError(f"{p}: incomplete ferlab metadata (no {', '.join(missing)})")
+    problem = _meta_problem(meta)
+    if problem:
+        raise CheckpointError(f"{p}: malformed ferlab metadata ({problem})")
     return meta
 
 
+def _is_int(x: Any) -> bool:
+    """True for a JSON integer (a bool is not one)."""
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _meta_problem(meta: dict[str, Any]) -> str | None:
+    """What is wrong with the shape of ``model``, ``preprocess`` and ``class_names``; None when they are sound."""
+    m = meta["model"]
+    if not isinstance(m, dict):
+        return f"model must be an object, got {type(m).__name__}"
+    if not isinstance(m.get("name"), str):
+        return "model.name must be a string"
+    for key in ("num_classes", "in_chans"):
+        if not _is_int(m.get(key)) or m[key] < 1:
+            return f"model.{key} must be a positive integer, got {m.get(key)!r}"
+    if not isinstance(m.get("args", {}), dict):
+        return f"model.args must be an object, got {type(m['args']).__name__}"
+    pre = meta["preprocess"]
+    if not isinstance(pre, dict) or not isinstance(pre.get("normalize"), dict):
+        return "preprocess must be an object holding a normalize object"
+    names = meta["class_names"]
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        return "class_names must be a list of strings"
+    if len(names) != m["num_classes"]:
+        return f"{len(names)} class_names for a model of {m['num_classes']} classes"
+    return None
+
+
 def build_model(meta: dict[str, Any]) -> FerModel:
+    """A fresh (untrained) model as described by checkpoint metadata ``meta``."""
     m = meta["model"]
     return create_model(m["name"], num_classes=m["num_classes"], in_chans=m["in_chans"], **m.get("args", {}))
 
@@ -112,7 +147,11 @@ def load_checkpoint(path: str | Path) -> tuple[FerModel, dict[str, Any]]:
     """Rebuild the model of a checkpoint (file or run directory), in eval mode, with its metadata."""
     p = resolve(path)
     meta = read_meta(p)
-    model = build_model(meta)
+    try:
+        model = build_model(meta)
+    except (KeyError, TypeError, ValueError) as e:  # unknown model name, unexpected or ill-typed model args
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        raise CheckpointError(f"{p}: malformed ferlab metadata ({type(e).__name__}: {msg})") from None
     try:
         state = load_file(str(p))
     except (SafetensorError, OSError) as e:

@@ -181,7 +181,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg_path = run_dir / "config.json"
         if not cfg_path.is_file():
             raise FileNotFoundError(f"{run_dir}: not a run directory (no config.json)")
-        cfg = TrainConfig.from_dict(json.loads(cfg_path.read_text())["train"])
+        try:
+            cfg = TrainConfig.from_dict(json.loads(cfg_path.read_text())["train"])
+        except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
+            raise ValueError(f"{cfg_path}: damaged run config ({type(e).__name__}: {e})") from e
     else:
         cfg = _train_config(args)
         run_dir = Path(args.out) if args.out else default_run_dir(cfg)
@@ -239,6 +242,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if base is not None:
             out = base / (f"eval-{args.split}" + ("-ensemble" if len(specs) > 1 else "")
                           + {"none": "", "flip": "-tta"}.get(args.tta, f"-tta-{args.tta}"))
+    if out is not None:  # a path that cannot be the output folder fails now, not after the evaluation
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out {out} is a file; name a folder for the report and figures")
+        out.mkdir(parents=True, exist_ok=True)
     report = evaluate_checkpoints(specs, split=args.split, data_path=args.data, tta=args.tta,
                                   batch_size=args.batch_size, out_dir=out,
                                   progress=not (args.json or args.no_progress))
@@ -352,7 +359,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (DataError, CheckpointError, FileNotFoundError, FileExistsError, ValueError, KeyError) as e:
+    except (DataError, CheckpointError, OSError, ValueError, KeyError) as e:  # OSError: a path's problem
         if os.environ.get("FERLAB_DEBUG", "0") not in ("", "0"):
             raise  # the whole traceback, for bug reports
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e

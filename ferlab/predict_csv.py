@@ -15,6 +15,8 @@ from ferlab.evaluate import checkpoint_probs
 def predict_csv(checkpoint: str | Path, data_path: str, out: str | Path, *, split: str = "unlabeled",
                 tta: bool | str = False) -> int:
     """Predict the rows of ``split`` in ``data_path`` and write ``id,label`` to ``out``; returns the row count."""
+    if Path(out).is_dir():  # checked before the work, not after it
+        raise ValueError(f"--out {out} is a directory; name the CSV file to write, e.g. {Path(out) / 'submission.csv'}")
     model, meta = load_checkpoint(checkpoint)
     data = open_data(data_path)
     idx = data.indices(split)

@@ -38,13 +38,23 @@ def manifest_path() -> Path:
 
 
 def _manifest() -> dict[str, dict[str, Any]]:
+    """The manifest's entries by shipped name (empty when there is none); ValueError when it is malformed."""
     path = manifest_path()
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text())
+        entries = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: the manifest of shipped models is not valid JSON ({e})") from None
+    if not isinstance(entries, dict):
+        raise ValueError(f"{path}: the manifest of shipped models must be an object of entries by name, "
+                         f"got {type(entries).__name__}")
+    for name, entry in entries.items():
+        if not isinstance(entry, dict):
+            raise ValueError(f"{path}: manifest entry {name!r} must be an object, got {type(entry).__name__}")
+        if not isinstance(entry.get("file"), str) or not entry["file"]:
+            raise ValueError(f"{path}: manifest entry {name!r} has no \"file\" (the name of its weights file)")
+    return entries
 
 
 def list_pretrained() -> list[dict[str, Any]]:

@@ -38,6 +38,15 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("FERLAB_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "ferlab-cache"))
 
 
+@pytest.fixture
+def weights(tmp_path, monkeypatch) -> Path:
+    """An empty folder of shipped weights (``FERLAB_WEIGHTS_DIR``), for tests that ship or list models."""
+    d = tmp_path / "weights"
+    d.mkdir()
+    monkeypatch.setenv("FERLAB_WEIGHTS_DIR", str(d))
+    return d
+
+
 @pytest.fixture(scope="session")
 def trained_tiny_run(tmp_path_factory) -> Path:
     """A fer-resnet-s run trained 4 epochs on LEARN_SYNTHETIC (well above chance): for tests that need a model.

@@ -9,7 +9,15 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ferlab.checkpoint import CheckpointError, load_checkpoint, load_state, read_meta, save_checkpoint, save_state
+from ferlab.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    load_state,
+    read_meta,
+    save_checkpoint,
+    save_state,
+    state_for_saving,
+)
 from ferlab.models import create_model
 
 
@@ -49,6 +57,45 @@ def test_damaged_or_incomplete_metadata_names_the_file(tmp_path):
         save_file(tensors, str(path), metadata={"ferlab": raw})
         with pytest.raises(CheckpointError, match=f"{name}.safetensors: .*{expected[name]}"):
             read_meta(path)
+
+
+def _edited(meta: dict, **changes) -> dict:
+    """``meta`` as save_checkpoint writes it, with top-level ``changes`` (a value of None drops the key)."""
+    out = {"format": "ferlab-checkpoint", "version": 1, **meta, **changes}
+    return {k: v for k, v in out.items() if v is not None}
+
+
+@pytest.mark.parametrize("case,changes,expected", [
+    ("version-str", {"version": "1"}, "version must be an integer"),
+    ("model-empty", {"model": {}}, "model.name must be a string"),
+    ("model-list", {"model": []}, "model must be an object"),
+    ("no-num-classes", {"model": {"name": "fer-resnet-s", "in_chans": 1}}, "model.num_classes"),
+    ("in-chans-str", {"model": {"name": "fer-resnet-s", "num_classes": 7, "in_chans": "1"}}, "model.in_chans"),
+    ("preprocess-empty", {"preprocess": {}}, "preprocess must be an object holding a normalize"),
+    ("class-names-short", {"class_names": list("abcde")}, "5 class_names for a model of 7 classes"),
+    ("class-names-ints", {"class_names": list(range(7))}, "class_names must be a list of strings"),
+])
+def test_malformed_metadata_with_real_weights_names_the_file(tmp_path, case, changes, expected):
+    path = tmp_path / f"{case}.safetensors"
+    meta = _edited(meta_for("fer-resnet-s"), **changes)
+    save_file(state_for_saving(create_model("fer-resnet-s")), str(path), metadata={"ferlab": json.dumps(meta)})
+    with pytest.raises(CheckpointError, match=f"{case}.safetensors: malformed ferlab metadata .*{expected}"):
+        read_meta(path)
+    with pytest.raises(CheckpointError, match=f"{case}.safetensors: malformed ferlab metadata .*{expected}"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize("case,model,expected", [
+    ("unknown-name", {"name": "no-such-model", "num_classes": 7, "in_chans": 1}, "unknown model 'no-such-model'"),
+    ("bad-args", {"name": "fer-resnet-s", "num_classes": 7, "in_chans": 1, "args": {"bogus": 1}}, "TypeError"),
+])
+def test_bad_model_arguments_are_a_checkpoint_error(tmp_path, case, model, expected):
+    path = tmp_path / f"{case}.safetensors"
+    meta = _edited(meta_for("fer-resnet-s"), model=model)
+    save_file(state_for_saving(create_model("fer-resnet-s")), str(path), metadata={"ferlab": json.dumps(meta)})
+    read_meta(path)  # the shape is sound; only building the model fails
+    with pytest.raises(CheckpointError, match=f"{case}.safetensors: malformed ferlab metadata .*{expected}"):
+        load_checkpoint(path)
 
 
 def test_weights_of_another_model_are_refused(tmp_path):

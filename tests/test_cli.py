@@ -83,6 +83,23 @@ def test_resume_of_a_non_run_is_a_clear_error(tmp_path, capsys):
     assert "not a run directory" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("text", ["{bad", "{}", '{"train": {"epochs": "ten"}}'])
+def test_resume_of_a_damaged_run_config_names_the_file(tmp_path, capsys, text):
+    (tmp_path / "config.json").write_text(text)
+    assert main(["train", "--resume", str(tmp_path)]) == 2
+    assert f"{tmp_path / 'config.json'}: damaged run config" in capsys.readouterr().err
+
+
+def test_output_paths_are_checked_before_the_work(tmp_path, capsys):
+    missing = str(tmp_path / "no-such-run")  # would fail on loading, so these errors must come first
+    assert main(["predict-csv", missing, "--data", str(tmp_path), "--out", str(tmp_path)]) == 2
+    assert f"--out {tmp_path} is a directory" in capsys.readouterr().err
+    report = tmp_path / "report.txt"
+    report.write_text("not a folder")
+    assert main(["evaluate", missing, "--out", str(report)]) == 2
+    assert f"--out {report} is a file" in capsys.readouterr().err
+
+
 def test_predict_csv_on_course_layout(trained_run, tmp_path):
     import numpy as np
 

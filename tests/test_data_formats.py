@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import gc
 import gzip
 import hashlib
+import json
 import os
 import threading
 import time
+import warnings
+import zlib
 from pathlib import Path
 
 import cv2
@@ -617,3 +621,187 @@ def test_real_fer2013(tmp_path):
     cached = time.perf_counter() - t0
     np.testing.assert_array_equal(again.images, d.images)
     print(f"first parse {first:.2f} s, cached load {cached:.2f} s")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Hostile or confusing input: bombs, missing headers, near-miss layouts, tampered cache entries
+
+
+def png_claiming(width: int, height: int, full: bool = False) -> bytes:
+    """A gray PNG whose header claims width x height; ``full`` compresses all rows (a real, small-file bomb)."""
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return len(data).to_bytes(4, "big") + tag + data + zlib.crc32(tag + data).to_bytes(4, "big")
+
+    z = zlib.compressobj(9)
+    row = b"\0" * (width + 1)  # filter byte + pixels
+    idat = b"".join(z.compress(row) for _ in range(height if full else 1)) + z.flush()
+    ihdr = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 0, 0, 0, 0])
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize(("side", "full"), [(12000, True), (100000, False)])
+def test_image_folder_refuses_decompression_bomb(tmp_path, monkeypatch, side, full):
+    root = tmp_path / "imgs"
+    write_img(root / "train/sad/ok.png", np.full((48, 48), 5, np.uint8))
+    bomb = root / "train/happy/bomb.png"
+    bomb.parent.mkdir(parents=True)
+    bomb.write_bytes(png_claiming(side, side, full))
+    real_decode = cv2.imdecode
+
+    def guarded(buf: np.ndarray, flags: int) -> np.ndarray:
+        assert len(buf) != bomb.stat().st_size, "the bomb reached cv2.imdecode"
+        return real_decode(buf, flags)
+
+    monkeypatch.setattr(cv2, "imdecode", guarded)
+    with pytest.raises(DataError, match=rf"bomb\.png: PNG header says {side}x{side} pixels") as ei:
+        load(root, tmp_path)
+    msg = str(ei.value)
+    assert "\n" not in msg and "decompression bomb" in msg and "OpenCV" not in msg
+    with pytest.warns(DataWarning, match="skipped 1 unreadable image"):
+        d = load(root, tmp_path, skip_bad=True)
+    assert len(d) == 1 and list(d.labels) == [4]
+    (note,) = [n for n in d.notes if "skipped" in n]
+    assert f"{side}x{side}" in note and "\n" not in note
+
+
+def test_opencv_error_text_is_one_line(tmp_path, monkeypatch):
+    root = tmp_path / "imgs"
+    write_img(root / "train/sad/ok.png", np.full((48, 48), 5, np.uint8))
+
+    def failing(buf: np.ndarray, flags: int) -> np.ndarray:
+        raise cv2.error("OpenCV(4.x) loadsave.cpp:79: error: (-215:Assertion failed)\n  pixels <= LIMIT in f\n\n")
+
+    monkeypatch.setattr(cv2, "imdecode", failing)
+    with pytest.raises(DataError, match=r"ok\.png: cannot decode image \(pixels <= LIMIT in f\)") as ei:
+        load(root, tmp_path)
+    assert "\n" not in str(ei.value)
+
+
+@pytest.mark.parametrize(
+    ("layout", "hint"),
+    [
+        ("fer2013", "'emotion,pixels,Usage'"),
+        ("icml", "'emotion,Usage,pixels'"),
+        ("course", "'label,feature' (or 'id,feature'"),
+    ],
+)
+def test_headerless_csv_says_header_missing(tmp_path, rows, layout, hint):
+    images, labels, usages = rows
+    if layout == "course":
+        lines = course_train_lines(images, labels)[1:]
+    else:
+        lines = fer_lines(images, labels, usages, layout)[1:]
+    p = write(tmp_path / "data.csv", lines)
+    with pytest.raises(DataError, match=r"data\.csv line 1: the file seems to have no header row") as ei:
+        load(p, tmp_path)
+    msg = str(ei.value)
+    assert hint in msg and "2304 pixel values" in msg and len(msg) < 400
+    assert ei.value.line == 1
+
+
+def test_unrecognised_header_fields_are_shortened(tmp_path):
+    p = write(tmp_path / "data.csv", ["pixel data," + "x" * 9000 + ",Usage", "1,2,3"])
+    with pytest.raises(DataError, match="unrecognised header") as ei:
+        load(p, tmp_path)
+    assert "x" * 37 + "..." in str(ei.value) and len(str(ei.value)) < 400
+    wide = write(tmp_path / "wide.csv", [",".join(f"col{i}" for i in range(2305)), "1,2,3"])
+    with pytest.raises(DataError, match=r"and 2297 more field\(s\)") as ei:
+        load(wide, tmp_path)
+    assert len(str(ei.value)) < 400
+
+
+def test_flat_class_layout_names_misspelled_folder(tmp_path):
+    root = tmp_path / "faces"
+    write_img(root / "happy/a.png", np.zeros((48, 48), np.uint8))
+    write_img(root / "happpy/b.png", np.zeros((48, 48), np.uint8))
+    assert detect_layout(root) == "image-folder"
+    with pytest.raises(DataError, match=r"unknown class directory 'happpy' \(did you mean 'happy'\?") as ei:
+        load(root, tmp_path)
+    assert ei.value.path is not None and ei.value.path.endswith("happpy")
+
+
+@pytest.mark.parametrize("names", [("docs", "src"), ("happy", "docs", "src"), ()])
+def test_mostly_unrelated_folders_are_not_an_image_folder(tmp_path, names):
+    root = tmp_path / "stuff"
+    root.mkdir()
+    for n in names:
+        (root / n).mkdir()
+    with pytest.raises(DataError, match="cannot tell the data layout"):
+        detect_layout(root)
+
+
+def test_dir_with_fer2013_train_and_test_csv(tmp_path, rows):
+    images, labels, usages = rows
+    d = tmp_path / "split_csvs"
+    d.mkdir()
+    write(d / "train.csv", fer_lines(images[:8], labels[:8], usages[:8]))
+    write(d / "test.csv", fer_lines(images[8:], labels[8:], usages[8:]))
+    with pytest.raises(DataError, match="cannot tell the data layout") as ei:
+        load(d, tmp_path)
+    msg = str(ei.value)
+    assert "found train.csv (fer2013-csv) and test.csv (fer2013-csv)" in msg
+    assert "pass the file itself" in msg and str(d / "train.csv") in msg and "\n" not in msg
+    assert len(load(d / "train.csv", tmp_path)) == 8  # the suggestion works
+
+
+def test_dir_with_other_named_csvs(tmp_path, rows):
+    images, labels, usages = rows
+    d = tmp_path / "csvs"
+    d.mkdir()
+    write(d / "fer_train.csv", fer_lines(images, labels, usages))
+    write(d / "notes.csv", ["a,b", "1,2"])
+    with pytest.raises(DataError, match="cannot tell the data layout") as ei:
+        detect_layout(d)
+    msg = str(ei.value)
+    assert "found fer_train.csv (fer2013-csv), notes.csv (unrecognised header" in msg
+    assert "pass the file itself" in msg
+
+
+def _tamper(entry: Path, damage: str) -> None:
+    with np.load(entry, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    meta = json.loads(str(arrays["meta"][()]))
+    if damage == "meta-list":
+        meta = [meta]
+    elif damage == "class-names-int":
+        meta["class_names"] = 5
+    elif damage == "notes-str":
+        meta["notes"] = "not a list"
+    elif damage == "small-images":
+        arrays["images"] = np.zeros((len(arrays["images"]), 10, 10), np.uint8)
+    arrays["meta"] = np.array(json.dumps(meta))
+    with open(entry, "wb") as f:
+        np.savez(f, **arrays)
+
+
+@pytest.mark.parametrize("damage", ["meta-list", "class-names-int", "notes-str", "small-images"])
+def test_tampered_cache_entry_is_rebuilt(tmp_path, rows, damage):
+    images, labels, usages = rows
+    p = write(tmp_path / "fer2013.csv", fer_lines(images, labels, usages))
+    load(p, tmp_path)
+    (entry,) = cache_files(tmp_path / "cache")
+    _tamper(entry, damage)
+    with pytest.warns(UserWarning, match="unreadable cache file"):
+        d = load(p, tmp_path)
+    np.testing.assert_array_equal(d.images, images)
+    assert d.class_names == F.CLASS_NAMES and all(isinstance(n, str) for n in d.notes) and len(d.notes) > 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = load(p, tmp_path)  # the rewritten entry is a clean hit
+    np.testing.assert_array_equal(again.images, images)
+
+
+def test_truncated_cache_entry_closes_its_file(tmp_path, rows):
+    images, labels, usages = rows
+    p = write(tmp_path / "fer2013.csv", fer_lines(images, labels, usages))
+    load(p, tmp_path)
+    (entry,) = cache_files(tmp_path / "cache")
+    blob = entry.read_bytes()
+    entry.write_bytes(blob[: len(blob) // 2])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert C.load_entry(entry, "any key") is None
+        gc.collect()
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
+    assert [w for w in caught if "unreadable cache file" in str(w.message)]
+    assert not entry.exists()

@@ -131,6 +131,35 @@ def test_bad_onnx_inputs_are_clear_errors(tmp_path):
         OnnxBackend(tmp_path / "missing.onnx")
 
 
+def test_empty_or_garbage_onnx_files_name_the_file(tmp_path):
+    empty = tmp_path / "empty.onnx"
+    empty.write_bytes(b"")
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(bytes(range(256)) * 4)
+    for path in (empty, garbage):
+        with pytest.raises(ValueError, match=f"{path.name}: not a loadable ONNX model"):
+            OnnxBackend(path)
+    with pytest.raises(ValueError, match="<onnx bytes>: not a loadable ONNX model"):
+        OnnxBackend(b"")
+
+
+@pytest.mark.parametrize("key,value", [("ferlab", "{not json"), ("class_names", "[1, 2"),
+                                       ("ferlab", "[1]"), ("class_names", "[1, 2]")])
+def test_damaged_ferlab_metadata_in_onnx_names_the_file(tmp_path, key, value):
+    import onnx
+
+    ckpt = make_checkpoint(tmp_path / "c.safetensors", "mlp-matched")
+    out = tmp_path / "c.onnx"
+    assert main(["export", "--onnx", str(ckpt), "--out", str(out)]) == 0
+    proto = onnx.load(str(out))
+    (prop,) = [p for p in proto.metadata_props if p.key == key]
+    prop.value = value
+    damaged = tmp_path / "damaged.onnx"
+    onnx.save(proto, str(damaged))
+    with pytest.raises(ValueError, match="damaged.onnx: damaged ferlab metadata in ONNX model"):
+        OnnxBackend(damaged)
+
+
 def test_export_cli_names_and_errors(tmp_path, monkeypatch, capsys):
     from ferlab.recognize.cli import default_onnx_name
 

@@ -256,6 +256,24 @@ def test_predict_many_goes_on_past_bad_files_and_batches_do_not_change_results(r
     assert a.shape == b.shape and np.abs(a - b).max() < 1e-5
 
 
+def test_a_thin_image_is_faceless_and_a_failing_image_does_not_take_the_batch_with_it(rec, media, tmp_path):
+    thin = tmp_path / "thin.png"
+    cv2.imwrite(str(thin), np.full((1, 3000), 128, np.uint8))  # downscaled to 1280 wide: 0.43 rows before the fix
+    assert rec.predict(thin) == []
+    rec2 = type(rec)(backend=rec.backend)
+    real = rec2.detector
+
+    def detector(gray):  # fails on the thin image only, the way an OpenCV call can fail on an odd image
+        if gray.shape[0] == 1:
+            raise cv2.error("OpenCV(4.x) resize.cpp:1: error: (-215:Assertion failed) ...\n")
+        return real(gray)
+
+    rec2.detector = detector
+    results = list(rec2.predict_many([media["jpg"], thin, media["png"]]))
+    assert [r.status for r in results] == ["ok", "error", "ok"]
+    assert "face detection failed on this 3000x1 image" in results[1].error and "\n" not in results[1].error
+
+
 def test_onnx_backend_gives_the_trained_models_answers(rec, trained_tiny_run, media):
     from ferlab import Recognizer
     from ferlab.data.source import open_data
@@ -333,3 +351,21 @@ def test_cli_fails_when_nothing_can_be_read(trained_tiny_run, media, tmp_path, c
     empty.mkdir()
     assert main(["predict", str(empty), "--model", str(trained_tiny_run)]) == 2
     assert "no images or videos found" in capsys.readouterr().err
+
+
+def test_cli_refuses_a_folder_as_out_before_predicting(trained_tiny_run, media, tmp_path, capsys):
+    assert main(["predict", str(media["jpg"]), "--model", str(trained_tiny_run), "--out", str(tmp_path),
+                 "--no-progress"]) == 2
+    assert f"--out {tmp_path} is a directory" in capsys.readouterr().err
+
+
+def test_cli_an_image_that_cannot_be_annotated_loses_only_its_drawing(trained_tiny_run, media, tmp_path, capsys):
+    out, ann = tmp_path / "faces.json", tmp_path / "annotated"
+    (ann / "astro.jpg").mkdir(parents=True)  # where astro.jpg's drawing would go: cv2.imwrite fails there
+    assert main(["predict", str(media["jpg"]), str(media["png"]), "--model", str(trained_tiny_run), "--out",
+                 str(out), "--annotate", str(ann), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "astro.jpg: not annotated: cannot write" in err and "(1 could not be written)" in err
+    entries = json.loads(out.read_text())  # still a complete JSON list, with both images' faces
+    assert [(Path(e["file"]).name, e["status"]) for e in entries] == [("astro.jpg", "ok"), ("astro.png", "ok")]
+    assert (ann / "sub" / "astro.png").is_file()

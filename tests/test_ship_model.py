@@ -27,14 +27,6 @@ def _ship_module():
     return mod
 
 
-@pytest.fixture
-def weights(tmp_path, monkeypatch) -> Path:
-    d = tmp_path / "weights"
-    d.mkdir()
-    monkeypatch.setenv("FERLAB_WEIGHTS_DIR", str(d))
-    return d
-
-
 def _ship(run: Path, name: str, docs: Path, *extra: str) -> None:
     assert _ship_module().main([str(run), "--name", name, "--docs-dir", str(docs), "--hardware", "test CPU",
                                 *extra]) == 0

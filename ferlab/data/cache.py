@@ -37,6 +37,7 @@ __all__ = [
 
 # Bump whenever the parsed arrays or the entry layout change: old entries then simply miss.
 FORMAT_VERSION = 1
+IMAGE_SHAPE: tuple[int, int] = (48, 48)  # (height, width) of every cached image
 
 logger = logging.getLogger(__name__)
 
@@ -82,36 +83,65 @@ def entry_path(cache_dir: Path, name: str, source_id: str, key: str) -> Path:
     return Path(cache_dir) / f"{_safe_name(name)}-{source_id[:8]}-{key[:24]}.npz"
 
 
-def load_entry(path: Path, key: str) -> FerData | None:
-    """The cached FerData at ``path``, or None if absent, stale or unreadable (a corrupt file warns and is removed)."""
+def _check_meta(meta: dict[str, Any]) -> None:
+    """Check an entry's metadata field by field; ValueError names the first damaged one."""
+    for name in ("source", "layout", "fingerprint"):
+        if not isinstance(meta.get(name), str):
+            raise ValueError(f"metadata {name!r} is {meta.get(name)!r:.80}, not a string")
+    for name in ("class_names", "notes"):
+        value = meta.get(name)
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ValueError(f"metadata {name!r} is {value!r:.80}, not a list of strings")
+    n_skipped = meta.get("n_skipped")
+    if type(n_skipped) is not int or n_skipped < 0:
+        raise ValueError(f"metadata 'n_skipped' is {n_skipped!r:.80}, not a count")
+
+
+def load_entry(path: Path, key: str, image_shape: tuple[int, int] = IMAGE_SHAPE) -> FerData | None:
+    """The cached FerData at ``path``, or None if absent, stale or unreadable (a damaged file warns and is removed).
+
+    Damaged means unreadable, malformed metadata, or arrays of the wrong type, shape (images not
+    ``(N, *image_shape)``) or length.
+    """
     path = Path(path)
     if not path.is_file():
         return None
     try:
-        with np.load(path, allow_pickle=False) as z:
+        with open(path, "rb") as f, np.load(f, allow_pickle=False) as z:  # closed even if np.load fails
             meta = json.loads(str(z["meta"][()]))
+            if not isinstance(meta, dict):
+                raise ValueError(f"metadata is a JSON {type(meta).__name__}, not an object")
             if meta.get("key") != key or meta.get("format_version") != FORMAT_VERSION:
                 logger.debug("cache entry %s has another key; ignoring it", path)
                 return None
+            _check_meta(meta)
             images = z["images"]
-            labels = z["labels"].astype(np.int64, copy=False)
+            labels = z["labels"]
             codes = z["split"]
-            ids = z["ids"].astype(np.int64, copy=False)
-        if images.dtype != np.uint8 or images.ndim != 3 or codes.dtype != np.uint8:
-            raise ValueError(f"unexpected arrays {images.dtype}{images.shape}, split {codes.dtype}")
+            ids = z["ids"]
+        if images.dtype != np.uint8 or images.ndim != 3 or tuple(images.shape[1:]) != tuple(image_shape):
+            raise ValueError(f"images are {images.dtype}{images.shape}, expected uint8 (N, {image_shape[0]}, "
+                             f"{image_shape[1]})")
+        if codes.dtype != np.uint8 or labels.dtype.kind not in "iu" or ids.dtype.kind not in "iu":
+            raise ValueError(f"unexpected array types: labels {labels.dtype}, split {codes.dtype}, ids {ids.dtype}")
+        n = len(images)
+        if any(a.shape != (n,) for a in (labels, codes, ids)):
+            raise ValueError(f"labels {labels.shape}, split {codes.shape}, ids {ids.shape} for {n} images")
         if len(codes) and int(codes.max()) >= len(SPLITS):
             raise ValueError("split code out of range")
+        if len(labels) and (int(labels.min()) < -1 or int(labels.max()) >= len(meta["class_names"])):
+            raise ValueError("label out of range")
         return FerData(
             images=images,
-            labels=labels,
+            labels=labels.astype(np.int64, copy=False),
             split=np.asarray(SPLITS)[codes],
-            ids=ids,
-            source=str(meta["source"]),
-            layout=str(meta["layout"]),
-            fingerprint=str(meta["fingerprint"]),
+            ids=ids.astype(np.int64, copy=False),
+            source=meta["source"],
+            layout=meta["layout"],
+            fingerprint=meta["fingerprint"],
             class_names=tuple(meta["class_names"]),
-            n_skipped=int(meta["n_skipped"]),
-            notes=[str(n) for n in meta["notes"]],
+            n_skipped=meta["n_skipped"],
+            notes=list(meta["notes"]),
         )
     except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as e:  # a damaged file: rebuild it
         warnings.warn(f"ignoring unreadable cache file {path} ({type(e).__name__}: {e}); re-parsing", stacklevel=3)

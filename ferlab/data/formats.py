@@ -15,6 +15,7 @@ checks done per chunk in aggregate). Only if a chunk fails those checks is the f
 from __future__ import annotations
 
 import csv
+import difflib
 import functools
 import gzip
 import hashlib
@@ -39,6 +40,7 @@ import numpy as np
 from ferlab import CLASS_NAMES
 from ferlab.data import cache as _cache
 from ferlab.data.types import SPLITS, FerData
+from ferlab.recognize.images import DEFAULT_MAX_PIXELS, ImageError, probe
 
 __all__ = ["LAYOUTS", "DataError", "DataWarning", "detect_layout", "load_data"]
 
@@ -49,6 +51,7 @@ IMAGE_SIZE = 48
 N_PIXELS = IMAGE_SIZE * IMAGE_SIZE
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp"})
 CHUNK_ROWS = 512  # rows per vectorised chunk (about 4 MB of pixel text): keeps temporaries in cache
+MAX_IMAGE_PIXELS = DEFAULT_MAX_PIXELS  # image-folder files whose header claims more pixels are refused (bombs)
 
 _SPLIT_CODE = {name: i for i, name in enumerate(SPLITS)}
 _TRAIN, _VAL, _TEST, _UNLABELED = (_SPLIT_CODE[s] for s in ("train", "val", "test", "unlabeled"))
@@ -183,6 +186,40 @@ def _read_header(path: Path) -> list[str]:
         raise _error(path, f"cannot parse the header ({e})", 1) from e
 
 
+_SHOW_FIELD = 40  # characters of a header field shown in an error message
+_SHOW_FIELDS = 8  # header fields shown in an error message
+_KNOWN_COLUMNS = frozenset({"emotion", "pixels", "usage", "label", "feature", "id"})
+_PIXEL_RUN_MIN = 64  # a field of this many or more space-separated integers reads as pixel data
+
+
+def _show_header(header: Sequence[str]) -> str:
+    """``header`` as a short list repr: long fields cut to about 40 characters, at most 8 fields."""
+    shown = [h if len(h) <= _SHOW_FIELD else f"{h[: _SHOW_FIELD - 3]}..." for h in header[:_SHOW_FIELDS]]
+    more = f" and {len(header) - _SHOW_FIELDS} more field(s)" if len(header) > _SHOW_FIELDS else ""
+    return f"{shown!r}{more}"
+
+
+def _is_pixel_run(value: str) -> bool:
+    """True if ``value`` is a long run of whitespace-separated integers (a row's pixels)."""
+    tokens = value.split()
+    return len(tokens) >= _PIXEL_RUN_MIN and all(_INT_RE.match(t) for t in tokens)
+
+
+def _missing_header_hint(header: list[str]) -> str | None:
+    """If the first line looks like a data row rather than a header, the header(s) to add, quoted; else None."""
+    if not header or not _INT_RE.match(header[0].strip()):
+        return None
+    pixel_cols = [i for i, h in enumerate(header) if _is_pixel_run(h)]
+    if len(pixel_cols) != 1:
+        return None
+    guesses = {
+        (3, 1): "'emotion,pixels,Usage'",
+        (3, 2): "'emotion,Usage,pixels'",
+        (2, 1): "'label,feature' (or 'id,feature' for unlabeled rows)",
+    }
+    return guesses.get((len(header), pixel_cols[0]), "'emotion,pixels,Usage'")
+
+
 _EXPECTED_HEADERS = (
     "expected 'emotion,pixels,Usage' (FER2013), 'emotion, Usage, pixels' (ICML), "
     "'label,feature' (course train.csv) or 'id,feature' (course test.csv)"
@@ -193,14 +230,23 @@ def _classify_csv(path: Path) -> _CsvSpec:
     """Classify one CSV by its header."""
     header = _read_header(path)
     norm = [h.strip().lower() for h in header]
+    hint = None if _KNOWN_COLUMNS.intersection(norm) else _missing_header_hint(header)
+    if hint is not None:
+        n_pix = max(len(h.split()) for h in header)
+        raise _error(
+            path,
+            f"the file seems to have no header row: this line looks like data ({_show_header(header)}, "
+            f"{n_pix} pixel values); add the header line {hint} as the first line",
+            1,
+        )
     dup = sorted({n for n in norm if n and norm.count(n) > 1})
     if dup:
-        raise _error(path, f"duplicate header column(s) {dup}", 1)
+        raise _error(path, f"duplicate header column(s) {_show_header(dup)}", 1)
     idx = {n: i for i, n in enumerate(norm)}
     if "pixels" in idx or "emotion" in idx:
         missing = [c for c in ("emotion", "pixels") if c not in idx]
         if missing:
-            raise _error(path, f"header {header!r} lacks column(s) {missing}; {_EXPECTED_HEADERS}", 1)
+            raise _error(path, f"header {_show_header(header)} lacks column(s) {missing}; {_EXPECTED_HEADERS}", 1)
         cols = {"label": idx["emotion"], "pixels": idx["pixels"]}
         if "usage" in idx:
             cols["usage"] = idx["usage"]
@@ -214,7 +260,7 @@ def _classify_csv(path: Path) -> _CsvSpec:
             cols["id"] = idx["id"]
         layout = "course-csv"
     else:
-        raise _error(path, f"unrecognised header {header!r}; {_EXPECTED_HEADERS}", 1)
+        raise _error(path, f"unrecognised header {_show_header(header)}; {_EXPECTED_HEADERS}", 1)
     used = set(cols.values())
     extra = [h for i, h in enumerate(header) if i not in used]
     default = _TRAIN if "label" in cols else _UNLABELED
@@ -245,9 +291,42 @@ def _subdirs(path: Path) -> list[Path]:
 
 
 def _looks_like_image_folder(path: Path) -> bool:
-    dirs = _subdirs(path)
-    names = [d.name.lower() for d in dirs]
-    return any(n in _SPLIT_DIRS for n in names) or (bool(names) and all(n in _CLASS_DIRS for n in names))
+    """A split directory, or (flat ``<root>/<class>/`` layout) at least half the subdirectories named as classes.
+
+    Not all: one misspelled class directory must still reach the class check, which names it.
+    """
+    names = [d.name.strip().lower() for d in _subdirs(path)]
+    if any(n in _SPLIT_DIRS for n in names):
+        return True
+    n_class = sum(n in _CLASS_DIRS for n in names)
+    return n_class > 0 and 2 * n_class >= len(names)
+
+
+def _csv_files(directory: Path) -> list[Path]:
+    """The ``*.csv`` and ``*.csv.gz`` files directly in ``directory``, sorted by name."""
+    try:
+        return sorted(
+            (f for f in directory.iterdir() if f.is_file() and f.name.lower().endswith((".csv", ".csv.gz"))),
+            key=lambda f: f.name.lower(),
+        )
+    except OSError:
+        return []
+
+
+def _describe_csvs(files: list[Path], limit: int = 5) -> str:
+    """``"train.csv (fer2013-csv), notes.csv (unrecognised header)"``: each file with its detected layout."""
+    parts = []
+    for f in files[:limit]:
+        try:
+            what = _classify_csv(f).layout
+        except DataError as e:  # keep only the problem (not the path), cut short
+            where = f"{e.path} line {e.line}" if e.line is not None else f"{e.path}"
+            problem = str(e).removeprefix(f"{where}: ").split(";", 1)[0]
+            what = problem if len(problem) <= 60 else f"{problem[:57]}..."
+        parts.append(f"{f.name} ({what})")
+    if len(files) > limit:
+        parts.append(f"and {len(files) - limit} more")
+    return ", ".join(parts)
 
 
 def _resolve(path: str | os.PathLike[str]) -> _Source:
@@ -259,16 +338,32 @@ def _resolve(path: str | os.PathLike[str]) -> _Source:
     if p.is_dir():
         train = _sibling(p, "train.csv", "train.csv.gz")
         test = _sibling(p, "test.csv", "test.csv.gz")
-        if train or test:
-            src = _course_pair(train, test)
-            if src is not None:
-                return src
+        pair = [s for s in (train, test) if s is not None]
+        specs = [_classify_csv(f) for f in pair]
+        if specs and all(s.layout == "course-csv" for s in specs):
+            return _Source("course-csv", p, specs)
         single = _sibling(p, "fer2013.csv", "fer2013.csv.gz", "icml_face_data.csv", "icml_face_data.csv.gz")
         if single is not None:
             spec = _classify_csv(single)
             return _Source(spec.layout, p, [spec])
         if _looks_like_image_folder(p):
             return _Source("image-folder", p, root=p)
+        if specs:
+            found = " and ".join(f"{s.path.name} ({s.layout})" for s in specs)
+            raise _error(
+                path,
+                f"cannot tell the data layout of this directory: found {found}, not a course "
+                f"train.csv/test.csv pair (headers 'label,feature' and 'id,feature'); pass the file itself, "
+                f"e.g. {specs[0].path}",
+            )
+        csvs = _csv_files(p)
+        if csvs:
+            raise _error(
+                path,
+                f"cannot tell the data layout of this directory: found {_describe_csvs(csvs)}; only fer2013.csv, "
+                f"icml_face_data.csv and course train.csv/test.csv are picked up by name, so pass the file itself, "
+                f"e.g. {csvs[0]}",
+            )
         raise _error(
             path,
             "cannot tell the data layout of this directory: expected fer2013.csv[.gz], icml_face_data.csv, "
@@ -816,7 +911,9 @@ def _scan_class_dir(root: Path, d: Path, split: int, label: int, items: list[_Im
 def _class_of(d: Path) -> int:
     label = _CLASS_DIRS.get(d.name.strip().lower())
     if label is None:
-        raise _error(d, f"unknown class directory {d.name!r} (expected one of: {', '.join(_CLASS_DIRS)})")
+        close = difflib.get_close_matches(d.name.strip().lower(), _CLASS_DIRS, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise _error(d, f"unknown class directory {d.name!r} ({hint}expected one of: {', '.join(_CLASS_DIRS)})")
     return label
 
 
@@ -855,21 +952,40 @@ def _scan_image_folder(root: Path) -> tuple[list[_ImageItem], list[str]]:
     return items, notes
 
 
+def _one_line(error: BaseException) -> str:
+    """The last non-empty line of an exception's text, stripped (OpenCV errors span several lines)."""
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    return lines[-1] if lines else type(error).__name__
+
+
 def _read_image(path: Path) -> tuple[np.ndarray | None, bytes, str]:
-    """(48x48-or-other gray image or None, sha256 digest of the file bytes, error text)."""
+    """(48x48-or-other gray image or None, sha256 digest of the file bytes, error text).
+
+    The size in the image's header is checked before decoding: one over ``MAX_IMAGE_PIXELS`` (a decompression
+    bomb) is refused without allocating it.
+    """
     import cv2
 
     try:
-        data = np.fromfile(path, np.uint8)
+        data = path.read_bytes()
     except OSError as e:
         return None, b"", f"cannot read ({e})"
     digest = hashlib.sha256(data).digest()
-    if data.size == 0:
+    if not data:
         return None, digest, "empty file"
     try:
-        img = cv2.imdecode(data, cv2.IMREAD_GRAYSCALE)
-    except cv2.error as e:
+        fmt, w, h = probe(data)
+    except ImageError as e:
         return None, digest, f"cannot decode image ({e})"
+    if w * h > MAX_IMAGE_PIXELS:
+        return None, digest, (
+            f"{fmt.upper()} header says {w}x{h} pixels (width x height, {w * h / 1e6:.1f} M), over the limit of "
+            f"{MAX_IMAGE_PIXELS / 1e6:g} M pixels (possible decompression bomb); not decoded"
+        )
+    try:
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
+    except cv2.error as e:
+        return None, digest, f"cannot decode image ({_one_line(e)})"
     if img is None or img.size == 0:
         return None, digest, "cannot decode image (corrupt or not an image)"
     return img, digest, ""
@@ -980,7 +1096,7 @@ def load_data(
     if cache:
         source_id = hashlib.sha256(f"{src.path}|{src.layout}|{bool(skip_bad)}".encode()).hexdigest()
         entry = _cache.entry_path(_cache.resolve_cache_dir(cache_dir), src.path.name, source_id, key)
-        hit = _cache.load_entry(entry, key)
+        hit = _cache.load_entry(entry, key, (IMAGE_SIZE, IMAGE_SIZE))
         if hit is not None:
             hit.source = str(src.path)
             logger.info("loaded %s from cache %s in %.2f s", src.path, entry, time.perf_counter() - t0)

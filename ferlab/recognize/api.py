@@ -221,11 +221,18 @@ class Recognizer:
             if bgr is None:
                 boxes, pix = np.empty((0, 4), np.int64), np.empty((0, 1, *self.backend.input_size), np.uint8)
             else:
-                gray = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
-                boxes = (self._whole if crops else self.detector)(gray)  # (F, 4)
-                pix = crop_faces(gray, boxes, 0.0 if crops else self.margin, self.backend.input_size)  # (F, 1, H, W)
-                res.image = bgr if keep_images else None
-                kept_bytes += bgr.nbytes if keep_images else 0
+                try:
+                    gray = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
+                    boxes = (self._whole if crops else self.detector)(gray)  # (F, 4)
+                    margin = 0.0 if crops else self.margin
+                    pix = crop_faces(gray, boxes, margin, self.backend.input_size)  # (F, 1, H, W)
+                except (cv2.error, ValueError) as e:  # one odd image fails alone; the batch's other results stay
+                    res.error = f"face detection failed on this {bgr.shape[1]}x{bgr.shape[0]} image: " + (
+                        str(e).strip().splitlines() or [type(e).__name__])[-1]
+                    boxes, pix = np.empty((0, 4), np.int64), np.empty((0, 1, *self.backend.input_size), np.uint8)
+                else:
+                    res.image = bgr if keep_images else None
+                    kept_bytes += bgr.nbytes if keep_images else 0
             pending.append((res, boxes, pix))
             n_faces += len(pix)
             # flush on a full batch, or before many faceless images / kept images pile up

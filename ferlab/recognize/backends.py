@@ -82,7 +82,6 @@ class OnnxBackend:
 
     def __init__(self, source: str | Path | bytes, threads: int | None = None, source_name: str | None = None) -> None:
         import onnxruntime as ort
-        from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
         name = source_name or (str(source) if not isinstance(source, bytes) else "<onnx bytes>")
         if not isinstance(source, bytes) and not Path(source).is_file():
@@ -94,7 +93,9 @@ class OnnxBackend:
         src = source if isinstance(source, bytes) else str(source)
         try:
             self.session = ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
-        except (ort_state.InvalidProtobuf, ort_state.InvalidGraph, ort_state.Fail, ort_state.NoSuchFile) as e:
+        except Exception as e:  # ONNX Runtime raises many types (InvalidArgument, InvalidProtobuf, Fail, ...)
+            if not _from_onnxruntime(e):
+                raise
             raise ValueError(f"{name}: not a loadable ONNX model ({type(e).__name__}: {e})") from None
         self.meta = read_onnx_meta(self.session.get_modelmeta().custom_metadata_map, name)
         inp = self.session.get_inputs()[0]
@@ -130,9 +131,23 @@ def read_onnx_meta(custom: dict[str, str], source: str) -> dict[str, Any]:
     """The ferlab metadata in an ONNX model's metadata_props (``custom``); ValueError when absent."""
     if "ferlab" not in custom or "class_names" not in custom:
         raise ValueError(f"{source}: ONNX model without ferlab metadata (export it with `ferlab export --onnx`)")
-    meta = json.loads(custom["ferlab"])
-    meta["class_names"] = json.loads(custom["class_names"])
+    try:
+        meta = json.loads(custom["ferlab"])
+        class_names = json.loads(custom["class_names"])
+    except ValueError as e:
+        raise ValueError(f"{source}: damaged ferlab metadata in ONNX model ({e})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{source}: damaged ferlab metadata in ONNX model (expected an object, "
+                         f"got {type(meta).__name__})")
+    if not isinstance(class_names, list) or not all(isinstance(n, str) for n in class_names):
+        raise ValueError(f"{source}: damaged ferlab metadata in ONNX model (class_names must be a list of strings)")
+    meta["class_names"] = class_names
     return meta
+
+
+def _from_onnxruntime(e: BaseException) -> bool:
+    """True when ``e`` is one of ONNX Runtime's own exception types."""
+    return (type(e).__module__ or "").startswith("onnxruntime")
 
 
 BACKENDS: dict[str, Callable[..., Backend]] = {

@@ -113,9 +113,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
     def note(msg: str) -> None:
         tqdm.write(f"{PROG}: {msg}", file=sys.stderr)
 
-    counts = {"ok": 0, "no_face": 0, "error": 0, "faces": 0}
+    if args.out and Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out} is a directory; name the file to write, "
+                         f"e.g. {Path(args.out) / 'faces.csv'}")
+    counts = {"ok": 0, "no_face": 0, "error": 0, "faces": 0, "not_annotated": 0}
     video_no_face: dict[str, list[int]] = {}  # video -> [frames read, frames without a face]
     out_f = open(args.out, "w", newline="", encoding="utf-8") if args.out else sys.stdout  # noqa: SIM115
+    writer = None
     try:
         writer = WRITERS[fmt](out_f, rec.class_names)
         for r in rec.predict_many(files, crops=args.crops, every=args.every, progress=not args.no_progress,
@@ -132,9 +136,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 note(f"{r.file}: no face found")
             writer.write(r)
             if annotator is not None and r.image is not None:
-                annotator.write(r)
-        writer.close()
+                try:
+                    annotator.write(r)
+                except (OSError, ValueError) as e:  # this image's drawing is lost, not the run's results
+                    counts["not_annotated"] += 1
+                    note(f"{r.file}: not annotated: {e}")
     finally:
+        if writer is not None:
+            writer.close()  # a JSON list stays valid however the loop ended
         if args.out:
             out_f.close()
         else:
@@ -146,7 +155,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     summary = (f"{len(files)} file(s): {processed} image(s)/frame(s) read, {counts['faces']} face(s), "
                f"{counts['no_face']} without a face, {counts['error']} unreadable"
                + (f"; wrote {args.out}" if args.out else "") + (f"; annotated images in {args.annotate}"
-                                                                 if args.annotate else ""))
+                                                                 if args.annotate else "")
+               + (f" ({counts['not_annotated']} could not be written)" if counts["not_annotated"] else ""))
     print(f"{PROG}: {summary}", file=sys.stderr)
     if processed == 0:
         raise ValueError(f"none of the {len(files)} input file(s) could be read (see the messages above)")

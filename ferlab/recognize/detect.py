@@ -53,7 +53,7 @@ class HaarDetector:
 
         h, w = gray.shape
         scale = min(1.0, self.max_side / max(h, w))
-        small = gray if scale == 1.0 else cv2.resize(gray, (round(w * scale), round(h * scale)),
+        small = gray if scale == 1.0 else cv2.resize(gray, (max(1, round(w * scale)), max(1, round(h * scale))),
                                                      interpolation=cv2.INTER_AREA)
         min_side = max(20, round(self.min_face * scale))
         with self._lock:
