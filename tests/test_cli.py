@@ -101,18 +101,27 @@ def test_output_paths_are_checked_before_the_work(tmp_path, capsys):
 
 
 def test_predict_csv_on_course_layout(trained_run, tmp_path):
-    import numpy as np
+    import torch
 
-    rng = np.random.default_rng(0)
-    pix = lambda: " ".join(map(str, rng.integers(0, 256, 2304)))  # noqa: E731
-    (tmp_path / "train.csv").write_text("label,feature\n" + "".join(f"{i % 7},{pix()}\n" for i in range(14)))
-    (tmp_path / "test.csv").write_text("id,feature\n" + "".join(f"{i},{pix()}\n" for i in range(5)))
-    out = tmp_path / "sub.csv"
-    assert main(["predict-csv", str(trained_run), "--data", str(tmp_path), "--out", str(out)]) == 0
-    lines = out.read_text().splitlines()
-    assert lines[0] == "id,label" and len(lines) == 6
-    assert [int(line.split(",")[0]) for line in lines[1:]] == list(range(5))
-    assert all(0 <= int(line.split(",")[1]) < 7 for line in lines[1:])
+    from ferlab.checkpoint import load_checkpoint
+    from ferlab.data.source import open_data
+    from ferlab.evaluate import checkpoint_probs
+
+    faces = open_data(None, synthetic={"n_train": 21, "n_val": 7, "n_test": 7, "seed": 5}).images[:20]  # (20, 48, 48)
+    row = lambda img: " ".join(map(str, img.ravel().tolist()))  # noqa: E731
+    (tmp_path / "train.csv").write_text("label,feature\n" + "".join(f"{i % 7},{row(faces[i])}\n" for i in range(14)))
+    (tmp_path / "test.csv").write_text("id,feature\n" + "".join(f"{100 + i},{row(f)}\n" for i, f in enumerate(faces)))
+    model, meta = load_checkpoint(trained_run)
+    for tta in ("none", "flip"):
+        out = tmp_path / f"sub-{tta}.csv"
+        assert main(["predict-csv", str(trained_run), "--data", str(tmp_path), "--out", str(out), "--tta", tta]) == 0
+        lines = out.read_text().splitlines()
+        assert lines[0] == "id,label" and len(lines) == 21
+        assert [int(line.split(",")[0]) for line in lines[1:]] == list(range(100, 120))
+        want = checkpoint_probs(model, meta, torch.from_numpy(faces).unsqueeze(1), tta=tta).argmax(1)
+        assert [int(line.split(",")[1]) for line in lines[1:]] == want.tolist()
+        assert len(set(want.tolist())) > 1  # a model that says one class for every face would not pass
+
 
 def test_resume_refuses_changed_options(trained_run, capsys):
     assert main(["train", "--resume", str(trained_run), "--epochs", "50"]) == 2
@@ -206,3 +215,16 @@ def test_ferlab_debug_shows_the_traceback_instead_of_one_line(tmp_path, monkeypa
     monkeypatch.setenv("FERLAB_DEBUG", "1")
     with pytest.raises(Exception, match="missing-run"):
         main(argv)
+
+
+def test_data_prints_the_layout_and_the_class_counts_of_each_split(tmp_path, capsys):
+    pix = " ".join(["7"] * 2304)
+    rows = [(0, "Training")] * 3 + [(3, "Training"), (3, "PublicTest"), (6, "PrivateTest"), (6, "PrivateTest")]
+    (tmp_path / "fer2013.csv").write_text("emotion,pixels,Usage\n" + "".join(f"{e},{pix},{u}\n" for e, u in rows))
+    assert main(["data", str(tmp_path / "fer2013.csv")]) == 0
+    out = capsys.readouterr().out
+    assert "layout fer2013-csv, 7 images" in out
+    lines = {line.split()[0]: [int(v.replace(",", "")) for v in line.split()[1:]] for line in out.splitlines()
+             if line.split() and line.split()[0] in ("train", "val", "test")}
+    assert lines == {"train": [3, 0, 0, 1, 0, 0, 0, 4], "val": [0, 0, 0, 1, 0, 0, 0, 1],
+                     "test": [0, 0, 0, 0, 0, 0, 2, 2]}

@@ -118,3 +118,40 @@ def test_an_ensemble_of_runs_with_differently_carved_val_parts_is_refused(tmp_pa
         save_checkpoint(paths[-1], model, {**meta, "split": {**meta["split"], "val_carved": True, "split_seed": seed}})
     with pytest.raises(ValueError, match="seed1.safetensors: its val part was carved with fraction .* and seed 1"):
         evaluate_checkpoints(paths, split="val", progress=False)
+
+
+def test_the_ensemble_averages_its_members_probabilities(tmp_path, trained_tiny_run):
+    from ferlab.evaluate import checkpoint_probs, data_for, split_rows
+
+    model, meta = load_checkpoint(trained_tiny_run)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():  # a second, clearly different member
+            p.add_(0.5 * torch.randn_like(p) * p.std().nan_to_num())
+    other = tmp_path / "other.safetensors"
+    save_checkpoint(other, model, meta)
+    report = evaluate_checkpoints([trained_tiny_run, other], split="test", progress=False)
+    data = data_for(meta, None, progress=False)
+    idx = split_rows(data, meta, "test")
+    x = torch.from_numpy(data.images[idx]).unsqueeze(1)
+    probs = [checkpoint_probs(*load_checkpoint(p), x, progress=False) for p in (trained_tiny_run, other)]
+    y = data.labels[idx]
+    assert (probs[0].argmax(1) != probs[1].argmax(1)).any()  # the members disagree somewhere
+    assert [m["accuracy"] for m in report["members"]] == [float((p.argmax(1) == y).mean()) for p in probs]
+    assert report["accuracy"] == float(((probs[0] + probs[1]).argmax(1) == y).mean())
+
+
+def test_classification_metrics_known_answer():
+    from ferlab.evaluate import classification_metrics
+
+    labels = np.array([0, 0, 1, 2])
+    probs = np.eye(3)[[0, 1, 1, 0]]  # predictions 0, 1, 1, 0
+    m = classification_metrics(labels, probs, ["a", "b", "c"])
+    assert m["n"] == 4 and m["accuracy"] == 0.5
+    assert m["confusion"] == [[1, 1, 0], [0, 1, 0], [1, 0, 0]]  # rows: true class; columns: predicted
+    assert m["per_class"]["a"] == {"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2}
+    assert m["per_class"]["b"] == pytest.approx({"precision": 0.5, "recall": 1.0, "f1": 2 / 3, "support": 1})
+    assert m["per_class"]["c"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}
+    assert m["macro_f1"] == pytest.approx((0.5 + 2 / 3) / 3)
+    assert m["most_confused"] == [{"true": "c", "predicted": "a", "rate": 1.0, "count": 1},
+                                  {"true": "a", "predicted": "b", "rate": 0.5, "count": 1}]

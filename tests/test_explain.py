@@ -97,6 +97,14 @@ def test_saliency_of_linear_model_is_abs_weight():
     torch.testing.assert_close(heat, want / want.flatten(1).amax(1)[:, None, None])
 
 
+def test_smoothgrad_of_linear_model_is_abs_weight():
+    m = LinearNet().eval()  # the gradient of a linear model is the same under any noise
+    x = torch.randn(2, 1, 48, 48)
+    t = torch.tensor([1, 2])
+    raw = get_explainer("smoothgrad", m, samples=8)(x, t)  # (B, 48, 48)
+    torch.testing.assert_close(raw, m.fc.weight.detach().abs()[t].view(2, 48, 48))
+
+
 def test_integrated_gradients_of_linear_model_is_input_times_weight():
     m = LinearNet().eval()
     x = torch.randn(2, 1, 48, 48)

@@ -27,6 +27,11 @@ KERAS_COUNTS: dict[str, tuple[int, int]] = {
 }
 
 
+def test_the_registry_holds_the_reports_and_the_modern_nets():
+    assert {"fer-resnet-s", "fer-resnet-s16", "fer-resnet-m", "fer-mobile", "fer-mobile-fast", "r002-vgg"} <= set(
+        list_models())
+
+
 @pytest.mark.parametrize("name", list_models())
 def test_forward_backward(name: str) -> None:
     torch.manual_seed(0)

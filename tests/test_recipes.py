@@ -109,6 +109,10 @@ def test_new_fields_at_their_defaults_keep_old_study_hashes():
         assert run_hash(changed, "fp") != run_hash(exp, "fp"), field
 
 
+def test_the_recipes_are_there():
+    assert len(list((REPO / "configs").glob("*.toml"))) >= 20
+
+
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.toml")), ids=lambda p: p.name)
 def test_every_shipped_config_parses(path):
     """Each runnable recipe under configs/ is a valid config for a registered model; teachers are shipped names."""

@@ -13,13 +13,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import skimage.data as skdata  # a test dependency: its sample photos
 import torch
 
 from ferlab.cli import main
 from ferlab.recognize.detect import crop_faces, expand_box
 from ferlab.recognize.images import ImageError, probe, read_image, read_video, to_bgr8
-
-skdata = pytest.importorskip("skimage.data")
 
 ASTRO_FACE = (177, 66, 95, 95)  # where the face of skimage's astronaut is (x, y, w, h), checked by eye
 
