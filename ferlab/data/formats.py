@@ -40,7 +40,7 @@ import numpy as np
 from ferlab import CLASS_NAMES
 from ferlab.data import cache as _cache
 from ferlab.data.types import SPLITS, FerData
-from ferlab.recognize.images import DEFAULT_MAX_PIXELS, ImageError, probe
+from ferlab.recognize.images import DEFAULT_MAX_PIXELS, ImageError, one_line, probe
 
 __all__ = ["LAYOUTS", "DataError", "DataWarning", "detect_layout", "load_data"]
 
@@ -952,12 +952,6 @@ def _scan_image_folder(root: Path) -> tuple[list[_ImageItem], list[str]]:
     return items, notes
 
 
-def _one_line(error: BaseException) -> str:
-    """The last non-empty line of an exception's text, stripped (OpenCV errors span several lines)."""
-    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
-    return lines[-1] if lines else type(error).__name__
-
-
 def _read_image(path: Path) -> tuple[np.ndarray | None, bytes, str]:
     """(48x48-or-other gray image or None, sha256 digest of the file bytes, error text).
 
@@ -985,7 +979,7 @@ def _read_image(path: Path) -> tuple[np.ndarray | None, bytes, str]:
     try:
         img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
     except cv2.error as e:
-        return None, digest, f"cannot decode image ({_one_line(e)})"
+        return None, digest, f"cannot decode image ({one_line(e)})"
     if img is None or img.size == 0:
         return None, digest, "cannot decode image (corrupt or not an image)"
     return img, digest, ""

@@ -27,6 +27,7 @@ from ferlab.recognize.images import (
     collect_inputs,
     decode_image,
     is_video,
+    one_line,
     read_image,
     read_video,
     to_bgr8,
@@ -227,8 +228,7 @@ class Recognizer:
                     margin = 0.0 if crops else self.margin
                     pix = crop_faces(gray, boxes, margin, self.backend.input_size)  # (F, 1, H, W)
                 except (cv2.error, ValueError) as e:  # one odd image fails alone; the batch's other results stay
-                    res.error = f"face detection failed on this {bgr.shape[1]}x{bgr.shape[0]} image: " + (
-                        str(e).strip().splitlines() or [type(e).__name__])[-1]
+                    res.error = f"face detection failed on this {bgr.shape[1]}x{bgr.shape[0]} image: {one_line(e)}"
                     boxes, pix = np.empty((0, 4), np.int64), np.empty((0, 1, *self.backend.input_size), np.uint8)
                 else:
                     res.image = bgr if keep_images else None

@@ -246,3 +246,9 @@ def collect_inputs(paths: Iterable[str | Path]) -> list[Path]:
         else:
             out.append(p)
     return out
+
+
+def one_line(error: BaseException) -> str:
+    """The last non-empty line of an exception's text, stripped (OpenCV errors span several lines)."""
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    return lines[-1] if lines else type(error).__name__
