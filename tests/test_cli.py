@@ -228,3 +228,30 @@ def test_data_prints_the_layout_and_the_class_counts_of_each_split(tmp_path, cap
              if line.split() and line.split()[0] in ("train", "val", "test")}
     assert lines == {"train": [3, 0, 0, 1, 0, 0, 0, 4], "val": [0, 0, 0, 1, 0, 0, 0, 1],
                      "test": [0, 0, 0, 0, 0, 0, 2, 2]}
+
+
+def test_train_flags_become_the_run_config(tmp_path):
+    from ferlab.cli import _train_config, build_parser
+
+    cfg_file = tmp_path / "c.toml"
+    cfg_file.write_text('model = "fer-resnet-s"\nepochs = 7\nlr = 0.5\nmodel_args = { drop = 0.1 }\n')
+    args = build_parser().parse_args([
+        "train", "--config", str(cfg_file), "--lr", "0.01", "--model-arg", "drop=0.3", "--model-arg", "stem=wide",
+        "--teacher", "runs/a", "--teacher", "b.safetensors", "--skip-bad", "--fp32", "--augment", '{"hflip": true}'])
+    cfg = _train_config(args)
+    # the file's values stay where no flag is given; a flag wins over the file; JSON values are parsed
+    assert (cfg.model, cfg.epochs, cfg.lr) == ("fer-resnet-s", 7, 0.01)
+    assert cfg.model_args == {"drop": 0.3, "stem": "wide"}
+    assert cfg.teachers == ["runs/a", "b.safetensors"]
+    assert cfg.skip_bad and cfg.precision == "fp32" and cfg.augment == {"hflip": True}
+    bare = _train_config(build_parser().parse_args(["train", "--model", "fer-mobile"]))
+    assert (bare.model_args, bare.teachers, bare.skip_bad, bare.precision) == ({}, [], False, "bf16")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model-arg", "drop"], "--model-arg expects KEY=VALUE, got 'drop'"),
+    (["--resume", "runs/x", "--teacher", "a", "--skip-bad"], "drop --model, --out, --teacher, --skip-bad\n"),
+])
+def test_train_flag_errors(tmp_path, capsys, argv, message):
+    assert main(["train", "--model", "fer-mobile", "--out", str(tmp_path / "r"), *argv]) == 2
+    assert message in capsys.readouterr().err

@@ -61,6 +61,30 @@ class GapNet(FerModel):
         return self.head(f.mean(dim=(2, 3)))
 
 
+class SignedMapNet(FerModel):
+    """features = nn.ReLU()(x) (B, 1, 48, 48); logit_c = mean(V[c] * features) with a fixed signed map V[c].
+
+    Grad-CAM for c is relu(mean(V[c]) / HW * relu(x)); guided backpropagation passes only positive gradients
+    through the ReLU module: relu(V[c] / HW) * (x > 0). Their product, guided Grad-CAM, is
+    mean(V[c]) / HW^2 * relu(V[c]) * relu(x) where mean(V[c]) > 0, and 0 where mean(V[c]) < 0. The vanilla
+    gradient, |V[c]| / HW * (x > 0), keeps the negative half of V[c] that guided backpropagation drops.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.act = nn.ReLU(inplace=True)  # in place, as in the zoo's nets: the explainer must cope
+        v = torch.randn(3, 48, 48, generator=torch.Generator().manual_seed(1))
+        v[0] += 0.5  # mean > 0: positive Grad-CAM weight
+        v[1] -= 0.5  # mean < 0: no positive evidence
+        self.register_buffer("v", v)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(x.clone())  # (B, 1, 48, 48)
+
+    def forward_head(self, f: torch.Tensor) -> torch.Tensor:
+        return (f[:, 0, None] * self.v).mean(dim=(2, 3))  # (B, 1, 48, 48) x (3, 48, 48) -> (B, 3)
+
+
 class RegionNet(FerModel):
     """Class 0's logit grows with the mean of one fixed 12x16 region; everything else is ignored."""
 
@@ -127,6 +151,22 @@ def test_gradcam_of_gap_model_is_rectified_feature_map():
     torch.testing.assert_close(heat, want / want.flatten(1).amax(1)[:, None, None], atol=1e-5, rtol=1e-4)
     assert float(attribute(m, x, "gradcam", target=1).max()) == 0.0  # negative weight: no positive evidence
 
+
+def test_guided_gradcam_of_signed_map_model_is_known():
+    m = SignedMapNet().eval()
+    x = torch.randn(2, 1, 48, 48)
+    hw = 48 * 48
+    v0 = m.v[0]
+    raw = get_explainer("guided-gradcam", m)(x, torch.tensor([0, 0]))  # (B, 48, 48)
+    want = float(v0.mean()) / hw**2 * v0.clamp_min(0) * x[:, 0].clamp_min(0)
+    torch.testing.assert_close(raw, want, atol=1e-9, rtol=1e-4)
+    # guided, not vanilla: the pixels where V[0] < 0 (and x > 0) carry no attribution
+    assert float(raw[(v0 < 0).expand_as(raw) & (x[:, 0] > 0)].abs().max()) == 0.0
+    assert float(get_explainer("saliency", m)(x, torch.tensor([0, 0]))[(v0 < 0).expand_as(raw) & (x[:, 0] > 0)]
+                 .min()) > 0.0
+    # a class with a negative Grad-CAM weight has no positive evidence anywhere
+    assert float(attribute(m, x, "guided-gradcam", target=1).max()) == 0.0
+    assert m.act.inplace and no_hooks(m)  # the caller's model is left as found: hooks gone, ReLU still in place
 
 def test_normalise_clips_outliers_at_a_percentile():
     raw = torch.rand(2, 48, 48) + 1.0  # values in [1, 2] ...

@@ -368,3 +368,33 @@ def test_cli_an_image_that_cannot_be_annotated_loses_only_its_drawing(trained_ti
     entries = json.loads(out.read_text())  # still a complete JSON list, with both images' faces
     assert [(Path(e["file"]).name, e["status"]) for e in entries] == [("astro.jpg", "ok"), ("astro.png", "ok")]
     assert (ann / "sub" / "astro.png").is_file()
+
+
+def test_cli_crops_format_margin_min_face_and_detector(trained_tiny_run, media, capsys):
+    from ferlab import Recognizer
+
+    def predict_json(*flags: str) -> list[dict]:
+        capsys.readouterr()
+        assert main(["predict", str(media["png"]), "--model", str(trained_tiny_run), "--format", "json",
+                     "--no-progress", *flags]) == 0
+        return json.loads(capsys.readouterr().out)  # no --out: standard output
+
+    def probs(entry: dict) -> list[float]:
+        return [entry["probabilities"][c] for c in ("Angry", "Disgust", "Fear", "Happy", "Sad", "Surprise", "Neutral")]
+
+    (whole,) = predict_json("--crops")  # the whole image is the face
+    assert (whole["x"], whole["y"], whole["w"], whole["h"]) == (0, 0, 512, 512)
+    want = Recognizer(trained_tiny_run).predict(media["png"], crops=True)[0].probabilities
+    assert probs(whole) == pytest.approx(list(want.values()), abs=1e-6)
+
+    (near,) = predict_json()
+    (wide,) = predict_json("--margin", "0.4")
+    assert [near[k] for k in "xywh"] == [wide[k] for k in "xywh"]  # the box is the detection's, before the margin
+    assert probs(wide) != pytest.approx(probs(near), abs=1e-4)  # ... but the crop the model sees is wider
+    want = Recognizer(trained_tiny_run, margin=0.4).predict(media["png"])[0].probabilities
+    assert probs(wide) == pytest.approx(list(want.values()), abs=1e-6)
+
+    (none,) = predict_json("--min-face", "600")  # larger than the image: nothing to find
+    assert none["status"] == "no_face"
+    assert main(["predict", str(media["png"]), "--model", str(trained_tiny_run), "--detector", "yolo"]) == 2
+    assert "unknown detector 'yolo'; choose one of haar" in capsys.readouterr().err

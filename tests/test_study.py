@@ -151,6 +151,17 @@ def test_full_budget_ablation_recipe_is_the_shipped_config():
     assert exps["kfold/1-of-5"] == cfg
 
 
+def test_run_hash_of_a_fixed_config_never_changes():
+    """Users' cached study runs are found by this hash: a new TrainConfig field must leave it as it is (add the
+    field to HASHED_WHEN_SET with its default). Change these literals only together with CACHE_VERSION."""
+    from ferlab.study.runner import CACHE_VERSION, run_hash
+
+    cfg = TrainConfig(model="r002-vgg", epochs=30, seed=1)
+    assert CACHE_VERSION == 1
+    assert run_hash(Experiment("q1/x", "q1", cfg), "sha256:0123") == "43610ff7f89fd692"
+    assert run_hash(Experiment("f/x", "kfold", cfg, tags={"fold": 2, "k": 5}), "sha256:0123") == "fb94ff2c1912488c"
+
+
 def test_full_budget_shape():
     assert set(BUDGETS) == {"quick", "full"}  # the CLI's --budget choices (kept literal: no torch import at parse)
     full = get_budget("full").experiments
