@@ -65,6 +65,22 @@ def test_models_json_lists_every_model(capsys):
     assert all(r["mflops"] > 0 and r["keras_total"] >= r["trainable"] > 0 for r in rows)
 
 
+def test_models_pattern_filters_by_name_and_version_prints_the_package_version(capsys):
+    from fnmatch import fnmatch
+
+    from ferlab import __version__
+    from ferlab.models import list_models
+
+    assert main(["models", "--json", "--pattern", "r00*"]) == 0
+    names = [r["name"] for r in json.loads(capsys.readouterr().out)]
+    assert names and names == [n for n in list_models() if fnmatch(n, "r00*")] and len(names) < len(list_models())
+    assert main(["models", "--json", "--pattern", "no-such-net*"]) == 0
+    assert json.loads(capsys.readouterr().out) == []
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"ferlab {__version__}"
+
+
 def test_missing_data_path_is_a_clear_error(tmp_path, capsys):
     rc = main(["train", "--data", str(tmp_path / "nope.csv"), "--out", str(tmp_path / "r"), "--no-progress"])
     assert rc == 2

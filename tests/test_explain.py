@@ -428,6 +428,22 @@ def test_cli_filters_feature_maps_layers(trained_tiny_run, tmp_path, capsys):
         capsys.readouterr().out)
 
 
+def test_cli_limits_and_no_per_image(trained_tiny_run, tmp_path, capsys):
+    # without --channels, --max-filters / --max-channels cap how many filters or maps are drawn
+    assert run_cli("filters", str(trained_tiny_run), "--layer", "stages.0", "--steps", "2", "--max-filters", "3",
+                   "--out", str(tmp_path / "f.png")) == 0
+    assert "stages.0: 3 of 32 filters" in capsys.readouterr().out
+    assert run_cli("feature-maps", str(trained_tiny_run), "--layer", "stages.1", "--image", "data:test:2",
+                   "--max-channels", "5", "--out", str(tmp_path / "fm.png")) == 0
+    assert "5 of 64 maps of 24x24" in capsys.readouterr().out
+    # --no-per-image: the grid and the JSON, no per-face figures
+    out = tmp_path / "exp"
+    assert run_cli("explain", str(trained_tiny_run), "--images", "data:test:3", "--method", "saliency",
+                   "--no-faithfulness", "--no-per-image", "--out", str(out)) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["explain-saliency.json", "grid-saliency.png"]
+    assert json.loads((out / "explain-saliency.json").read_text())["n_images"] == 3
+
+
 @pytest.mark.parametrize(("argv", "message"), [
     (["filters", "{run}", "--layer", "stages.9", "--steps", "1"], "layer 'stages.9' is not a layer"),
     (["feature-maps", "{run}", "--layer", "fc", "--image", "data:test:0"], "'fc' has no 4D feature map"),

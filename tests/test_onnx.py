@@ -174,3 +174,16 @@ def test_export_cli_names_and_errors(tmp_path, monkeypatch, capsys):
     assert main(["export", "--onnx", str(tmp_path / "nowhere")]) == 2
     assert "no such checkpoint" in capsys.readouterr().err
     assert main(["export", "--onnx", str(run), "--out", "x.pt"]) == 2
+
+
+@pytest.mark.parametrize("opset", [13, 17])
+def test_export_opset_is_the_one_asked_for(tmp_path, capsys, opset):
+    import onnx
+
+    ckpt = tmp_path / "best.safetensors"
+    make_checkpoint(ckpt, "fer-mobile")
+    out = tmp_path / f"m{opset}.onnx"
+    assert main(["export", "--onnx", str(ckpt), "--out", str(out), "--opset", str(opset)]) == 0
+    assert f"opset {opset}" in capsys.readouterr().out
+    domains = {o.domain: o.version for o in onnx.load(str(out)).opset_import}
+    assert domains[""] == opset  # the default (ai.onnx) domain

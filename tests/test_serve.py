@@ -370,6 +370,32 @@ def test_cli_serve_runs_uvicorn(trained_tiny_run, monkeypatch, capsys, host, bac
     assert status == 200 and out["faces"] and out["faces"][0]["gradcam"].startswith("data:image/png;base64,")
 
 
+@pytest.mark.parametrize("explain", ["saliency", "none"])
+def test_cli_serve_explain_log_level_and_max_pixels_reach_the_app(trained_tiny_run, monkeypatch, explain):
+    import uvicorn
+
+    from ferlab.cli import main
+
+    calls = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append((app, kw)))
+    argv = ["serve", "--model", str(trained_tiny_run), "--explain", explain, "--log-level", "warning",
+            "--max-pixels", str(512 * 512 - 1)]
+    assert main(argv) == 0
+    (app, kw), = calls
+    assert kw["log_level"] == "warning"
+    info = app.state.info
+    assert info["explain_method"] == (None if explain == "none" else explain)
+    assert info["limits"]["max_pixels"] == 512 * 512 - 1
+    with LiveServer(app) as srv:
+        status, out = srv.post_file(encode(astronaut(), ".png"), "big.png")  # 512 x 512: one pixel over the limit
+        assert status == 413 and "512x512" in out["error"] and "big.png" in out["error"]
+        status, out = srv.post_file(encode(np.ascontiguousarray(astronaut()[:300, 100:400]), ".png"), "face.png")
+    assert status == 200 and out["faces"]
+    assert out["explain_method"] == info["explain_method"]
+    overlay = out["faces"][0]["gradcam"]  # the overlay's key in the response, whatever the method
+    assert (overlay is None) is (explain == "none")
+
+
 def test_cli_serve_bad_model_is_clear_error(tmp_path, capsys):
     from ferlab.cli import main
 

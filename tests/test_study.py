@@ -239,6 +239,18 @@ def test_adopt_finished_runs_trained_elsewhere(tmp_path):
     assert study.results[0].history == _history_of(tmp_path / "same")
 
 
+def test_cli_adopt_reaches_the_study_before_any_training(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FERLAB_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "config.json").write_text("{}")  # a run directory whose summary.json never came
+    for run, message in ((tmp_path / "missing", "missing: not a run directory"),
+                         (tmp_path / "half", "half: the run has not finished")):
+        assert main(["study", "--budget", "quick", "--out", str(tmp_path / "out"), "--adopt", str(run),
+                     "--no-progress"]) == 2
+        assert message in capsys.readouterr().err
+    assert not list((tmp_path / "out").glob("runs/*/best.safetensors"))  # refused before training anything
+
+
 def _history_of(run_dir: Path) -> list[dict[str, float]]:
     from ferlab.train.fit import read_history
 
