@@ -12,10 +12,15 @@ Modes (all with the same number of threads, all cores by default):
 Printed per model: images/s, achieved GFLOP/s (3 x the forward FLOPs of one image, for forward + backward,
 times images/s) and the ratio fast+jemalloc / fp32 (the fast path as `ferlab train` runs it).
 
-Threads (fast+jemalloc, first model): 1 thread, all threads, all threads with OMP_WAIT_POLICY=PASSIVE,
-each on the machine as it is and with ``--contention K`` busy processes started by the bench. OpenMP
-threads spin while waiting by default; when another process holds a core, a spinning thread burns the time
-slice its partner needs, which is where multi-thread training under contention loses most of its speed.
+``ferlab train`` runs in the precision ``auto`` resolves to on this CPU (bf16 where it has AVX512-BF16 or AMX
+instructions, else fp32): the first line says which, and the ratio column compares that default with plain fp32.
+
+Threads (the default mode, first model): 1 thread, all threads, all threads with OMP_WAIT_POLICY=PASSIVE, and all
+threads watched by ferlab's thread governor (``threads = 0``: re-checked every few seconds, one thread per core
+that other processes leave free), each on the machine as it is and with ``--contention K`` busy processes
+started by the bench. OpenMP threads spin while waiting by default; when another process holds a core, a
+spinning thread burns the time slice its partner needs, which is where multi-thread training under contention
+loses most of its speed.
 
     python bench/train_speed.py                      # 4 models x 4 modes, then the thread table
     python bench/train_speed.py --quick              # fewer, smaller steps (a rough look)
@@ -37,7 +42,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from ferlab.cli import JEMALLOC, JEMALLOC_CONF  # what the launcher preloads, and how
-from ferlab.hardware import cpu_name
+from ferlab.hardware import cpu_name, resolve_precision
 
 DEFAULT_MODELS = ["r002-vgg", "fer-resnet-s", "fer-mobile", "r004-cnn9"]
 
@@ -56,17 +61,26 @@ MODES: dict[str, Mode] = {
     "fast+jemalloc-defaults": Mode("bf16", True, True),
     "fast+jemalloc": Mode("bf16", True, True, JEMALLOC_CONF),
 }
-DEFAULT_MODE = "fast+jemalloc"  # what `ferlab train` runs: the ratio and the thread table use it
-# with --fp32-cl: what `ferlab train --precision fp32` runs (channels_last, the launcher's jemalloc, no autocast)
+# what `ferlab train --precision fp32` runs (channels_last, the launcher's jemalloc, no autocast): the default
+# where the CPU has no bf16 instructions
 FP32_CL_MODE = "fp32-cl+jemalloc"
 EXTRA_MODES: dict[str, Mode] = {FP32_CL_MODE: Mode("fp32", True, True, JEMALLOC_CONF)}
 ALL_MODES = {**MODES, **EXTRA_MODES}
+
+
+def default_mode() -> str:
+    """What ``ferlab train`` runs on this CPU (precision auto): the ratio and the thread table use it."""
+    return "fast+jemalloc" if resolve_precision("auto")[0] == "bf16" else FP32_CL_MODE
 
 
 @dataclass(frozen=True)
 class ThreadSetting:
     threads: int  # 0 = all cores
     env: dict[str, str] = field(default_factory=dict)
+    governed: bool = False  # ferlab's ThreadGovernor adjusts the count during the run (``ferlab train``'s default)
+
+
+GOVERNOR_PERIOD_S = 2.0  # the bench's runs are short: the governor re-checks every 2 s (ferlab train: 10 s)
 
 
 def thread_settings(cores: int) -> dict[str, ThreadSetting]:
@@ -74,16 +88,20 @@ def thread_settings(cores: int) -> dict[str, ThreadSetting]:
         "1 thread": ThreadSetting(1),
         f"{cores} threads": ThreadSetting(cores),
         f"{cores} threads, OMP_WAIT_POLICY=PASSIVE": ThreadSetting(cores, {"OMP_WAIT_POLICY": "PASSIVE"}),
+        f"{cores} threads, governed (ferlab train)": ThreadSetting(cores, governed=True),
     }
 
 
-def measure(model_name: str, mode: Mode, threads: int, batch: int, steps: int, warmup: int, side: int = 48) -> dict:
+def measure(model_name: str, mode: Mode, threads: int, batch: int, steps: int, warmup: int, side: int = 48,
+            governed: bool = False) -> dict:
     """Time ``steps`` training steps (after ``warmup``) with the real train_one_epoch on random data, trained
-    at ``side`` x ``side`` (the 48 x 48 images resized after augmentation, as progressive resizing does)."""
+    at ``side`` x ``side`` (the 48 x 48 images resized after augmentation, as progressive resizing does);
+    ``governed``: with ferlab's thread governor checking the free cores after every step."""
     import time
 
     import torch
 
+    from ferlab.hardware import ThreadGovernor
     from ferlab.models import create_model
     from ferlab.models.summary import flops_per_image
     from ferlab.train.engine import train_one_epoch
@@ -99,9 +117,10 @@ def measure(model_name: str, mode: Mode, threads: int, batch: int, steps: int, w
     n = batch * (steps + warmup)
     x = torch.randint(0, 256, (n, 1, 48, 48), dtype=torch.uint8)
     y = torch.randint(0, 7, (n,))
+    governor = ThreadGovernor(max_threads=threads, period=GOVERNOR_PERIOD_S) if governed else None
     kw = dict(batch_size=batch, aug=AUGMENT_PRESETS["standard"], normalizer=Normalizer("unit"),
               precision=mode.precision, channels_last=mode.channels_last, progress=False,
-              size=side)
+              size=side, on_step=governor.step if governor else None)
     train_one_epoch(model, opt, x[: batch * warmup], y[: batch * warmup], g=torch.Generator().manual_seed(0), **kw)
     t0 = time.perf_counter()
     train_one_epoch(model, opt, x[batch * warmup :], y[batch * warmup :], g=torch.Generator().manual_seed(1), **kw)
@@ -120,7 +139,8 @@ def run_child(args: argparse.Namespace, model: str, mode: str, setting: ThreadSe
         env["LD_PRELOAD"] = JEMALLOC
     if ALL_MODES[mode].malloc_conf:
         env["MALLOC_CONF"] = ALL_MODES[mode].malloc_conf
-    cmd = [sys.executable, __file__, "--_child", f"{model}|{mode}|{setting.threads}|{side}", "--batch", str(args.batch),
+    cmd = [sys.executable, __file__, "--_child", f"{model}|{mode}|{setting.threads}|{side}|{int(setting.governed)}",
+           "--batch", str(args.batch),
            "--steps", str(args.steps), "--warmup", str(args.warmup)]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if out.returncode:
@@ -161,51 +181,55 @@ def main() -> None:
     if args.quick:
         args.batch, args.steps, args.warmup = 64, 4, 1
     if args._child:
-        name, mode, threads, side = args._child.split("|")
+        name, mode, threads, side, governed = args._child.split("|")
         print(json.dumps(measure(name, ALL_MODES[mode], int(threads), args.batch, args.steps, args.warmup,
-                                 int(side))))
+                                 int(side), governed=bool(int(governed)))))
         return
     if not os.path.exists(JEMALLOC):
         sys.exit(f"{JEMALLOC} not found (apt-get install libjemalloc2): the jemalloc modes need it")
-    modes = list(MODES) + ([FP32_CL_MODE] if args.fp32_cl else [])
+    default = default_mode()
+    modes = list(MODES) + ([FP32_CL_MODE] if args.fp32_cl or default == FP32_CL_MODE else [])
 
     cores = os.cpu_count() or 1
     threads = args.threads or cores
     load = os.getloadavg()[0]
+    precision, why = resolve_precision("auto")
     print(f"{cpu_name()}; batch {args.batch}, {args.steps} timed steps after {args.warmup} warm-up; {threads} threads; "
           f"{cores} cores; load average {load:.2f} at start (an idle machine reads ~0)")
+    print(f"ferlab train's default here: precision {precision} ({why}), i.e. mode {default}")
     results: dict = {"cpu": cpu_name(), "batch": args.batch, "steps": args.steps, "threads": threads,
-                     "load_at_start": load, "models": [], "thread_settings": [], "sides": []}
+                     "load_at_start": load, "default_precision": precision, "default_precision_why": why,
+                     "default_mode": default, "models": [], "thread_settings": [], "sides": []}
     head = f"{'model':<14} {'MFLOPs/img':>10}" + "".join(f"  {m + ' img/s':>27} {'GFLOP/s':>7}" for m in modes)
-    print(head + f"  {DEFAULT_MODE + ' / fp32':>11}")
+    print(head + f"  {default + ' / fp32':>11}")
     for name in args.models:
         row = {"model": name}
         for mode in modes:
             row[mode] = run_child(args, name, mode, ThreadSetting(threads))
-        row["ratio"] = row[DEFAULT_MODE]["images_per_s"] / row["fp32"]["images_per_s"]
+        row["ratio"] = row[default]["images_per_s"] / row["fp32"]["images_per_s"]
         results["models"].append(row)
         cells = "".join(f"  {row[m]['images_per_s']:27.0f} {row[m]['gflops_per_s']:7.1f}" for m in modes)
         print(f"{name:<14} {row['fp32']['mflops_per_image']:10.1f}{cells}  {row['ratio']:10.2f}x", flush=True)
 
     if args.sides:
         model = args.models[0]
-        print(f"\nprogressive resizing: {model}, {DEFAULT_MODE}, trained at each side")
+        print(f"\nprogressive resizing: {model}, {default}, trained at each side")
         print(f"{'side':>6} {'img/s':>8} {'vs 48x48':>9}")
         base = None
         for side in sorted(set(args.sides), reverse=True):  # 48 first: the base of the ratio
-            ips = run_child(args, model, DEFAULT_MODE, ThreadSetting(threads), side)["images_per_s"]
+            ips = run_child(args, model, default, ThreadSetting(threads), side)["images_per_s"]
             base = ips if side == 48 else base
             results["sides"].append({"side": side, "images_per_s": ips})
             print(f"{side:>6} {ips:8.0f} {f'{ips / base:.2f}x' if base else '':>9}", flush=True)
 
     if not args.no_threads:
         model = args.models[0]
-        print(f"\nthreads: {model}, {DEFAULT_MODE}, images/s; 'contended': +{args.contention} busy process(es)")
+        print(f"\nthreads: {model}, {default}, images/s; 'contended': +{args.contention} busy process(es)")
         print(f"{'setting':<40} {'as is':>8} {'contended':>10}")
         for label, setting in thread_settings(cores).items():
-            as_is = run_child(args, model, DEFAULT_MODE, setting)["images_per_s"]
+            as_is = run_child(args, model, default, setting)["images_per_s"]
             with busy_processes(args.contention):
-                contended = run_child(args, model, DEFAULT_MODE, setting)["images_per_s"]
+                contended = run_child(args, model, default, setting)["images_per_s"]
             results["thread_settings"].append({"setting": label, "as_is": as_is, "contended": contended})
             print(f"{label:<40} {as_is:8.0f} {contended:10.0f}", flush=True)
     if args.json:

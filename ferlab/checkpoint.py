@@ -78,11 +78,32 @@ def resolve(path: str | Path) -> Path:
     return p
 
 
+PICKLE_REFUSED = ("pickles are refused: loading one can run any code it holds; re-save trusted weights as "
+                  "safetensors, e.g. a ferlab run's best.safetensors")
+
+
+def pickle_kind(path: str | Path) -> str | None:
+    """'a PyTorch .pt/.pth file' (a zip of pickles) or 'a pickle' from a file's first bytes, else None."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return None
+    if head.startswith(b"PK\x03\x04"):
+        return "a PyTorch .pt/.pth file (pickled)"
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:  # PROTO opcode and a protocol number
+        return "a pickle"
+    return None
+
+
 def read_meta(path: str | Path) -> dict[str, Any]:
     """The metadata of a checkpoint (file or run directory) without loading its weights."""
     from safetensors import safe_open
 
     p = resolve(path)
+    kind = pickle_kind(p)
+    if kind is not None:
+        raise CheckpointError(f"{p}: {kind}, not a safetensors checkpoint; {PICKLE_REFUSED}")
     try:
         with safe_open(str(p), framework="pt") as f:
             raw = (f.metadata() or {}).get("ferlab")
@@ -178,4 +199,15 @@ def load_state(path: str | Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for corrupt or hostile files
-        raise CheckpointError(f"{path}: cannot load training state safely ({type(e).__name__}: {e})") from None
+        text = str(e)
+        if "Weights only load failed" in text:  # a pickle of other objects than tensors, numbers and strings
+            # torch's message advises weights_only=False, the very thing not to do with an untrusted file: keep
+            # only its account of what the file holds
+            what = next((line.split("error:", 1)[-1].strip() for line in text.splitlines()
+                         if "WeightsUnpickler error" in line or "unsupported GLOBAL" in line), "")
+            what = what.split(". Please")[0].split(" Please")[0].rstrip(".")
+            detail = f" ({what})" if what else ""
+            raise CheckpointError(f"{path}: holds objects other than tensors, numbers and strings{detail}; not "
+                                  "loaded: such pickles are refused, loading one can run any code it holds") from None
+        first = text.strip().splitlines()[0] if text.strip() else ""
+        raise CheckpointError(f"{path}: cannot load training state safely ({type(e).__name__}: {first})") from None

@@ -11,10 +11,16 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ferlab.hardware import PRECISIONS
+
 JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
 # Keep freed pages (no decay) and no background thread: the allocator then never hands the activations' memory
 # back to the kernel between training steps.
 JEMALLOC_CONF = "background_thread:false,dirty_decay_ms:-1,muzzy_decay_ms:-1"
+# A long-lived server: freed pages go back to the kernel within a second, by jemalloc's background thread even
+# while no request comes (a burst of large uploads does not keep its memory).
+SERVE_JEMALLOC_CONF = "background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0"
+LONG_LIVED_COMMANDS = ("serve",)
 # --tta alone is the flip pair; --tta shift adds 2-pixel shifts (10 views), --tta affine also zoom and rotation
 # (18 views); see ferlab.transforms.TTA_MODES.
 TTA_ARG: dict[str, Any] = dict(
@@ -22,6 +28,16 @@ TTA_ARG: dict[str, Any] = dict(
     help="test-time augmentation: --tta averages with the mirrored image; --tta shift also with the flip pair "
          "moved 2 pixels up, down, left and right (10 views); --tta affine also zoomed in and out 8%% and "
          "rotated +-6 degrees (18 views)")
+
+# --precision of the commands that train or predict with a checkpoint's precision
+PRECISION_CHOICES = PRECISIONS
+PRECISION_HELP = ("auto (default): bfloat16 autocast where this CPU computes bf16 natively (AVX512-BF16 or AMX "
+                  "instructions), else fp32, which is several times faster on CPUs without them; bf16; fp32")
+EVAL_PRECISION_HELP = ("auto (default): the checkpoint's training precision where this CPU computes it natively, "
+                       "else fp32; bf16; fp32")
+# ferlab demo: the whole train-then-evaluate cycle on the embedded synthetic faces
+DEMO_MODEL = "fer-resnet-s"
+DEMO_EPOCHS = 6
 
 # Modules that contribute sub-commands: each exposes ``add_commands(sub)``, adding parsers whose ``func``
 # default is the command function. They must import heavy libraries inside the command functions only.
@@ -124,7 +140,8 @@ TRAIN_FLAGS: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "--monitor": ("monitor", str, "val_acc | val_loss: selects checkpoints, early stopping, plateau"),
     "--init": ("init", str, "default | xavier | he"),
     "--seed": ("seed", int, "random seed"),
-    "--precision": ("precision", str, "bf16 (fast path: bfloat16 autocast) | fp32"),
+    "--precision": ("precision", str, "auto (default: bf16 autocast where the CPU has bf16 instructions, AVX512-BF16 "
+                                      "or AMX, else fp32) | bf16 | fp32"),
     "--val-fraction": ("val_fraction", float, "validation part carved from train when the data has none"),
     "--threads": ("threads", int, "torch threads (0: auto, the cores not busy with other work at start)"),
 }
@@ -182,9 +199,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not cfg_path.is_file():
             raise FileNotFoundError(f"{run_dir}: not a run directory (no config.json)")
         try:
-            cfg = TrainConfig.from_dict(json.loads(cfg_path.read_text())["train"])
+            saved = json.loads(cfg_path.read_text())
+            cfg = TrainConfig.from_dict(saved["train"])
         except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
             raise ValueError(f"{cfg_path}: damaged run config ({type(e).__name__}: {e})") from e
+        cfg = resume_data_path(cfg, saved)
     else:
         cfg = _train_config(args)
         run_dir = Path(args.out) if args.out else default_run_dir(cfg)
@@ -197,23 +216,47 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"{'finished' if summary['finished'] else 'stopped'}: best {cfg.monitor} {best:.4f} at epoch "
           f"{summary['best_epoch']}; {summary['epochs_run']} epochs, {summary['train_seconds_total'] / 60:.1f} min; "
           f"run directory {run_dir}")
-    print(f"next: ferlab evaluate {run_dir} --split test")
+    print(evaluate_hint(run_dir))
     return 0
+
+
+def evaluate_hint(run_dir: Path) -> str:
+    """The command to evaluate a run, naming a split its data has: test, else val (a source without a test
+    split, e.g. a CSV without a Usage column, has only train and the val part carved from it)."""
+    try:
+        sizes = json.loads((run_dir / "config.json").read_text())["split"]["sizes"]
+    except (OSError, ValueError, KeyError, TypeError):
+        sizes = {}
+    split = "test" if sizes.get("test", 1) else "val"
+    note = "" if split == "test" else "  (the data has no test split; val is the part held out for selection)"
+    return f"next: ferlab evaluate {run_dir} --split {split}{note}"
+
+
+def resume_data_path(cfg: Any, saved: dict[str, Any]) -> Any:
+    """``cfg`` whose data path, as typed when the run started (kept for display), is replaced by the absolute
+    path saved beside it when the typed one does not exist from here (a resume from another directory)."""
+    import dataclasses
+
+    data = saved.get("data")
+    resolved = data.get("path") if isinstance(data, dict) else None
+    if cfg.data and resolved and not Path(cfg.data).exists():
+        return dataclasses.replace(cfg, data=str(resolved))
+    return cfg
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Train then evaluate on the embedded synthetic data: the whole cycle in a few minutes on 2 cores."""
     from ferlab.checkpoint import CheckpointError
     from ferlab.evaluate import evaluate_checkpoints, format_report
-    from ferlab.train.config import TrainConfig
+    from ferlab.train.config import TrainConfig, resolve_config
     from ferlab.train.fit import check_same_options, fit
 
     run_dir = Path(args.out)
-    cfg = TrainConfig(model=args.model, epochs=args.epochs)
+    cfg = TrainConfig(model=args.model, epochs=args.epochs, precision=args.precision)
     resume = (run_dir / "last.pt").exists()  # a demo run already there continues, or is left alone
     if resume:
         try:
-            check_same_options(run_dir, cfg)
+            check_same_options(run_dir, resolve_config(cfg)[0])  # as fit resolves it
         except CheckpointError as e:
             raise CheckpointError(f"{e} (for a demo with these options: --out DIR)") from None
     fit(cfg, run_dir, resume=resume, progress=not args.no_progress)
@@ -248,7 +291,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
     report = evaluate_checkpoints(specs, split=args.split, data_path=args.data, tta=args.tta,
                                   batch_size=args.batch_size, out_dir=out,
-                                  progress=not (args.json or args.no_progress))
+                                  progress=not (args.json or args.no_progress), precision=args.precision)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
 
@@ -256,7 +299,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_predict_csv(args: argparse.Namespace) -> int:
     from ferlab.predict_csv import predict_csv
 
-    n = predict_csv(args.checkpoint, args.data, args.out, split=args.split, tta=args.tta)
+    n = predict_csv(args.checkpoint, args.data, args.out, split=args.split, tta=args.tta, precision=args.precision)
     print(f"wrote {n:,} predictions to {args.out}")
     return 0
 
@@ -311,10 +354,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     dm = sub.add_parser("demo", help="train then evaluate on the embedded synthetic faces (a few minutes)")
-    dm.add_argument("--model", default="fer-resnet-s")
-    dm.add_argument("--epochs", type=int, default=10)
+    dm.add_argument("--model", default=DEMO_MODEL, help=f"registered model name (default {DEMO_MODEL})")
+    dm.add_argument("--epochs", type=int, default=DEMO_EPOCHS, help=f"number of epochs (default {DEMO_EPOCHS})")
+    dm.add_argument("--precision", default="auto", choices=PRECISION_CHOICES, help=PRECISION_HELP)
     dm.add_argument("--out", default="runs/demo", help="run directory (resumed if interrupted)")
-    dm.add_argument("--no-progress", action="store_true")
+    dm.add_argument("--no-progress", action="store_true", help="no progress bars (epoch lines only)")
     dm.set_defaults(func=cmd_demo)
 
     e = sub.add_parser("evaluate", help="evaluate checkpoints (several: their ensemble too)")
@@ -323,10 +367,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--pretrained", action="append", metavar="NAME",
                    help="a shipped model (see `ferlab models --pretrained`); repeatable, combinable with "
                         "checkpoints (then their ensemble is evaluated too)")
-    e.add_argument("--split", default="test", choices=("train", "val", "test"))
+    e.add_argument("--split", default="test", choices=("train", "val", "test"),
+                   help="which rows: test (default; FER2013 PrivateTest), val (PublicTest or the carved part), train")
     e.add_argument("--data", help="data path (default: the data the first checkpoint was trained on)")
     e.add_argument("--tta", **TTA_ARG)
-    e.add_argument("--batch-size", type=int, default=512)
+    e.add_argument("--batch-size", type=int, default=512, help="images per forward pass (default 512)")
+    e.add_argument("--precision", default="auto", choices=PRECISION_CHOICES, help=EVAL_PRECISION_HELP)
     e.add_argument("--out", help="where to write metrics.json and confusion.png (default RUN_DIR/eval-SPLIT; "
                                  "for shipped models only with --out)")
     e.add_argument("--json", action="store_true", help="print JSON")
@@ -334,16 +380,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_evaluate)
 
     pc = sub.add_parser("predict-csv", help="write a Kaggle-style submission (id,label) for an unlabelled CSV")
-    pc.add_argument("checkpoint", metavar="RUN_OR_CKPT")
+    pc.add_argument("checkpoint", metavar="RUN_OR_CKPT", help="run directory, .safetensors checkpoint or shipped name")
     pc.add_argument("--data", required=True, help="test.csv (id,feature) or any supported layout")
     pc.add_argument("--split", default="unlabeled", help="which rows to predict (default: the unlabelled ones)")
-    pc.add_argument("--out", default="submission.csv")
+    pc.add_argument("--out", default="submission.csv", help="the CSV to write (default submission.csv)")
     pc.add_argument("--tta", **TTA_ARG)
+    pc.add_argument("--precision", default="auto", choices=PRECISION_CHOICES, help=EVAL_PRECISION_HELP)
     pc.set_defaults(func=cmd_predict_csv)
 
     d = sub.add_parser("data", help="load a data path and print its layout, splits and class counts")
     d.add_argument("path", nargs="?", default=None, help="data path (default: the embedded synthetic faces)")
-    d.add_argument("--skip-bad", action="store_true")
+    d.add_argument("--skip-bad", action="store_true", help="skip malformed rows (counted) instead of stopping")
     d.set_defaults(func=cmd_data)
 
     for module in COMMAND_MODULES:
@@ -370,26 +417,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-def launcher_env(environ: Mapping[str, str]) -> dict[str, str] | None:
+def command_of(argv: Sequence[str]) -> str | None:
+    """The sub-command named in ``argv`` (the first word that is not an option), or None."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def launcher_env(environ: Mapping[str, str], argv: Sequence[str] = ()) -> dict[str, str] | None:
     """The environment to re-execute Python in (jemalloc preloaded), or None to run as is.
 
     jemalloc is preloaded when installed, unless ``FERLAB_JEMALLOC=0`` or it is preloaded already, with
-    ``MALLOC_CONF`` = :data:`JEMALLOC_CONF` unless the user set one: with jemalloc's default page decay, freed
-    activations go back to the kernel between steps and training is slower than with glibc (fer-resnet-s ~310
-    against ~460 img/s here); without decay it is faster (~520). ``python bench/train_speed.py`` measures all three.
+    ``MALLOC_CONF`` unless the user set one: for the batch jobs :data:`JEMALLOC_CONF` (with jemalloc's default
+    page decay, freed activations go back to the kernel between steps and training is slower than with glibc;
+    without decay it is faster; ``python bench/train_speed.py`` measures them), for ``ferlab serve``
+    :data:`SERVE_JEMALLOC_CONF`, which returns memory after a burst (``python bench/serve_load.py`` measures it).
     """
     if environ.get("FERLAB_JEMALLOC", "1") == "0" or "jemalloc" in environ.get("LD_PRELOAD", ""):
         return None
     if not os.path.exists(JEMALLOC):
         return None
     env = dict(environ, LD_PRELOAD=(JEMALLOC + " " + environ.get("LD_PRELOAD", "")).strip())
-    env.setdefault("MALLOC_CONF", JEMALLOC_CONF)
+    env.setdefault("MALLOC_CONF", SERVE_JEMALLOC_CONF if command_of(argv) in LONG_LIVED_COMMANDS else JEMALLOC_CONF)
     return env
 
 
 def entry() -> None:
     """Console-script launcher: re-executes itself with jemalloc preloaded (see :func:`launcher_env`)."""
-    env = launcher_env(os.environ)
+    env = launcher_env(os.environ, sys.argv[1:])
     if env is not None:
         os.execve(sys.executable, [sys.executable, "-m", "ferlab", *sys.argv[1:]], env)
     sys.exit(main())

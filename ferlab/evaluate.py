@@ -15,6 +15,7 @@ from ferlab.checkpoint import load_checkpoint, normalizer_from_meta
 from ferlab.data.source import open_data
 from ferlab.data.splits import train_val_test
 from ferlab.data.types import FerData
+from ferlab.hardware import resolve_precision
 from ferlab.train.engine import predict_view_logits
 from ferlab.transforms import tta_mode
 
@@ -68,24 +69,35 @@ def split_rows(data: FerData, meta: dict[str, Any], split: str) -> np.ndarray:
     return idx
 
 
+def checkpoint_precision(meta: dict[str, Any], requested: str = "auto") -> str:
+    """The precision to run a checkpoint in: ``auto`` is the one it was trained in where this CPU computes it
+    natively, else fp32 (bf16 emulated on a CPU without bf16 instructions is several times slower)."""
+    if requested != "auto":
+        return resolve_precision(requested)[0]
+    trained = meta.get("train", {}).get("precision", "fp32")
+    return "bf16" if trained == "bf16" and resolve_precision("auto")[0] == "bf16" else "fp32"
+
+
 def checkpoint_view_logits(model: torch.nn.Module, meta: dict[str, Any], images: torch.Tensor, *,
                            tta: bool | str = False, batch_size: int = 512, progress: bool = False,
-                           desc: str = "predict") -> torch.Tensor:
+                           desc: str = "predict", precision: str = "auto") -> torch.Tensor:
     """Logits (V, N, K) of a loaded checkpoint for each test-time view of ``tta`` on images (N, 1, H, W) uint8,
-    preprocessed as it was trained (its saved normalisation and precision). Puts ``model`` in the channels_last
-    layout, the trainer's fast path: about twice the images/s on CPU, with the same predictions on FER2013
-    (measured)."""
+    preprocessed as it was trained (its saved normalisation; its precision as :func:`checkpoint_precision`
+    resolves ``precision``). Puts ``model`` in the channels_last layout, the trainer's fast path: about twice the
+    images/s on CPU, with the same predictions on FER2013 (measured)."""
     model.to(memory_format=torch.channels_last)
     return predict_view_logits(model, images, normalizer_from_meta(meta), batch_size=batch_size,
-                               precision=meta["train"]["precision"], channels_last=True, tta=tta,
+                               precision=checkpoint_precision(meta, precision), channels_last=True, tta=tta,
                                progress=progress, desc=desc)
 
 
 def checkpoint_probs(model: torch.nn.Module, meta: dict[str, Any], images: torch.Tensor, *, tta: bool | str = False,
-                     batch_size: int = 512, progress: bool = False, desc: str = "predict") -> np.ndarray:
+                     batch_size: int = 512, progress: bool = False, desc: str = "predict",
+                     precision: str = "auto") -> np.ndarray:
     """Softmax probabilities (N, K) of a loaded checkpoint on images (N, 1, H, W) uint8: of the mean logits over
     the test-time views (see :func:`checkpoint_view_logits`)."""
-    views = checkpoint_view_logits(model, meta, images, tta=tta, batch_size=batch_size, progress=progress, desc=desc)
+    views = checkpoint_view_logits(model, meta, images, tta=tta, batch_size=batch_size, progress=progress, desc=desc,
+                                   precision=precision)
     return views.mean(0).softmax(1).numpy()
 
 
@@ -98,9 +110,11 @@ def evaluate_checkpoints(
     batch_size: int = 512,
     out_dir: str | Path | None = None,
     progress: bool = True,
+    precision: str = "auto",
 ) -> dict[str, Any]:
     """Evaluate each checkpoint on ``split`` and, given several, the ensemble of their averaged probabilities;
-    ``tta``: a test-time augmentation of :data:`ferlab.transforms.TTA_MODES` (True: "flip").
+    ``tta``: a test-time augmentation of :data:`ferlab.transforms.TTA_MODES` (True: "flip"); ``precision``: see
+    :func:`checkpoint_precision`.
 
     Writes metrics.json and confusion.png (counts and row-normalised) to ``out_dir``.
     """
@@ -127,14 +141,14 @@ def evaluate_checkpoints(
     members, probs_all = [], []
     for p, model, meta in loaded:
         probs = checkpoint_probs(model, meta, x, tta=tta, batch_size=batch_size, progress=progress,
-                                 desc=Path(p).name)
+                                 desc=Path(p).name, precision=precision)
         probs_all.append(probs)
         fp_ok = meta["data"]["fingerprint"] == data.fingerprint  # also without --data: the file may have changed
         members.append({
             "checkpoint": p, "model": meta["model"]["name"], "accuracy": float((probs.argmax(1) == y).mean()),
             "best_epoch": meta.get("result", {}).get("epoch"),
             "val_acc_at_selection": meta.get("result", {}).get("val_acc"),
-            "same_data_as_training": fp_ok,
+            "same_data_as_training": fp_ok, "precision": checkpoint_precision(meta, precision),
         })
     probs = np.mean(probs_all, axis=0)
     metrics = classification_metrics(y, probs, class_names)

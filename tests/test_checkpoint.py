@@ -113,7 +113,21 @@ def test_hostile_training_state_is_not_unpickled(tmp_path):
     p = tmp_path / "last.pt"
     with open(p, "wb") as f:
         pickle.dump({"epoch": Boom()}, f)
-    with pytest.raises(CheckpointError, match="cannot load training state safely"):
+    with pytest.raises(CheckpointError, match="holds objects other than tensors") as err:
         load_state(p)
+    # the message says the file is refused, and never repeats torch's advice to load it unsafely
+    assert "refused" in str(err.value) and "weights_only" not in str(err.value)
     save_state(tmp_path / "ok.pt", {"epoch": 3, "t": torch.ones(2)})
     assert load_state(tmp_path / "ok.pt")["epoch"] == 3
+
+
+@pytest.mark.parametrize("kind", ["torch-zip", "raw-pickle"])
+def test_a_pickle_given_as_a_checkpoint_is_refused_as_a_pickle(tmp_path, kind):
+    p = tmp_path / ("model.pt" if kind == "torch-zip" else "model.pkl")
+    if kind == "torch-zip":
+        torch.save({"w": torch.zeros(2)}, p)
+    else:
+        p.write_bytes(pickle.dumps({"w": [0.0, 0.0]}, protocol=4))
+    with pytest.raises(CheckpointError, match="pickles are refused") as err:
+        load_checkpoint(p)
+    assert "header too large" not in str(err.value) and "safetensors" in str(err.value)

@@ -261,7 +261,7 @@ def test_train_flags_become_the_run_config(tmp_path):
     assert cfg.teachers == ["runs/a", "b.safetensors"]
     assert cfg.skip_bad and cfg.precision == "fp32" and cfg.augment == {"hflip": True}
     bare = _train_config(build_parser().parse_args(["train", "--model", "fer-mobile"]))
-    assert (bare.model_args, bare.teachers, bare.skip_bad, bare.precision) == ({}, [], False, "bf16")
+    assert (bare.model_args, bare.teachers, bare.skip_bad, bare.precision) == ({}, [], False, "auto")
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -271,3 +271,45 @@ def test_train_flags_become_the_run_config(tmp_path):
 def test_train_flag_errors(tmp_path, capsys, argv, message):
     assert main(["train", "--model", "fer-mobile", "--out", str(tmp_path / "r"), *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def _write_csv_without_usage(path: Path, n: int = 240) -> None:
+    """A Kaggle train.csv-style file (emotion,pixels; no Usage column) of synthetic faces."""
+    from ferlab.data.synthetic import make_synthetic
+
+    data = make_synthetic(n, 0, 0, seed=5)
+    rows = [f'{lab},"{" ".join(map(str, img.ravel()))}"' for img, lab in zip(data.images, data.labels, strict=True)]
+    path.write_text("emotion,pixels\n" + "\n".join(rows) + "\n")
+
+
+def test_resume_from_another_directory_and_a_hint_that_names_an_existing_split(tmp_path, monkeypatch, capsys):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    _write_csv_without_usage(tmp_path / "a" / "faces.csv")
+    run = tmp_path / "a" / "run"
+    monkeypatch.chdir(tmp_path / "a")
+    assert main(["train", "--data", "faces.csv", "--model", "r000-cnn1", "--epochs", "1", "--batch-size", "32",
+                 "--precision", "fp32", "--out", str(run), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    # the data has no test split (no Usage column): the hint names val, which exists
+    assert f"next: ferlab evaluate {run} --split val" in out and "--split test" not in out
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["train"]["data"] == "faces.csv"  # as typed, for display
+    assert saved["data"]["path"] == str(tmp_path / "a" / "faces.csv")  # resolved when saved
+    monkeypatch.chdir(tmp_path / "b")  # where faces.csv does not exist
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0, capsys.readouterr().err
+
+
+def test_every_option_of_every_command_has_help_and_max_pixels_has_one_default():
+    import argparse
+
+    from ferlab.cli import build_parser
+    from ferlab.recognize.images import DEFAULT_MAX_PIXELS
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    missing = [f"{name} {'/'.join(a.option_strings) or a.dest}" for name, p in sub.choices.items()
+               for a in p._actions if not isinstance(a, argparse._HelpAction) and not (a.help or "").strip()]
+    assert missing == []
+    assert parser.parse_args(["predict", "x.jpg"]).max_pixels == DEFAULT_MAX_PIXELS
+    assert parser.parse_args(["serve"]).max_pixels == DEFAULT_MAX_PIXELS

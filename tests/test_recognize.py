@@ -324,7 +324,31 @@ def test_cli_csv_with_annotations(trained_tiny_run, media, tmp_path, capsys):
     assert sorted(r["frame"] for r in rows if r["file"].endswith("clip.avi")) == ["1", "2", "4", "5"]
     drawn = cv2.imread(str(ann / "astro.jpg"))
     assert drawn is not None and np.abs(drawn.astype(int) - read_image(media["jpg"])).max() > 100  # boxes drawn
-    assert (ann / "sub" / "astro16.png").is_file() and (ann / "clip_f000001.jpg").is_file()
+    assert (ann / "sub" / "astro16.png").is_file() and (ann / "clip_avi_f000001.jpg").is_file()
+
+
+def test_annotations_of_inputs_that_share_a_stem_do_not_collide(tmp_path):
+    from ferlab.recognize.cli import Annotator
+
+    files = [tmp_path / "clip.mp4", tmp_path / "clip.avi", tmp_path / "sub" / "clip.mp4", tmp_path / "clip.jpg",
+             tmp_path / "clip.png"]
+    ann = Annotator(tmp_path / "out", files)
+    targets = [ann.target(str(f), 0 if f.suffix in (".mp4", ".avi") else None) for f in files]
+    assert len(set(targets)) == len(files)  # every input, every frame: its own file
+    assert targets[0].name == "clip_mp4_f000000.jpg" and targets[1].name == "clip_avi_f000000.jpg"
+
+
+def test_cli_json_flag_and_the_weights_named_everywhere(trained_tiny_run, media, capsys):
+    from ferlab import Recognizer
+
+    assert f"weights={str(trained_tiny_run)!r}" in repr(Recognizer(trained_tiny_run))
+    assert main(["predict", str(media["jpg"]), "--model", str(trained_tiny_run), "--json", "--no-progress"]) == 0
+    out, err = capsys.readouterr()
+    (entry,) = json.loads(out)  # --json is --format json
+    assert entry["status"] == "ok" and entry["weights"] == str(trained_tiny_run)
+    assert f"weights {trained_tiny_run}" in err
+    assert main(["predict", str(media["jpg"]), "--model", str(trained_tiny_run), "--json", "--format", "csv"]) == 2
+    assert "contradict" in capsys.readouterr().err
 
 
 def test_cli_json_has_an_entry_per_face_and_per_problem(trained_tiny_run, media, tmp_path, capsys):

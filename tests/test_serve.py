@@ -31,14 +31,14 @@ LIMIT = int(LIMIT_MB * 2**20)
 class LiveServer:
     """A real uvicorn server for ``app`` in a thread, on a free port of 127.0.0.1."""
 
-    def __init__(self, app) -> None:
+    def __init__(self, app, **config) -> None:
         import uvicorn
 
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", **config))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def __enter__(self) -> LiveServer:
@@ -336,6 +336,100 @@ def test_info_health_and_page(server):
 
 
 # ----------------------------------------------------------------------------- CLI
+# ----------------------------------------------------------------------------- load and abuse
+def stalled_upload(port: int, length: int = 100_000) -> socket.socket:
+    """A connection that sends an upload's headers and 3 bytes of its body, then nothing."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=30)
+    s.sendall(f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+              f"Content-Length: {length}\r\n\r\nabc".encode())
+    return s
+
+
+def status_of(sock: socket.socket) -> str:
+    head = sock.recv(64).decode("latin-1")
+    return head.split(" ")[1] if head.startswith("HTTP/") else "closed"
+
+
+def test_stalled_uploads_are_answered_408_and_free_their_slots(recognizer):
+    from ferlab.serve.app import create_app
+
+    app = create_app(recognizer, max_upload_mb=LIMIT_MB, max_active=2, body_timeout=1.0, explain_method=None)
+    png = encode(astronaut(), ".png")
+    with LiveServer(app) as srv:
+        stalled = [stalled_upload(srv.port) for _ in range(3)]  # two hold the slots, the third waits its turn
+        time.sleep(0.2)
+        t0 = time.monotonic()
+        status, headers, body = srv.request("POST", "/predict", png, {"Content-Type": "image/png"})
+        assert status == 503 and headers["retry-after"] == "1" and b"busy" in body  # answered, not reset
+        while status != 200 and time.monotonic() - t0 < 10:
+            time.sleep(0.1)
+            status, _, _ = srv.request("POST", "/predict", png, {"Content-Type": "image/png"})
+        assert status == 200 and time.monotonic() - t0 < 3  # freed one stall timeout (1 s) later, not minutes
+        answers = sorted(status_of(s) for s in stalled)
+        assert answers == ["408", "408", "503"]  # the stalled ones timed out; the third had waited its turn
+
+
+def test_over_the_limit_an_upload_gets_503_with_retry_after_never_a_reset(recognizer):
+    from ferlab.serve.app import create_app
+
+    app = create_app(recognizer, max_upload_mb=LIMIT_MB, max_active=1, body_timeout=5.0, explain_method=None)
+    png = encode(astronaut(), ".png")  # ~0.45 MiB: far more than the socket buffers, so an early answer would reset
+    with LiveServer(app) as srv:
+        holder = stalled_upload(srv.port)
+        time.sleep(0.2)
+        for _ in range(3):
+            status, headers, body = srv.request("POST", "/predict", png, {"Content-Type": "image/png"})
+            assert (status, headers["retry-after"]) == (503, "1") and json.loads(body)["error"].startswith("busy")
+        holder.close()
+
+
+def test_a_client_that_hangs_up_mid_upload_is_one_log_line(recognizer, capfd):
+    from ferlab.serve.app import create_app
+
+    with LiveServer(create_app(recognizer, max_upload_mb=LIMIT_MB, explain_method=None)) as srv:
+        for _ in range(2):
+            s = stalled_upload(srv.port)
+            time.sleep(0.2)
+            s.close()
+        time.sleep(0.5)
+        assert srv.request("GET", "/healthz")[0] == 200
+    err = capfd.readouterr().err
+    lines = [line for line in err.splitlines() if "disconnected" in line]
+    assert len(lines) == 2 and "after 3 bytes" in lines[0]
+    assert "Traceback" not in err and "ClientDisconnect" not in err
+
+
+def test_a_connection_without_a_request_head_is_closed():
+    from fastapi import FastAPI
+
+    from ferlab.serve.cli import guarded_protocol
+
+    with LiveServer(FastAPI(), http=guarded_protocol(0.5), timeout_keep_alive=30) as srv:
+        silent = socket.create_connection(("127.0.0.1", srv.port), timeout=5)
+        slow = socket.create_connection(("127.0.0.1", srv.port), timeout=5)
+        slow.sendall(b"GET / HT")  # a head that never ends
+        t0 = time.monotonic()
+        assert silent.recv(1) == b"" and slow.recv(1) == b""  # closed by the server
+        assert time.monotonic() - t0 < 3
+        assert srv.request("GET", "/healthz")[0] == 404  # the server itself goes on (this app has no routes)
+
+
+def test_cli_serve_checks_the_port_before_announcing_it(trained_tiny_run, monkeypatch, capsys):
+    import uvicorn
+
+    from ferlab.cli import main
+
+    calls = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append(kw))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", "--model", str(trained_tiny_run), "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1:{port}" in err and "open http" not in err and not calls
+
+
 def test_cli_defaults_bind_localhost():
     from ferlab.cli import build_parser
 
@@ -357,13 +451,16 @@ def test_cli_serve_runs_uvicorn(trained_tiny_run, monkeypatch, capsys, host, bac
     assert main(argv) == 0
     (app, kw), = calls
     assert kw["host"] == (host or "127.0.0.1") and kw["port"] == 8123
-    assert kw["limit_concurrency"] == 16  # more connections get 503: upload bodies in memory stay bounded
+    # uvicorn's connection cap is a backstop far above the app's admission limit, which answers 503 properly
+    assert kw["limit_concurrency"] > app.state.info["limits"]["max_active"] == 16
+    assert kw["timeout_keep_alive"] == 5 and kw["http"].__name__ == "GuardedH11Protocol"
     info = app.state.info
     assert info["limits"]["max_upload_bytes"] == 2 * 2**20
+    assert info["weights"] == str(trained_tiny_run)  # which weights, not only the architecture's name
     assert (info["backend"], info["explain_method"]) == (backend or "torch", "gradcam")
     err = capsys.readouterr().err
     assert ("warning" in err) is warns
-    assert "http://" in err
+    assert "http://" in err and f"weights {trained_tiny_run}" in err
     # the app the command built serves predictions (ONNX Runtime included, overlays from the PyTorch weights)
     with LiveServer(app) as srv:
         status, out = srv.post_file(encode(astronaut(), ".jpg"), "a.jpg")
@@ -417,6 +514,10 @@ def test_browser_upload_shows_boxes_bars_and_gradcam(browser, recognizer, tmp_pa
         try:
             page.goto(srv.url + "/")
             page.wait_for_selector("#model-info >> text=Model: fer-resnet-s", timeout=10_000)
+            # which weights are loaded, not only the architecture
+            assert f"weights {recognizer.weights}" in page.inner_text("#model-info")
+            # the empty state shows no results panel and no broken image before a photo is chosen
+            assert page.is_hidden("#results") and page.is_hidden("#photo")
             page.set_input_files("#file-input", str(photo))
             page.wait_for_selector(".face-box .face-label", timeout=30_000)
 

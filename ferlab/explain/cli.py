@@ -179,8 +179,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--layer", required=True, help="layer name (see `ferlab layers MODEL`)")
     f.add_argument("--steps", type=int, default=96, help="gradient-ascent steps")
     f.add_argument("--channels", help="all, A-B or A,B,C (default: the first --max-filters)")
-    f.add_argument("--max-filters", type=int, default=32)
-    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--max-filters", type=int, default=32, help="most filters drawn without --channels (default 32)")
+    f.add_argument("--seed", type=int, default=0, help="seed of the starting noise images (default 0)")
     f.add_argument("--out", help="PNG path (default RUN_DIR/filters-LAYER.png)")
     f.set_defaults(func=cmd_filters)
 
@@ -191,7 +191,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--data", help="data path for data:SPLIT faces (default: the data the model was trained on; "
                                    "needed for shipped models)")
     m.add_argument("--channels", help="all, A-B or A,B,C (default: the first --max-channels)")
-    m.add_argument("--max-channels", type=int, default=64)
+    m.add_argument("--max-channels", type=int, default=64, help="most channels drawn without --channels (default 64)")
     m.add_argument("--out", help="PNG path (default RUN_DIR/feature-maps-LAYER.png)")
     m.set_defaults(func=cmd_feature_maps)
 

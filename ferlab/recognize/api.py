@@ -83,6 +83,20 @@ def load_image(image: ImageInput, color: str = "rgb", max_pixels: int | None = D
     return to_bgr8(arr, color)
 
 
+def _thread_governor():  # -> hardware.ThreadGovernor
+    """A thread governor setting both torch's and OpenCV's thread counts (see :class:`ThreadGovernor`)."""
+    import cv2
+    import torch
+
+    from ferlab.hardware import ThreadGovernor
+
+    def apply(n: int) -> None:
+        torch.set_num_threads(n)
+        cv2.setNumThreads(n)
+
+    return ThreadGovernor(apply=apply)
+
+
 class Recognizer:
     """Face detection + expression classification, batched.
 
@@ -92,7 +106,8 @@ class Recognizer:
     margin: fraction of the face box added on each side before cropping (0.1 matches FER2013's framing).
     tta: average the logits with those of the mirrored face. min_face: smallest face side in pixels.
     batch_size: faces per forward pass. max_pixels: larger images are refused (decompression bombs).
-    precision: torch backend only, ``fp32`` (default) or ``bf16``. threads: inference threads (None: default).
+    precision: torch backend only, ``fp32`` (default), ``bf16`` or ``auto`` (bf16 where the CPU computes it
+    natively). threads: inference threads (None: default).
 
     Example::
 
@@ -125,6 +140,8 @@ class Recognizer:
             self.backend = create_backend(backend, model if model is not None else default_model(), **kw)
         self.detector = create_detector(detector, min_face=min_face)
         self._whole = WholeImage()
+        # threads not set: follow the cores other processes leave free during long predictions (torch and OpenCV)
+        self._governor = _thread_governor() if not threads else None
         self.margin, self.tta, self.batch_size, self.max_pixels = margin, tta, batch_size, max_pixels
 
     @property
@@ -136,9 +153,14 @@ class Recognizer:
         """The model's ferlab metadata (model name, preprocessing, training config, ...)."""
         return self.backend.meta
 
+    @property
+    def weights(self) -> str:
+        """Which weights were loaded: the shipped model's name, or the run directory or file given."""
+        return str(getattr(self.backend, "weights", None) or f"{self.meta['model']['name']} (in memory)")
+
     def __repr__(self) -> str:
-        return (f"Recognizer(model={self.meta['model']['name']!r}, backend={self.backend.name!r}, "
-                f"margin={self.margin}, tta={self.tta})")
+        return (f"Recognizer(model={self.meta['model']['name']!r}, weights={self.weights!r}, "
+                f"backend={self.backend.name!r}, margin={self.margin}, tta={self.tta})")
 
     # ------------------------------------------------------------------ classification of ready crops
     def classify(self, pixels: np.ndarray) -> np.ndarray:
@@ -219,6 +241,8 @@ class Recognizer:
         pending: list[tuple[Result, np.ndarray, np.ndarray]] = []
         n_faces, kept_bytes = 0, 0
         for res, bgr in frames:
+            if self._governor is not None:
+                self._governor.step()
             if bgr is None:
                 boxes, pix = np.empty((0, 4), np.int64), np.empty((0, 1, *self.backend.input_size), np.uint8)
             else:

@@ -19,6 +19,7 @@ ModelSpec = str | Path
 
 class Backend(Protocol):
     name: str
+    weights: str  # where the weights came from: a shipped name, a run directory or a file
     meta: dict[str, Any]
     class_names: list[str]
     input_size: tuple[int, int]
@@ -29,7 +30,8 @@ class Backend(Protocol):
 
 
 class TorchBackend:
-    """A PyTorch model from a checkpoint. precision: ``fp32`` (default; exact) or ``bf16`` (bfloat16 autocast).
+    """A PyTorch model from a checkpoint. precision: ``fp32`` (default; exact), ``bf16`` (bfloat16 autocast) or
+    ``auto`` (bf16 where this CPU computes it natively, else fp32).
 
     threads: calls ``torch.set_num_threads`` when given (a process-wide setting); None leaves torch's default.
     """
@@ -37,13 +39,13 @@ class TorchBackend:
     name = "torch"
 
     def __init__(self, model: Any, meta: dict[str, Any], precision: str = "fp32", channels_last: bool = False,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, weights: str | None = None) -> None:
         import torch
 
         from ferlab.checkpoint import normalizer_from_meta
+        from ferlab.hardware import resolve_precision
 
-        if precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
+        precision = resolve_precision(precision)[0]  # auto: bf16 where this CPU computes it natively, else fp32
         if threads:
             torch.set_num_threads(threads)
         self.model = model.eval().to(memory_format=torch.channels_last) if channels_last else model.eval()
@@ -51,6 +53,7 @@ class TorchBackend:
         self.normalizer = normalizer_from_meta(meta)
         self.class_names = list(meta["class_names"])
         self.input_size = tuple(meta.get("preprocess", {}).get("input_size", model.input_size))
+        self.weights = weights or f"{meta['model']['name']} (in memory)"  # which weights: shipped name or path
 
     @classmethod
     def from_spec(cls, spec: ModelSpec, **kw: Any) -> TorchBackend:
@@ -59,7 +62,7 @@ class TorchBackend:
         if str(spec).lower().endswith(".onnx"):
             raise ValueError(f"{spec}: an .onnx model runs on the onnx backend (backend='onnx', --backend onnx)")
         model, meta = load_checkpoint(spec)
-        return cls(model, meta, **kw)
+        return cls(model, meta, weights=str(spec), **kw)
 
     def logits(self, pixels: np.ndarray) -> np.ndarray:
         import torch
@@ -84,6 +87,7 @@ class OnnxBackend:
         import onnxruntime as ort
 
         name = source_name or (str(source) if not isinstance(source, bytes) else "<onnx bytes>")
+        self.weights = name  # which weights: the .onnx file, or the checkpoint exported in memory
         if not isinstance(source, bytes) and not Path(source).is_file():
             raise FileNotFoundError(f"{source}: no such ONNX file")
         so = ort.SessionOptions()
@@ -107,11 +111,14 @@ class OnnxBackend:
         self.input_size = (int(inp.shape[2]), int(inp.shape[3]))
 
     @classmethod
-    def from_model(cls, model: Any, meta: dict[str, Any], threads: int | None = None) -> OnnxBackend:
-        """Export ``model`` in memory and run it on ONNX Runtime (no file written)."""
+    def from_model(cls, model: Any, meta: dict[str, Any], threads: int | None = None,
+                   weights: str | None = None) -> OnnxBackend:
+        """Export ``model`` in memory and run it on ONNX Runtime (no file written); ``weights``: where they came
+        from, for display."""
         from ferlab.recognize.export import export_onnx
 
-        return cls(export_onnx(model, meta), threads=threads, source_name=f"{meta['model']['name']} (exported)")
+        return cls(export_onnx(model, meta), threads=threads,
+                   source_name=weights or f"{meta['model']['name']} (exported in memory)")
 
     @classmethod
     def from_spec(cls, spec: ModelSpec, threads: int | None = None) -> OnnxBackend:
@@ -120,7 +127,7 @@ class OnnxBackend:
         from ferlab.checkpoint import load_checkpoint
 
         model, meta = load_checkpoint(spec)
-        return cls.from_model(model, meta, threads=threads)
+        return cls.from_model(model, meta, threads=threads, weights=str(spec))
 
     def logits(self, pixels: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(pixels, np.uint8)  # (B, 1, H, W)

@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import IO, Any
 
+from ferlab.recognize.images import DEFAULT_MAX_PIXELS
+
 PROG = "ferlab predict"
 
 
@@ -20,7 +22,7 @@ PROG = "ferlab predict"
 class CsvWriter:
     """One row per face: file, frame, face, x, y, w, h, label, score, p_<class>...; problems go to stderr only."""
 
-    def __init__(self, f: IO[str], class_names: list[str]) -> None:
+    def __init__(self, f: IO[str], class_names: list[str], weights: str | None = None) -> None:
         self.w = csv.writer(f)
         self.w.writerow(["file", "frame", "face", "x", "y", "w", "h", "label", "score",
                          *(f"p_{c}" for c in class_names)])
@@ -37,13 +39,15 @@ class CsvWriter:
 
 class JsonWriter:
     """A JSON list streamed entry by entry: one entry per face (status ``ok``) and one per image or frame
-    without a face (``no_face``) or that could not be read (``error``, with the message in ``error``)."""
+    without a face (``no_face``) or that could not be read (``error``, with the message in ``error``); each
+    entry names the ``weights`` that answered."""
 
-    def __init__(self, f: IO[str], class_names: list[str]) -> None:
-        self.f, self.first = f, True
+    def __init__(self, f: IO[str], class_names: list[str], weights: str | None = None) -> None:
+        self.f, self.first, self.weights = f, True, weights
         f.write("[")
 
     def _entry(self, d: dict[str, Any]) -> None:
+        d = d | ({"weights": self.weights} if self.weights else {})  # which model answered
         self.f.write(("\n  " if self.first else ",\n  ") + json.dumps(d))
         self.first = False
 
@@ -71,10 +75,13 @@ class Annotator:
         self.root = Path(os.path.commonpath(parents))
 
     def target(self, file: str, frame: int | None) -> Path:
+        """Where the annotated image of ``file`` (or of its video frame ``frame``) goes: its relative path, so
+        inputs never share a name (``clip.mp4`` frame 7 -> ``clip_mp4_f000007.jpg``, apart from ``clip.avi``'s)."""
         src = Path(file).resolve()
         rel = src.relative_to(self.root)
         if frame is not None:
-            return self.out_dir / rel.parent / f"{rel.stem}_f{frame:06d}.jpg"
+            ext = rel.suffix.lstrip(".").lower()
+            return self.out_dir / rel.parent / f"{rel.stem}{'_' + ext if ext else ''}_f{frame:06d}.jpg"
         suffix = rel.suffix.lower() if rel.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp", ".bmp") else ".png"
         return self.out_dir / rel.with_suffix(suffix)
 
@@ -100,9 +107,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     if args.every < 1:
         raise ValueError(f"--every must be >= 1, got {args.every}")
-    fmt = args.format or ("json" if args.out and args.out.lower().endswith(".json") else "csv")
+    if args.json and args.format not in (None, "json"):
+        raise ValueError(f"--json and --format {args.format} contradict each other; give one")
+    fmt = "json" if args.json else args.format or ("json" if args.out and args.out.lower().endswith(".json")
+                                                   else "csv")
     rec = Recognizer(args.model, backend=args.backend, detector=args.detector, margin=args.margin, tta=args.tta,
-                     min_face=args.min_face, batch_size=args.batch_size, max_pixels=int(args.max_pixels),
+                     min_face=args.min_face, batch_size=args.batch_size, max_pixels=args.max_pixels,
                      precision=args.precision, threads=args.threads)
     files = collect_inputs(args.paths)
     if not files:
@@ -121,7 +131,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     out_f = open(args.out, "w", newline="", encoding="utf-8") if args.out else sys.stdout  # noqa: SIM115
     writer = None
     try:
-        writer = WRITERS[fmt](out_f, rec.class_names)
+        writer = WRITERS[fmt](out_f, rec.class_names, weights=rec.weights)
         for r in rec.predict_many(files, crops=args.crops, every=args.every, progress=not args.no_progress,
                                   keep_images=annotator is not None):
             counts[r.status] += 1
@@ -157,7 +167,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                + (f"; wrote {args.out}" if args.out else "") + (f"; annotated images in {args.annotate}"
                                                                  if args.annotate else "")
                + (f" ({counts['not_annotated']} could not be written)" if counts["not_annotated"] else ""))
-    print(f"{PROG}: {summary}", file=sys.stderr)
+    print(f"{PROG}: {summary}; model {rec.meta['model']['name']}, weights {rec.weights}", file=sys.stderr)
     if processed == 0:
         raise ValueError(f"none of the {len(files)} input file(s) could be read (see the messages above)")
     return 0
@@ -217,6 +227,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--every", type=int, default=1, metavar="N", help="videos: classify every N-th frame (default 1)")
     p.add_argument("--format", choices=tuple(WRITERS), default=None,
                    help="output format (default: json for a .json --out, else csv)")
+    p.add_argument("--json", action="store_true", help="JSON output (the same as --format json)")
     p.add_argument("--out", default=None, metavar="FILE", help="output file (default: standard output)")
     p.add_argument("--annotate", default=None, metavar="DIR", help="write the images with boxes and labels here")
     p.add_argument("--batch-size", type=int, default=128, help="faces per forward pass (default 128)")
@@ -225,10 +236,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--min-face", type=int, default=24, metavar="PIXELS",
                    help="smallest face side to detect (default 24); photos are searched at 1280 pixels on "
                         "their longest side, so on larger ones the floor is 20 x side / 1280 (62 at 4000)")
-    p.add_argument("--max-pixels", type=float, default=50e6,
-                   help="refuse larger images, a guard against decompression bombs (default 50e6)")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help=f"refuse larger images, read from the header before decoding: a guard against decompression "
+                        f"bombs (default {DEFAULT_MAX_PIXELS:,})")
     p.add_argument("--tta", action="store_true", help="average with the mirrored face")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default=None, help="torch backend precision (fp32)")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default=None,
+                   help="torch backend precision: fp32 (default: exact, and fast on every CPU), bf16 (bfloat16 "
+                        "autocast), auto (bf16 where this CPU has bf16 instructions, AVX512-BF16 or AMX, else fp32)")
     p.add_argument("--threads", type=int, default=None, help="inference threads (default: the library's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_predict)

@@ -31,7 +31,13 @@ class HaarDetector:
     The cascade finds nothing under 20 pixels of the downscaled image, so on a photo whose longest side L is over
     max_side the smallest face found is max(min_face, 20 * L / max_side) pixels (62 for a 4000-pixel photo);
     raise max_side to find smaller faces there, at a cost that grows with the pixels searched.
+
+    OpenCV's cascade keeps the integral images of the largest image it has searched (about 50 MB at 1280 x 854)
+    for as long as it lives; after an image over :data:`RELEASE_PIXELS` it is reloaded (about 10 ms, 2% of such
+    a search) so that a long-lived process, ``ferlab serve``, gives that memory back.
     """
+
+    RELEASE_PIXELS = 640 * 480
 
     def __init__(self, cascade: str = "haarcascade_frontalface_default.xml", min_face: int = 24,
                  scale_factor: float = 1.1, min_neighbors: int = 5, max_side: int = 1280) -> None:
@@ -40,13 +46,19 @@ class HaarDetector:
         if not hasattr(cv2, "CascadeClassifier"):
             raise RuntimeError(f"OpenCV {cv2.__version__} has no Haar cascades (OpenCV 5 moved them out of the "
                                "main package); install opencv-python-headless<5")
-        path = Path(cascade) if Path(cascade).is_file() else Path(cv2.data.haarcascades) / cascade
-        self._clf = cv2.CascadeClassifier(str(path))
-        if self._clf.empty():
-            raise FileNotFoundError(f"cannot load the Haar cascade {path}")
+        self._path = Path(cascade) if Path(cascade).is_file() else Path(cv2.data.haarcascades) / cascade
+        self._clf: cv2.CascadeClassifier | None = self._load()
         self.min_face, self.scale_factor, self.min_neighbors, self.max_side = (
             int(min_face), float(scale_factor), int(min_neighbors), int(max_side))
         self._lock = threading.Lock()  # CascadeClassifier is not documented as safe for concurrent calls
+
+    def _load(self):  # -> cv2.CascadeClassifier
+        import cv2
+
+        clf = cv2.CascadeClassifier(str(self._path))
+        if clf.empty():
+            raise FileNotFoundError(f"cannot load the Haar cascade {self._path}")
+        return clf
 
     def __call__(self, gray: np.ndarray) -> np.ndarray:
         import cv2
@@ -57,8 +69,10 @@ class HaarDetector:
                                                      interpolation=cv2.INTER_AREA)
         min_side = max(20, round(self.min_face * scale))
         with self._lock:
-            found = self._clf.detectMultiScale(small, scaleFactor=self.scale_factor, minNeighbors=self.min_neighbors,
-                                               minSize=(min_side, min_side))
+            clf = self._clf if self._clf is not None else self._load()
+            found = clf.detectMultiScale(small, scaleFactor=self.scale_factor, minNeighbors=self.min_neighbors,
+                                         minSize=(min_side, min_side))
+            self._clf = None if small.size > self.RELEASE_PIXELS else clf  # drop its buffers for a large image
         boxes = np.round(np.asarray(found, np.float64).reshape(-1, 4) / scale).astype(np.int64)  # (N, 4)
         return boxes[np.argsort(-(boxes[:, 2] * boxes[:, 3]), kind="stable")]
 

@@ -29,6 +29,7 @@ class FaceService:
         self.recognizer = recognizer
         self.class_names: list[str] = list(recognizer.class_names)
         self.model_name = model_name or str(recognizer.meta.get("model", {}).get("name", "model"))
+        self.weights = str(getattr(recognizer, "weights", None) or self.model_name)  # shipped name or path
         self.backend_name = str(getattr(recognizer.backend, "name", "?"))
         self._lock = threading.Lock()
         if explain_model is None and hasattr(recognizer.backend, "model"):
@@ -69,6 +70,7 @@ class FaceService:
             "width": int(image_bgr.shape[1]),
             "height": int(image_bgr.shape[0]),
             "model": self.model_name,
+            "weights": self.weights,
             "explain_method": self.explain_method,
             "seconds": round(time.perf_counter() - t0, 4),
         }

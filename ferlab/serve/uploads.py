@@ -10,6 +10,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from ferlab.recognize.images import DEFAULT_MAX_PIXELS  # larger images are refused before decoding (bombs)
+
 # Accepted image types: MIME type -> test on the file's first bytes (its "magic number").
 IMAGE_SIGNATURES: dict[str, Callable[[bytes], bool]] = {
     "image/jpeg": lambda b: b.startswith(b"\xff\xd8\xff"),
@@ -18,7 +20,9 @@ IMAGE_SIGNATURES: dict[str, Callable[[bytes], bool]] = {
 }
 SNIFF_BYTES = 12
 MULTIPART_OVERHEAD = 16 * 1024  # boundaries and part headers allowed on top of the file-size cap
-DEFAULT_MAX_PIXELS = 40_000_000  # larger images are refused before decoding (decompression bombs)
+DEFAULT_MAX_ACTIVE = 16  # predictions admitted at once (reading, queued or computing); 503 + Retry-After above
+DEFAULT_BODY_TIMEOUT = 5.0  # seconds a request body may stall between two chunks (nginx's client_body_timeout)
+DEFAULT_UPLOAD_DEADLINE = 60.0  # seconds a whole upload may take (slow-drip clients)
 
 
 class UploadError(ValueError):
@@ -38,6 +42,18 @@ class UploadTooLarge(UploadError):
 
 class UnsupportedType(UploadError):
     status = 415
+
+
+class UploadTimeout(UploadError):
+    """The body stalled or came too slowly."""
+
+    status = 408
+
+
+class ClientGone(UploadError):
+    """The client hung up before its upload was complete (nobody reads the answer)."""
+
+    status = 499  # nginx's "client closed request"
 
 
 def sniff_image_type(head: bytes) -> str | None:

@@ -23,7 +23,7 @@ import numpy as np
 
 from ferlab.data.types import FerData
 from ferlab.study.plan import Budget, Experiment, get_budget, plan_for
-from ferlab.train.config import NOT_LEARNED
+from ferlab.train.config import NOT_LEARNED, resolve_config
 
 CACHE_VERSION = 1  # bump when a change must invalidate every cached run
 NOT_HASHED = NOT_LEARNED  # TrainConfig fields that do not change what a run learns
@@ -36,8 +36,9 @@ STATUSES = ("trained", "resumed", "reused")
 
 
 def run_hash(exp: Experiment, data_fingerprint: str) -> str:
-    """16 hex digits identifying what ``exp`` learns: its config, the data's content and its fold."""
-    cfg = {k: v for k, v in exp.cfg.to_dict().items()
+    """16 hex digits identifying what ``exp`` learns: its config (``precision = "auto"`` as it resolves on this
+    machine, as the run saves it), the data's content and its fold."""
+    cfg = {k: v for k, v in resolve_config(exp.cfg)[0].to_dict().items()
            if k not in NOT_HASHED and not (k in HASHED_WHEN_SET and v == HASHED_WHEN_SET[k])}
     fold = {k: exp.tags[k] for k in ("fold", "k") if k in exp.tags}
     blob = json.dumps({"v": CACHE_VERSION, "cfg": cfg, "data": data_fingerprint, "fold": fold}, sort_keys=True)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from ferlab import hardware
+from ferlab.hardware import PRECISIONS
 from ferlab.transforms import AUGMENT_PRESETS, NORMALIZE_MODES, PROGRESSIVE_MULTIPLE, TTA_MODES, AugmentConfig
 
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -15,7 +18,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "schedule": ("onecycle", "cosine", "plateau", "none"),
     "init": ("default", "xavier", "he"),
     "normalize": NORMALIZE_MODES,
-    "precision": ("bf16", "fp32"),
+    "precision": PRECISIONS,
     "monitor": ("val_acc", "val_loss"),
 }
 
@@ -72,7 +75,9 @@ class TrainConfig:
     monitor: str = "val_acc"
     seed: int = 0
     # speed
-    precision: str = "bf16"  # bf16 autocast (the fast path) or fp32
+    # bf16 autocast, fp32, or auto: bf16 where the CPU (or GPU) computes bf16 natively, else fp32; a run saves the
+    # precision it resolved to (see hardware.resolve_precision)
+    precision: str = "auto"
     channels_last: bool = True
     threads: int = 0  # 0 = auto: the cores not busy at start (see fit.auto_threads)
     eval_batch_size: int = 512
@@ -143,3 +148,16 @@ class TrainConfig:
             return cls.from_dict(d)
         except (TypeError, ValueError) as e:
             raise ValueError(f"{path}: {e}") from None
+
+
+def resolve_config(cfg: TrainConfig, device: str = "cpu") -> tuple[TrainConfig, str]:
+    """(``cfg`` with ``precision = "auto"`` resolved for ``device``, a line saying which precision and why).
+
+    The resolved precision is what the run saves and resumes with: it is part of what the run learns.
+    """
+    precision, why = hardware.resolve_precision(cfg.precision, device)
+    line = f"precision {precision} ({why})"
+    warning = hardware.slow_bf16_warning(precision, device)
+    if warning:
+        line += f"; warning: {warning}"
+    return (dataclasses.replace(cfg, precision=precision) if precision != cfg.precision else cfg), line

@@ -38,7 +38,7 @@ from ferlab.data.types import FerData
 from ferlab.models import count_params, create_model
 from ferlab.train import distributed
 from ferlab.train.callbacks import BestCheckpoint, EarlyStopping
-from ferlab.train.config import NOT_LEARNED, TrainConfig
+from ferlab.train.config import NOT_LEARNED, TrainConfig, resolve_config
 from ferlab.train.engine import evaluate, steps_per_epoch, train_one_epoch
 from ferlab.train.optim import build_optimizer, build_schedule
 from ferlab.transforms import Normalizer, expand_offline, progressive_side
@@ -233,8 +233,8 @@ def auto_threads(world_size: int = 1) -> int:
     """
     if world_size > 1 or os.environ.get("OMP_NUM_THREADS"):
         return 0
-    cores = len(os.sched_getaffinity(0))
-    return max(1, cores - round(hardware.busy_cores()))
+    return hardware.free_cores(hardware.busy_cores(), len(os.sched_getaffinity(0)))
+
 
 
 def _fit(
@@ -250,11 +250,16 @@ def _fit(
     main = ddp.is_main
     if not main:
         log, progress = _quiet, False
+    cfg, precision_line = resolve_config(cfg, ddp.device.type)
     threads = cfg.threads or auto_threads(ddp.world_size)
     if threads:
         torch.set_num_threads(threads)
-        log(f"torch threads: {threads}" + ("" if cfg.threads else f" (auto: cores not busy at start, of "
-                                                                    f"{len(os.sched_getaffinity(0))})"))
+    # the first line says what this machine is and how it will train on it
+    log(f"{hardware.describe()}; {precision_line}"
+        + (f"; torch threads {threads}" + ("" if cfg.threads else " (auto: the cores not busy at start, "
+                                                                   "re-checked as the run goes)") if threads else ""))
+    # threads = 0: follow the cores other processes leave free (see hardware.ThreadGovernor)
+    governor = hardware.ThreadGovernor(log=log) if threads and not cfg.threads else None
     prep = prepare(cfg, progress)
     x_train, y_train = prep.tensors["train"]
     x_val, y_val = prep.tensors["val"]
@@ -361,6 +366,8 @@ def _fit(
         schedule.step_batch()
         if ema is not None:
             ema.update_parameters(net)
+        if governor is not None:
+            governor.step()
 
     t_run = time.perf_counter()
     epochs_this_call = 0

@@ -40,7 +40,7 @@
       if (!res.ok) throw new Error(`HTTP ${res.status}`);
       state.info = await res.json();
       const lim = state.info.limits;
-      els.info.textContent = `Model: ${state.info.model} · classes: ${state.info.classes.join(", ")}`;
+      els.info.textContent = `Model: ${state.info.model} (weights ${state.info.weights}) · classes: ${state.info.classes.join(", ")}`;
       els.limits.textContent = `JPEG, PNG or WebP, up to ${lim.max_upload_mb} MB.`;
     } catch (err) {
       els.info.textContent = "";
@@ -110,7 +110,7 @@
   function render(data) {
     clearResults();
     const n = data.faces.length;
-    setStatus(n ? `${n} face${n > 1 ? "s" : ""} found · model ${data.model}` : (data.message || "No face found."));
+    setStatus(n ? `${n} face${n > 1 ? "s" : ""} found · model ${data.model} (weights ${data.weights})` : (data.message || "No face found."));
     const classes = (state.info && state.info.classes) || Object.keys(n ? data.faces[0].probabilities : {});
     data.faces.forEach((face, i) => {
       els.stage.appendChild(faceBox(face, i, data.width, data.height));
