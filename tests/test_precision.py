@@ -138,3 +138,17 @@ def test_governor_follows_other_processes_after_two_windows(monkeypatch):
 
 def test_free_cores():
     assert [hardware.free_cores(b, 2) for b in (0.0, 0.4, 0.6, 1.0, 1.7, 5.0)] == [2, 2, 1, 1, 1, 1]
+
+
+def test_a_study_run_hash_sees_auto_as_the_precision_it_resolves_to():
+    from ferlab.study.plan import Experiment
+    from ferlab.study.runner import run_hash
+
+    resolved = hardware.resolve_precision("auto")[0]
+    auto = Experiment("x", "q1", TrainConfig(model="r000-cnn1"))
+
+    def with_precision(p: str) -> str:
+        return run_hash(Experiment("x", "q1", TrainConfig(model="r000-cnn1", precision=p)), "fp")
+
+    assert run_hash(auto, "fp") == with_precision(resolved)
+    assert run_hash(auto, "fp") != with_precision("fp32" if resolved == "bf16" else "bf16")

@@ -156,7 +156,7 @@ def test_run_hash_of_a_fixed_config_never_changes():
     field to HASHED_WHEN_SET with its default). Change these literals only together with CACHE_VERSION."""
     from ferlab.study.runner import CACHE_VERSION, run_hash
 
-    cfg = TrainConfig(model="r002-vgg", epochs=30, seed=1)
+    cfg = TrainConfig(model="r002-vgg", epochs=30, seed=1, precision="bf16")  # the default before `auto`
     assert CACHE_VERSION == 1
     assert run_hash(Experiment("q1/x", "q1", cfg), "sha256:0123") == "43610ff7f89fd692"
     assert run_hash(Experiment("f/x", "kfold", cfg, tags={"fold": 2, "k": 5}), "sha256:0123") == "fb94ff2c1912488c"
