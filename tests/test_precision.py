@@ -152,3 +152,17 @@ def test_a_study_run_hash_sees_auto_as_the_precision_it_resolves_to():
 
     assert run_hash(auto, "fp") == with_precision(resolved)
     assert run_hash(auto, "fp") != with_precision("fp32" if resolved == "bf16" else "bf16")
+
+
+def test_fit_gives_the_callers_thread_count_back(tmp_path):
+    import torch
+
+    from ferlab.train.fit import fit
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        fit(tiny_config(epochs=1, threads=1), tmp_path / "run", progress=False, log=lambda _: None)
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)

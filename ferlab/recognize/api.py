@@ -107,7 +107,8 @@ class Recognizer:
     tta: average the logits with those of the mirrored face. min_face: smallest face side in pixels.
     batch_size: faces per forward pass. max_pixels: larger images are refused (decompression bombs).
     precision: torch backend only, ``fp32`` (default), ``bf16`` or ``auto`` (bf16 where the CPU computes it
-    natively). threads: inference threads (None: default).
+    natively). threads: inference threads (None: torch's default, lowered to the cores other processes leave free
+    while a long prediction runs, re-checked every 10 s; this sets torch's and OpenCV's process-wide counts).
 
     Example::
 

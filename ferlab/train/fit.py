@@ -214,10 +214,15 @@ def fit(
 
     ``stop_after`` ends this call after that many epochs, as an interruption would (for tests).
     Returns the run summary (also written to RUN_DIR/summary.json). Under ``torchrun`` this trains with
-    DistributedDataParallel; the process group lives for this call only.
+    DistributedDataParallel; the process group lives for this call only. torch's thread count is the caller's
+    again afterwards.
     """
-    with distributed.session() as ddp:
-        return _fit(cfg, Path(run_dir), ddp, resume=resume, progress=progress, stop_after=stop_after, log=log)
+    threads = torch.get_num_threads()  # the run sets its own (and the governor changes it): restored after
+    try:
+        with distributed.session() as ddp:
+            return _fit(cfg, Path(run_dir), ddp, resume=resume, progress=progress, stop_after=stop_after, log=log)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _quiet(_: str) -> None:
