@@ -422,3 +422,14 @@ def test_cli_crops_format_margin_min_face_and_detector(trained_tiny_run, media, 
     assert none["status"] == "no_face"
     assert main(["predict", str(media["png"]), "--model", str(trained_tiny_run), "--detector", "yolo"]) == 2
     assert "unknown detector 'yolo'; choose one of haar" in capsys.readouterr().err
+
+
+def test_recognizer_follows_the_free_cores_unless_given_a_thread_count(trained_tiny_run, media):
+    from ferlab import Recognizer
+
+    rec = Recognizer(trained_tiny_run)
+    steps = []
+    rec._governor.step = lambda: steps.append(1)  # checked once per image or frame
+    list(rec.predict_many([media["jpg"], media["png"]]))
+    assert len(steps) == 2
+    assert Recognizer(trained_tiny_run, backend="onnx", threads=1)._governor is None

@@ -94,7 +94,7 @@ def _thread_governor():  # -> hardware.ThreadGovernor
         torch.set_num_threads(n)
         cv2.setNumThreads(n)
 
-    return ThreadGovernor(apply=apply)
+    return ThreadGovernor(max_threads=torch.get_num_threads(), apply=apply)  # never above torch's own default
 
 
 class Recognizer:
