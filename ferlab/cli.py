@@ -143,7 +143,8 @@ TRAIN_FLAGS: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "--precision": ("precision", str, "auto (default: bf16 autocast where the CPU has bf16 instructions, AVX512-BF16 "
                                       "or AMX, else fp32) | bf16 | fp32"),
     "--val-fraction": ("val_fraction", float, "validation part carved from train when the data has none"),
-    "--threads": ("threads", int, "torch threads (0: auto, the cores not busy with other work at start)"),
+    "--threads": ("threads", int, "torch threads (0: auto, the cores not busy with other work at start, "
+                                  "re-checked every 10 s as the run goes)"),
 }
 
 
