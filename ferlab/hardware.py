@@ -26,7 +26,7 @@ def cpu_name() -> str:
 
 # /proc/cpuinfo flags of instructions that compute bfloat16 natively (AVX512-BF16: Cooper Lake, Sapphire Rapids,
 # Zen 4 and later; AMX-BF16: Sapphire Rapids and later). Elsewhere oneDNN either emulates bf16 (AVX-512 without
-# BF16) or refuses it (AVX2), and bf16 autocast runs 5-10x slower than fp32.
+# BF16) or refuses it (AVX2), and bf16 autocast ran 10-12x slower than fp32 on an AVX2-only EPYC (train_speed).
 BF16_FLAGS: tuple[str, ...] = ("amx_bf16", "avx512_bf16")
 # oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) under which those instructions stay in use; any other cap disables them
 BF16_ISA_CAPS: tuple[str, ...] = ("AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX512_CORE_AMX", "AVX512_CORE_AMX_FP16",
@@ -79,7 +79,7 @@ def resolve_precision(requested: str, device: str = "cpu") -> tuple[str, str]:
 
 
 def slow_bf16_warning(precision: str, device: str = "cpu") -> str | None:
-    """A warning when bf16 is asked for on a CPU that would emulate it (5-10x slower than fp32); else None."""
+    """A warning when bf16 is asked for on a CPU that would emulate it (about 10x slower than fp32); else None."""
     if precision != "bf16" or str(device).startswith("cuda"):
         return None
     native, why = bf16_native()
