@@ -128,6 +128,11 @@ def busy_cores(interval: float = 0.5) -> float:
     after = _cpu_times()
     if after is None:
         return os.getloadavg()[0]
+    return _busy_between(before, after)
+
+
+def _busy_between(before: dict[int, tuple[int, int]], after: dict[int, tuple[int, int]]) -> float:
+    """Busy cores, of those this process may use, between two :func:`_cpu_times` samples."""
     cpus = _usable_cpus() or set(before)
     busy = 0.0
     for cpu in cpus & set(before) & set(after):
@@ -182,13 +187,8 @@ class ThreadGovernor:
         after, own1 = _cpu_times(), time.process_time()
         if after is None:
             return None
-        cpus = _usable_cpus() or set(before)
-        busy = 0.0
-        for cpu in cpus & set(before) & set(after):
-            d_busy, d_total = after[cpu][0] - before[cpu][0], after[cpu][1] - before[cpu][1]
-            busy += d_busy / d_total if d_total > 0 else 0.0
         self._mark = (time.monotonic(), after, own1)
-        return max(0.0, busy - (own1 - own0) / elapsed)
+        return max(0.0, _busy_between(before, after) - (own1 - own0) / elapsed)
 
     def step(self) -> int | None:
         """Re-check when a window has ended; returns the new thread count when it changed, else None."""

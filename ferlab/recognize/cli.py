@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import IO, Any
 
-from ferlab.recognize.images import DEFAULT_MAX_PIXELS
+from ferlab.recognize.images import DEFAULT_MAX_PIXELS, pixel_count
 
 PROG = "ferlab predict"
 
@@ -236,7 +236,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--min-face", type=int, default=24, metavar="PIXELS",
                    help="smallest face side to detect (default 24); photos are searched at 1280 pixels on "
                         "their longest side, so on larger ones the floor is 20 x side / 1280 (62 at 4000)")
-    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+    p.add_argument("--max-pixels", type=pixel_count, default=DEFAULT_MAX_PIXELS,
                    help=f"refuse larger images, read from the header before decoding: a guard against decompression "
                         f"bombs (default {DEFAULT_MAX_PIXELS:,})")
     p.add_argument("--tta", action="store_true", help="average with the mirrored face")

@@ -16,6 +16,11 @@ from pathlib import Path
 import numpy as np
 
 DEFAULT_MAX_PIXELS = 50_000_000  # 50 MP: larger than any camera photo, far below a bomb
+
+
+def pixel_count(text: str) -> int:
+    """A ``--max-pixels`` value: an integer, also written as 50e6."""
+    return int(float(text))
 DEFAULT_MAX_BYTES = 256 * 2**20  # refuse image files over 256 MiB before reading them
 IMAGE_EXTS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 VIDEO_EXTS: tuple[str, ...] = (".mp4", ".avi", ".mov", ".mkv")

@@ -7,6 +7,7 @@ import ipaddress
 import socket
 import sys
 
+from ferlab.recognize.images import pixel_count
 from ferlab.serve.uploads import DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_ACTIVE, DEFAULT_MAX_PIXELS, DEFAULT_UPLOAD_DEADLINE
 
 DEFAULT_HOST = "127.0.0.1"
@@ -133,7 +134,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                         "for any other)")
     s.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
     s.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted upload in MiB (default 10)")
-    s.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+    s.add_argument("--max-pixels", type=pixel_count, default=DEFAULT_MAX_PIXELS,
                    help=f"largest accepted image in pixels, checked before decoding (default {DEFAULT_MAX_PIXELS:,})")
     s.add_argument("--max-active", type=int, default=DEFAULT_MAX_ACTIVE,
                    help=f"predictions admitted at once; more are answered 503 with Retry-After (default "
