@@ -39,8 +39,9 @@ def predict(spec: str, data, tta: str, cache: Path | None = None
     """A candidate's metadata, its val/test row indices and its probabilities (N, K) on them."""
     import torch
 
-    from ferlab.checkpoint import load_checkpoint, read_meta
-    from ferlab.evaluate import checkpoint_probs, split_rows
+    from ferlab.checkpoint import read_meta
+    from ferlab.data.source import split_rows
+    from ferlab.inference.loader import load_model
 
     meta = read_meta(spec)
     rows = {split: split_rows(data, meta, split) for split in SPLITS}
@@ -49,11 +50,11 @@ def predict(spec: str, data, tta: str, cache: Path | None = None
         with np.load(file, allow_pickle=False) as z:  # plain arrays only
             if all(np.array_equal(z[f"rows_{s}"], rows[s]) for s in SPLITS):
                 return meta, rows, {s: z[f"probs_{s}"] for s in SPLITS}
-    model, meta = load_checkpoint(spec)
+    model = load_model(spec)
     probs = {}
     for split in SPLITS:
         x = torch.from_numpy(data.images[rows[split]]).unsqueeze(1)  # (N, 1, 48, 48) uint8
-        probs[split] = checkpoint_probs(model, meta, x, tta=tta)
+        probs[split] = model.probabilities(x, tta=tta)
     if file is not None:
         file.parent.mkdir(parents=True, exist_ok=True)
         tmp = file.with_suffix(".tmp.npz")
@@ -64,15 +65,15 @@ def predict(spec: str, data, tta: str, cache: Path | None = None
 
 def main(argv: list[str] | None = None) -> int:
     from ferlab.checkpoint import read_meta
-    from ferlab.cli import TTA_ARG
+    from ferlab.data.source import data_for
     from ferlab.ensemble import accuracy, greedy_selection
-    from ferlab.evaluate import data_for
+    from ferlab.inference.options import tta_argument
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("candidates", nargs="+", help="run directories, .safetensors files or shipped model names")
     p.add_argument("--data", help="the data all candidates were trained on, e.g. fer2013.csv.gz (default: the first "
                                   "candidate's training data)")
-    p.add_argument("--tta", **TTA_ARG)  # each member's test-time augmentation, as in `ferlab evaluate`
+    p.add_argument("--tta", **tta_argument())  # each member's test-time augmentation, as in `ferlab evaluate`
     p.add_argument("--replacement", action="store_true",
                    help="a candidate may be picked again (Caruana et al.'s selection with replacement)")
     p.add_argument("--max-members", type=int, default=None,

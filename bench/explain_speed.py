@@ -19,14 +19,14 @@ from pathlib import Path
 
 def load(spec: str):
     from ferlab import pretrained
-    from ferlab.checkpoint import load_checkpoint, normalizer_from_meta
+    from ferlab.inference.loader import load_model
     from ferlab.models import create_model, list_models
     from ferlab.transforms import Normalizer
 
     if not Path(spec).exists() and not pretrained.is_pretrained(spec) and spec in list_models():
         return create_model(spec).eval(), Normalizer("dataset", 0.5, 0.25)
-    model, meta = load_checkpoint(spec)
-    return model.float().eval(), normalizer_from_meta(meta)
+    m = load_model(spec).members[0]
+    return m.module.float().eval(), m.normalizer
 
 
 def timed(fn, repeats: int) -> float:

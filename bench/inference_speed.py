@@ -1,6 +1,6 @@
 """Inference speed of the recognizer backends: images/s at batch 256 and single-face latency, per model.
 
-Backends (each behind ferlab.recognize.backends, so the figures include the normalisation users get):
+Backends (each behind ferlab.inference.backends, so the figures include the normalisation users get):
   torch-fp32   PyTorch fp32, contiguous tensors
   torch-bf16   PyTorch with bfloat16 autocast and channels_last (ferlab's fast training path)
   onnx         ONNX Runtime, CPUExecutionProvider, the model exported by `ferlab export --onnx`
@@ -33,8 +33,8 @@ def load(spec: str):
     """(model, meta, weights) for a checkpoint spec, or a random-weights model for a registered name."""
     from ferlab import pretrained
     from ferlab.checkpoint import load_checkpoint
+    from ferlab.inference.export import untrained_meta
     from ferlab.models import create_model, list_models
-    from ferlab.recognize.export import untrained_meta
 
     if not Path(spec).exists() and not pretrained.is_pretrained(spec) and spec in list_models():
         model = create_model(spec).eval()
@@ -45,11 +45,12 @@ def load(spec: str):
 
 def backends(threads: int) -> dict[str, Callable]:
     """backend label -> factory(model, meta); each gets its own copy of the model."""
-    from ferlab.recognize.backends import OnnxBackend, TorchBackend
+    from ferlab.inference.backends import OnnxBackend, TorchBackend
 
     return {
-        "torch-fp32": lambda m, meta: TorchBackend(copy.deepcopy(m), meta, precision="fp32"),
-        "torch-bf16": lambda m, meta: TorchBackend(copy.deepcopy(m), meta, precision="bf16", channels_last=True),
+        "torch-fp32": lambda m, meta: TorchBackend.from_module(copy.deepcopy(m), meta, precision="fp32"),
+        "torch-bf16": lambda m, meta: TorchBackend.from_module(copy.deepcopy(m), meta, precision="bf16",
+                                                               channels_last=True),
         "onnx": lambda m, meta: OnnxBackend.from_model(m, meta, threads=threads),
     }
 

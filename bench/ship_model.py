@@ -26,7 +26,7 @@ from typing import Any
 from ferlab.hardware import cpu_name
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-SIZE_LIMIT_MB = 50.0  # all shipped weights together (issue 3)
+SIZE_LIMIT_MB = 20.0  # all shipped weights together
 SPLIT_LABELS = {"val": "PublicTest (val)", "test": "PrivateTest (test)"}
 
 
@@ -91,7 +91,8 @@ def manifest_entry(name: str, path: Path, meta: dict[str, Any], reports: dict, a
         "hardware": args.hardware,
         "train_minutes": round(summary.get("train_seconds_total", float("nan")) / 60, 1),
         "config": args.config,
-        **({"default": True} if args.default else {}),
+        "kind": "single",
+        "roles": ["default"] if args.default else [],
     }
 
 
@@ -101,9 +102,11 @@ def update_manifest(weights_dir: Path, name: str, entry: dict[str, Any]) -> Path
 
     path = weights_dir / MANIFEST_NAME
     manifest = json.loads(path.read_text()) if path.is_file() else {}
-    if entry.get("default"):
+    if "default" in entry.get("roles", []):  # one default: the role moves to this entry
         for other in manifest.values():
             other.pop("default", None)
+            if "default" in other.get("roles", []):
+                other["roles"].remove("default")
     manifest[name] = entry
     text = json.dumps(dict(sorted(manifest.items())), indent=2) + "\n"
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))

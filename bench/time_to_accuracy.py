@@ -75,14 +75,15 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from ferlab.checkpoint import load_checkpoint
+    from ferlab.data.source import data_for, split_rows
     from ferlab.ensemble import accuracy
-    from ferlab.evaluate import checkpoint_view_logits, data_for, split_rows
+    from ferlab.inference.loader import load_model
 
     t1 = time.perf_counter()
-    model, meta = load_checkpoint(out)  # the checkpoint selected on PublicTest, and the data: loaded once
-    data = data_for(meta, args.data, progress=False)
-    rows = {split: split_rows(data, meta, split) for split in ("val", "test")}
+    model = load_model(out)  # the checkpoint selected on PublicTest, and the data: loaded once
+    meta = model.meta
+    data = data_for(model.meta, args.data, progress=False)
+    rows = {split: split_rows(data, model.meta, split) for split in ("val", "test")}
     # the modes' views are nested (each starts with the views of the smaller ones), so the views of the largest
     # mode are predicted once and every mode averages its first views
     n_views = {mode: tta_view_count(mode, (1, *data.images.shape[1:])) for mode in args.tta_modes}
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     by_tta: dict[str, dict[str, float]] = {mode: {} for mode in args.tta_modes}
     for split, idx in rows.items():
         images = torch.from_numpy(data.images[idx]).unsqueeze(1)  # (N, 1, 48, 48) uint8
-        views = checkpoint_view_logits(model, meta, images, tta=largest)  # (V, N, K)
+        views = model.view_logits(images, tta=largest)  # (V, N, K)
         for mode in args.tta_modes:
             by_tta[mode][split] = accuracy(views[: n_views[mode]].mean(0).softmax(1).numpy(), data.labels[idx])
     eval_wall = time.perf_counter() - t1

@@ -7,11 +7,12 @@ import importlib
 import json
 import os
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from ferlab.hardware import PRECISIONS
+from ferlab.inference.options import tta_argument
 
 JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
 # Keep freed pages (no decay) and no background thread: the allocator then never hands the activations' memory
@@ -21,14 +22,6 @@ JEMALLOC_CONF = "background_thread:false,dirty_decay_ms:-1,muzzy_decay_ms:-1"
 # while no request comes (a burst of large uploads does not keep its memory).
 SERVE_JEMALLOC_CONF = "background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0"
 LONG_LIVED_COMMANDS = ("serve",)
-# --tta alone is the flip pair; --tta shift adds 2-pixel shifts (10 views), --tta affine also zoom and rotation
-# (18 views); see ferlab.transforms.TTA_MODES.
-TTA_ARG: dict[str, Any] = dict(
-    nargs="?", const="flip", default="none", choices=("none", "flip", "shift", "affine"), metavar="MODE",
-    help="test-time augmentation: --tta averages with the mirrored image; --tta shift also with the flip pair "
-         "moved 2 pixels up, down, left and right (10 views); --tta affine also zoomed in and out 8%% and "
-         "rotated +-6 degrees (18 views)")
-
 # --precision of the commands that train or predict with a checkpoint's precision
 PRECISION_CHOICES = PRECISIONS
 PRECISION_HELP = ("auto (default): bfloat16 autocast where this CPU computes bf16 natively (AVX512-BF16 or AMX "
@@ -74,113 +67,81 @@ def _pct(entry: dict[str, Any], split: str, kind: str) -> str:
     return f"{v:.2%}" if v is not None else "-"
 
 
-def _print_pretrained(as_json: bool) -> int:
-    """The shipped models with their stated accuracies (measured on the shipped files) and sizes."""
-    from ferlab.pretrained import list_pretrained, manifest_path
+# speed classes by forward-pass MFLOPs per face without TTA (machine-independent; the benches give img/s)
+SPEED_CLASSES: tuple[tuple[float, str], ...] = ((100.0, "fast"), (500.0, "standard"), (float("inf"), "heavy"))
+
+
+def _shelf_rows() -> list[dict[str, Any]]:
+    """The shipped entries with, for ensembles, their members' total size and parameters, and for all the
+    MFLOPs per face (TTA multiplies it by the views) and the speed class."""
+    from ferlab.models.registry import create_model
+    from ferlab.models.summary import flops_per_image
+    from ferlab.pretrained import list_pretrained
 
     rows = list_pretrained()
+    by_name = {r["name"]: r for r in rows}
+    mflops: dict[str, float] = {}
+    for r in rows:
+        if r["kind"] == "single" and r.get("model") and r["model"] not in mflops:
+            mflops[r["model"]] = flops_per_image(create_model(r["model"])) / 1e6
+    for r in rows:
+        members = [by_name[m] for m in r.get("members", [])] or [r]
+        if r["kind"] == "ensemble":
+            r["size_bytes"] = sum(m.get("size_bytes", 0) for m in members)
+            r["params"] = sum(m.get("params", 0) for m in members)
+            r["model"] = " + ".join(m.get("model", "?") for m in members)
+        if all(m.get("model") in mflops for m in members):
+            r["mflops"] = round(sum(mflops[m["model"]] for m in members), 1)
+            r["speed"] = next(c for limit, c in SPEED_CLASSES if r["mflops"] <= limit)
+    return rows
+
+
+def _print_pretrained(as_json: bool) -> int:
+    """The shipped models and ensembles with roles, stated accuracies (measured on the shipped files) and sizes."""
+    from ferlab.pretrained import manifest_path
+
+    rows = _shelf_rows()
     if as_json:
         print(json.dumps(rows, indent=2))
         return 0
     if not rows:
         print(f"no pretrained models are shipped in this build ({manifest_path()} lists none)")
         return 0
-    names = [r["name"] + (" *" if r.get("default") else "") for r in rows]
-    nw = max(28, *map(len, names))  # the name column fits the longest name
-    mw = max(14, *(len(r.get("model", "?")) for r in rows))
-    head = (f"{'name':<{nw}} {'model':<{mw}} {'params':>10} {'MB':>6} {'PublicTest':>10} {'+TTA':>7} "
-            f"{'PrivateTest':>11} {'+TTA':>7}  card")
+    nw = max(24, *(len(r["name"]) for r in rows))
+    rw = max(5, *(len(",".join(r["roles"])) for r in rows))
+    head = (f"{'name':<{nw}} {'roles':<{rw}} {'nets':>4} {'MFLOPs':>7} {'speed':<8} {'MB':>5}  "
+            f"{'PublicTest':>10} {'flip':>7} {'affine':>7}  {'PrivateTest':>11} {'flip':>7} {'affine':>7}")
     print(head)
     print("-" * len(head))
-    for name, r in zip(names, rows, strict=True):
-        print(f"{name:<{nw}} {r.get('model', '?'):<{mw}} "
-              f"{r.get('params', 0):>10,} {r.get('size_bytes', 0) / 1e6:>6.1f} {_pct(r, 'val', 'plain'):>10} "
-              f"{_pct(r, 'val', 'tta'):>7} {_pct(r, 'test', 'plain'):>11} {_pct(r, 'test', 'tta'):>7}  "
-              f"{r.get('card', '')}")
-    print("\nAccuracies measured on the shipped files with `ferlab evaluate --pretrained NAME --data fer2013.csv "
-          "--split val|test [--tta]`:\ntrained on Training, selected on PublicTest (val), PrivateTest (test) only "
-          "reported. +TTA: averaged with the mirrored face." + ("  * = the default model." if any(
-              r.get("default") for r in rows) else ""))
+    for r in rows:
+        print(f"{r['name']:<{nw}} {','.join(r['roles']) or '-':<{rw}} {len(r.get('members', [])) or 1:>4} "
+              f"{r.get('mflops', float('nan')):>7.0f} {r.get('speed', '?'):<8} {r.get('size_bytes', 0) / 1e6:>5.1f}  "
+              f"{_pct(r, 'val', 'plain'):>10} {_pct(r, 'val', 'tta'):>7} {_pct(r, 'val', 'affine'):>7}  "
+              f"{_pct(r, 'test', 'plain'):>11} {_pct(r, 'test', 'tta'):>7} {_pct(r, 'test', 'affine'):>7}")
+    print("\nRoles: default = what predict and serve use when no --model is given (the single net with the "
+          "highest PublicTest accuracy without TTA); most-accurate = the ensemble; fast = the smallest, for slow "
+          "machines. Accuracies measured "
+          "on the shipped files with `ferlab evaluate --pretrained NAME --data fer2013.csv --split val|test "
+          "[--tta flip|affine]` (bench/shelf.py): trained on Training, chosen on PublicTest, PrivateTest only "
+          "reported. MFLOPs per face without TTA; --tta flip doubles it, affine multiplies it by 18.")
     return 0
 
 
 # --------------------------------------------------------------------------- train
-# Command-line flags that override TrainConfig fields: flag -> (field, type, help)
-TRAIN_FLAGS: dict[str, tuple[str, Callable[[str], Any], str]] = {
-    "--data": ("data", str, "data path (fer2013.csv[.gz], icml_face_data.csv, train.csv/test.csv dir, image "
-                            "folders); default: the embedded synthetic faces"),
-    "--synthetic": ("synthetic", json.loads, "options of the embedded synthetic data as JSON, e.g. "
-                                             "'{\"n_train\": 2000, \"seed\": 1}' (used when --data is absent)"),
-    "--model": ("model", str, "registered model name (see `ferlab models`)"),
-    "--epochs": ("epochs", int, "number of epochs"),
-    "--batch-size": ("batch_size", int, "batch size"),
-    "--optimizer": ("optimizer", str, "sgd (Nesterov) | adam | adamw"),
-    "--lr": ("lr", float, "(peak) learning rate"),
-    "--weight-decay": ("weight_decay", float, "weight decay"),
-    "--schedule": ("schedule", str, "onecycle | cosine | plateau | none"),
-    "--label-smoothing": ("label_smoothing", float, "label smoothing of the cross-entropy"),
-    "--mixup": ("mixup", float, "mixup Beta alpha, e.g. 0.2 (0: off)"),
-    "--cutmix": ("cutmix", float, "CutMix Beta alpha, e.g. 1.0 (0: off; with --mixup: one per batch)"),
-    "--ema-decay": ("ema_decay", float, "EMA of the weights per step, e.g. 0.999; validation and checkpoints "
-                                        "then use the averaged weights (0: off)"),
-    "--distill-weight": ("distill_weight", float, "with --teacher: weight w of the distillation loss, (1 - w) on "
-                                                  "the labels (default 0.5)"),
-    "--distill-temperature": ("distill_temperature", float, "with --teacher: softmax temperature (default 4)"),
-    "--distill-offline": ("distill_offline", str, "with --teacher: compute the teacher's soft targets once, on the "
-                                                  "un-augmented training images averaged over these TTA views "
-                                                  "(none | flip | shift | affine), instead of on every augmented "
-                                                  "batch: far cheaper, blind to the augmentation"),
-    "--normalize": ("normalize", str, "none | unit | image | dataset"),
-    "--augment": ("augment", str, "preset (none, flip, keras, standard) or JSON options"),
-    "--offline-copies": ("offline_copies", int, "offline expansion: augmented copies per training image"),
-    "--size-start": ("size_start", int, "progressive resizing: the first epoch's image side, e.g. 32 (0: off)"),
-    "--size-ramp-epochs": ("size_ramp_epochs", int, "with --size-start: the epoch from which images are full "
-                                                    "size (the side grows linearly until then)"),
-    "--early-stopping": ("early_stopping", int, "patience in epochs (0: off)"),
-    "--monitor": ("monitor", str, "val_acc | val_loss: selects checkpoints, early stopping, plateau"),
-    "--init": ("init", str, "default | xavier | he"),
-    "--seed": ("seed", int, "random seed"),
-    "--precision": ("precision", str, "auto (default: bf16 autocast where the CPU has bf16 instructions, AVX512-BF16 "
-                                      "or AMX, else fp32) | bf16 | fp32"),
-    "--val-fraction": ("val_fraction", float, "validation part carved from train when the data has none"),
-    "--threads": ("threads", int, "torch threads (0: auto, the cores not busy with other work at start, "
-                                  "re-checked every 10 s as the run goes)"),
-}
-
-
-def _parse_augment(v: str) -> str | dict:
-    return json.loads(v) if v.lstrip().startswith("{") else v
-
-
 def _train_config(args: argparse.Namespace):
-    from ferlab.train.config import TrainConfig
+    """The TrainConfig of `ferlab train`'s flags (one per field, see train.config.config_flags) over --config."""
+    from ferlab.train.config import TrainConfig, config_flags
 
     over: dict[str, Any] = {}
-    for flag, (field, _, _) in TRAIN_FLAGS.items():
-        v = getattr(args, flag[2:].replace("-", "_"))
+    for f in config_flags():
+        v = getattr(args, f.field)
         if v is not None:
-            over[field] = _parse_augment(v) if field == "augment" else v
-    if args.skip_bad:
-        over["skip_bad"] = True
+            over[f.field] = f.convert(v)
     if args.fp32:
         over["precision"] = "fp32"
-    if args.model_arg:
-        over["model_args"] = dict(_kv(a) for a in args.model_arg)
-    if args.teacher:
-        over["teachers"] = list(args.teacher)
     if args.config:
         return TrainConfig.from_file(args.config, **over)
     return TrainConfig.from_dict(over)
-
-
-def _kv(s: str) -> tuple[str, Any]:
-    if "=" not in s:
-        raise ValueError(f"--model-arg expects KEY=VALUE, got {s!r}")
-    k, v = s.split("=", 1)
-    try:
-        return k, json.loads(v)
-    except json.JSONDecodeError:
-        return k, v
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -189,10 +150,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ferlab.train.fit import default_run_dir, fit
 
     if args.resume:
-        given = [flag for flag in TRAIN_FLAGS if getattr(args, flag[2:].replace("-", "_")) is not None]
-        given += [f for f, on in (("--config", args.config), ("--out", args.out), ("--model-arg", args.model_arg),
-                                  ("--teacher", args.teacher), ("--fp32", args.fp32), ("--skip-bad", args.skip_bad))
-                  if on]
+        from ferlab.train.config import config_flags
+
+        given = [f.flag for f in config_flags() if getattr(args, f.field) is not None]
+        given += [f for f, on in (("--config", args.config), ("--out", args.out), ("--fp32", args.fp32)) if on]
         if given:
             raise ValueError(f"--resume continues a run exactly as it was configured; drop {', '.join(given)}")
         run_dir = Path(args.resume)
@@ -271,11 +232,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- evaluate
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from ferlab.evaluate import evaluate_checkpoints, format_report
-    from ferlab.pretrained import pretrained_path
+    from ferlab.pretrained import pretrained_entry
 
     shipped = args.pretrained or []
     for name in shipped:
-        pretrained_path(name)  # a clear error naming the shipped models if ``name`` is not one
+        pretrained_entry(name)  # a clear error naming the shipped models if ``name`` is not one
     specs = list(args.checkpoints) + shipped
     if not specs:
         raise ValueError("name the checkpoints to evaluate: run directories, .safetensors files or --pretrained NAME")
@@ -326,6 +287,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     from ferlab import __version__
+    from ferlab.train.config import config_flags
 
     p = argparse.ArgumentParser(prog="ferlab", description="Facial expression recognition: data, models, training, "
                                 "evaluation. Run `ferlab COMMAND -h` for a command's options.")
@@ -341,14 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a model (resumable: --resume RUN_DIR)")
     t.add_argument("--config", help="TOML or JSON training config (flags override it); see configs/")
-    for flag, (_, typ, hlp) in TRAIN_FLAGS.items():
-        t.add_argument(flag, type=typ, default=None, help=hlp)
-    t.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="model argument (repeatable)")
-    t.add_argument("--teacher", action="append", metavar="RUN_OR_CKPT",
-                   help="distil from this checkpoint (run directory, .safetensors or shipped name); repeatable: "
-                        "the teachers' mean prediction is the target")
+    for flag in config_flags():  # one per TrainConfig field, its help written once in train/config.py
+        flag.add_to(t)
     t.add_argument("--fp32", action="store_true", help="plain fp32 (same as --precision fp32)")
-    t.add_argument("--skip-bad", action="store_true", help="skip malformed rows instead of stopping")
     t.add_argument("--out", help="run directory (default runs/MODEL-TIMESTAMP)")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last completed epoch")
     t.add_argument("--no-progress", action="store_true", help="no progress bars (epoch lines only)")
@@ -371,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", default="test", choices=("train", "val", "test"),
                    help="which rows: test (default; FER2013 PrivateTest), val (PublicTest or the carved part), train")
     e.add_argument("--data", help="data path (default: the data the first checkpoint was trained on)")
-    e.add_argument("--tta", **TTA_ARG)
+    e.add_argument("--tta", **tta_argument())
     e.add_argument("--batch-size", type=int, default=512, help="images per forward pass (default 512)")
     e.add_argument("--precision", default="auto", choices=PRECISION_CHOICES, help=EVAL_PRECISION_HELP)
     e.add_argument("--out", help="where to write metrics.json and confusion.png (default RUN_DIR/eval-SPLIT; "
@@ -385,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     pc.add_argument("--data", required=True, help="test.csv (id,feature) or any supported layout")
     pc.add_argument("--split", default="unlabeled", help="which rows to predict (default: the unlabelled ones)")
     pc.add_argument("--out", default="submission.csv", help="the CSV to write (default submission.csv)")
-    pc.add_argument("--tta", **TTA_ARG)
+    pc.add_argument("--tta", **tta_argument())
     pc.add_argument("--precision", default="auto", choices=PRECISION_CHOICES, help=EVAL_PRECISION_HELP)
     pc.set_defaults(func=cmd_predict_csv)
 

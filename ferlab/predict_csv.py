@@ -7,25 +7,25 @@ from pathlib import Path
 
 import torch
 
-from ferlab.checkpoint import load_checkpoint
 from ferlab.data.source import open_data
-from ferlab.evaluate import checkpoint_probs
+from ferlab.inference.loader import load_model
 
 
 def predict_csv(checkpoint: str | Path, data_path: str, out: str | Path, *, split: str = "unlabeled",
                 tta: bool | str = False, precision: str = "auto") -> int:
     """Predict the rows of ``split`` in ``data_path`` and write ``id,label`` to ``out``; returns the row count.
-    ``precision``: see :func:`ferlab.evaluate.checkpoint_precision`."""
+    ``checkpoint`` may name a shipped ensemble. ``precision``: see
+    :func:`ferlab.inference.loader.checkpoint_precision`."""
     if Path(out).is_dir():  # checked before the work, not after it
         raise ValueError(f"--out {out} is a directory; name the CSV file to write, e.g. {Path(out) / 'submission.csv'}")
-    model, meta = load_checkpoint(checkpoint)
+    model = load_model(checkpoint)
     data = open_data(data_path)
     idx = data.indices(split)
     if not len(idx):
         have = sorted(set(data.split.tolist()))
         raise ValueError(f"{data.source} has no rows in split {split!r} (it has {', '.join(have)}); use --split")
     x = torch.from_numpy(data.images[idx]).unsqueeze(1)  # (N, 1, 48, 48) uint8
-    pred = checkpoint_probs(model, meta, x, tta=tta, progress=True, precision=precision).argmax(1)
+    pred = model.probabilities(x, tta=tta, progress=True, precision=precision).argmax(1)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", newline="") as f:
         w = csv.writer(f)

@@ -5,13 +5,21 @@ The manifest states each model's accuracies as measured by ``ferlab evaluate`` o
 under the strict protocol (trained on Training, selected on PublicTest, PrivateTest only reported), so users
 can reproduce them. ``bench/ship_model.py`` writes the entries.
 
-A manifest entry (keyed by the shipped name)::
+A single model's manifest entry (keyed by the shipped name)::
 
     {"file": "NAME.safetensors", "model": "fer-resnet-s", "description": "...", "default": false,
      "params": 1227623, "dtype": "float32", "size_bytes": 4930000, "sha256": "...",
      "card": "docs/models/NAME.md", "data": {"source": "fer2013.csv.gz", "fingerprint": "..."},
      "protocol": "...", "accuracy": {"val": {"plain": 0.70, "tta": 0.71}, "test": {"plain": 0.70, "tta": 0.71}},
      "n": {"val": 3589, "test": 3589}, "hardware": "...", "train_minutes": 42.0}
+
+An ensemble's entry names its members (shipped single models, so their files ship once) instead of a file::
+
+    {"kind": "ensemble", "members": ["NAME1", "NAME2"], "roles": ["most-accurate"], "description": "...",
+     "accuracy": {...}, "n": {...}, "protocol": "..."}
+
+Single entries may carry ``"kind": "single"`` and ``"roles"`` too. Names of earlier releases keep working for
+one release: a renamed model loads under its new name with a warning; a removed one fails naming its replacement.
 
 ``FERLAB_WEIGHTS_DIR`` points at another weights folder (its own ``manifest.json``), e.g. for tests.
 """
@@ -20,11 +28,29 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
 PACKAGE_WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 MANIFEST_NAME = "manifest.json"
+
+# names of the previous release -> the name the same weights ship under now (they load, with a warning)
+RENAMED: dict[str, str] = {
+    "fer-resnet-s-90ep-mixup-fer2013": "fer2013-resnet-s",
+    "fer-resnet-m-40ep-mixup-fer2013": "fer2013-resnet-m",
+    "fer-resnet-s16-110ep-mixup-fer2013": "fer2013-resnet-s16-110ep",
+    "fer-resnet-s16-150ep-mixup-fer2013": "fer2013-resnet-s16-150ep",
+    "fer-mobile-fast-kd-fer2013": "fer2013-fast",
+}
+# superseded weights no longer shipped -> what to use instead (their configs and model cards stay in docs/)
+REMOVED: dict[str, str] = {
+    "fer-resnet-s-fer2013": "fer2013-resnet-s",
+    "fer-resnet-s-75ep-fer2013": "fer2013-resnet-s",
+    "fer-resnet-s-90ep-cutmix-fer2013": "fer2013-resnet-s",
+    "fer-resnet-s16-30min-fer2013": "fer2013-resnet-s16-110ep",
+}
+KINDS = ("single", "ensemble")
 
 
 def weights_dir() -> Path:
@@ -52,8 +78,20 @@ def _manifest() -> dict[str, dict[str, Any]]:
     for name, entry in entries.items():
         if not isinstance(entry, dict):
             raise ValueError(f"{path}: manifest entry {name!r} must be an object, got {type(entry).__name__}")
-        if not isinstance(entry.get("file"), str) or not entry["file"]:
+        kind = entry.setdefault("kind", "single")
+        if kind not in KINDS:
+            raise ValueError(f"{path}: manifest entry {name!r} has kind {kind!r}; expected one of {', '.join(KINDS)}")
+        if kind == "single" and (not isinstance(entry.get("file"), str) or not entry["file"]):
             raise ValueError(f"{path}: manifest entry {name!r} has no \"file\" (the name of its weights file)")
+        if kind == "ensemble":
+            members = entry.get("members")
+            if not isinstance(members, list) or not members:
+                raise ValueError(f"{path}: ensemble {name!r} has no \"members\" (the shipped names it averages)")
+            bad = [m for m in members if entries.get(m, {}).get("kind", "single") != "single" or m not in entries]
+            if bad:
+                raise ValueError(f"{path}: ensemble {name!r} names members that are not shipped single models: "
+                                 f"{', '.join(map(str, bad))}")
+        entry.setdefault("roles", [])
     return entries
 
 
@@ -63,11 +101,27 @@ def list_pretrained() -> list[dict[str, Any]]:
 
 
 def is_pretrained(name: str) -> bool:
-    return name in _manifest()
+    """True for a shipped name, and for a name of the previous release (renamed or removed)."""
+    return name in _manifest() or name in RENAMED or name in REMOVED
+
+
+def current_name(name: str) -> str:
+    """The shipped name for ``name``: itself, or (with a FutureWarning) the new name of a renamed model."""
+    if name in REMOVED:
+        raise KeyError(f"{name!r} is no longer shipped (superseded); use {REMOVED[name]!r} instead "
+                       f"(`ferlab models --pretrained` lists what ships)")
+    if name in RENAMED and name not in _manifest():
+        new = RENAMED[name]
+        warnings.warn(f"shipped model {name!r} is now called {new!r}; the old name stops working in the next "
+                      "release", FutureWarning, stacklevel=3)
+        return new
+    return name
 
 
 def pretrained_entry(name: str) -> dict[str, Any]:
-    """The manifest entry of shipped model ``name``; a clear error lists the names otherwise."""
+    """The manifest entry of shipped model ``name`` (a renamed one's under its new name, with a warning); a clear
+    error lists the names otherwise."""
+    name = current_name(name)
     entries = _manifest()
     if name not in entries:
         have = ", ".join(sorted(entries)) or "none in this build"
@@ -76,8 +130,22 @@ def pretrained_entry(name: str) -> dict[str, Any]:
 
 
 def pretrained_path(name: str) -> Path:
-    """The packaged weights file of shipped model ``name``."""
-    path = weights_dir() / pretrained_entry(name)["file"]
+    """The packaged weights file of shipped single model ``name``."""
+    entry = pretrained_entry(name)
+    if entry["kind"] == "ensemble":
+        raise ValueError(f"shipped model {entry['name']} is an ensemble of {', '.join(entry['members'])}; it has no "
+                         "single weights file (load it with ferlab.inference.load_model)")
+    path = weights_dir() / entry["file"]
     if not path.is_file():
-        raise FileNotFoundError(f"shipped model {name}: {path} is missing from the installed package")
+        raise FileNotFoundError(f"shipped model {entry['name']}: {path} is missing from the installed package")
     return path
+
+
+def default_name() -> str:
+    """The shipped model used when none is named: the entry with role ``default`` (or the legacy ``"default":
+    true``), else the first one; ValueError when nothing ships."""
+    shipped = list_pretrained()
+    if not shipped:
+        raise ValueError("no pretrained model is shipped in this build: pass a run directory or a .safetensors "
+                         "checkpoint, e.g. Recognizer('runs/fer-resnet-s') or --model runs/fer-resnet-s")
+    return next((e["name"] for e in shipped if "default" in e["roles"] or e.get("default")), shipped[0]["name"])

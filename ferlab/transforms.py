@@ -120,13 +120,23 @@ def shift(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
     return xp[..., p - dy : p - dy + h, p - dx : p - dx + w]
 
 
-def zoom_rotate(x: torch.Tensor, scale: float = 1.0, degrees: float = 0.0) -> torch.Tensor:
-    """Resample (B, C, H, W) images about their centre: ``scale`` < 1 zooms in, ``degrees`` rotates; the border
-    pixels fill what comes in from outside (the training augmentation's "nearest" fill)."""
+def zoom_rotate_grid(height: int, width: int, scale: float = 1.0, degrees: float = 0.0,
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The sampling grid (1, H, W, 2) of :func:`zoom_rotate` for images of ``height`` x ``width``."""
     r = math.radians(degrees)
     c, s = math.cos(r) * scale, math.sin(r) * scale
-    theta = torch.tensor([[c, -s, 0.0], [s, c, 0.0]], dtype=x.dtype).expand(len(x), 2, 3)  # (B, 2, 3)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)  # (B, H, W, 2)
+    theta = torch.tensor([[[c, -s, 0.0], [s, c, 0.0]]], dtype=dtype)  # (1, 2, 3)
+    return F.affine_grid(theta, [1, 1, height, width], align_corners=False)  # (1, H, W, 2)
+
+
+def zoom_rotate(x: torch.Tensor, scale: float = 1.0, degrees: float = 0.0,
+                grid: torch.Tensor | None = None) -> torch.Tensor:
+    """Resample (B, C, H, W) images about their centre: ``scale`` < 1 zooms in, ``degrees`` rotates; the border
+    pixels fill what comes in from outside (the training augmentation's "nearest" fill). ``grid``: the ready
+    :func:`zoom_rotate_grid` of these parameters (then ``scale`` and ``degrees`` are not read)."""
+    if grid is None:
+        grid = zoom_rotate_grid(x.shape[-2], x.shape[-1], scale, degrees, x.dtype)
+    grid = grid.expand(x.shape[0], -1, -1, -1)  # (B, H, W, 2)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
@@ -147,9 +157,13 @@ def _shift_views(x: torch.Tensor) -> list[torch.Tensor]:
     return _pairs([shift(x, dy, dx) for dy, dx in TTA_SHIFTS])
 
 
+def _affine_params() -> list[tuple[float, float]]:
+    """(scale, degrees) of the affine mode's warped views, in order."""
+    return [(z, 0.0) for z in TTA_ZOOMS] + [(1.0, d) for d in TTA_DEGREES]
+
+
 def _affine_views(x: torch.Tensor) -> list[torch.Tensor]:
-    warped = [zoom_rotate(x, scale=z) for z in TTA_ZOOMS] + [zoom_rotate(x, degrees=d) for d in TTA_DEGREES]
-    return _shift_views(x) + _pairs(warped)
+    return _shift_views(x) + _pairs([zoom_rotate(x, scale=z, degrees=d) for z, d in _affine_params()])
 
 
 TTA_MODES: dict[str, Callable[[torch.Tensor], list[torch.Tensor]]] = {
@@ -171,6 +185,34 @@ def tta_mode(tta: bool | str | None) -> str:
 def tta_views(x01: torch.Tensor, tta: bool | str | None) -> list[torch.Tensor]:
     """The test-time views of images (B, C, H, W) in [0, 1] (each the same shape), the image itself first."""
     return TTA_MODES[tta_mode(tta)](x01)
+
+
+class TTAViews(torch.nn.Module):
+    """The views of :func:`tta_views` as one batch: (B, C, H, W) in [0, 1] -> (V * B, C, H, W), view-major.
+
+    The affine mode's sampling grids are computed once for ``input_size``, so the module traces to a graph of
+    pads, slices, flips and grid samples (the ONNX export); its views equal :func:`tta_views`'.
+    """
+
+    def __init__(self, mode: str = "none", input_size: tuple[int, int] = (48, 48)) -> None:
+        super().__init__()
+        self.mode = tta_mode(mode)
+        h, w = input_size
+        grids = [zoom_rotate_grid(h, w, z, d) for z, d in _affine_params()] if self.mode == "affine" else []
+        self.grid_names = [f"grid{i}" for i in range(len(grids))]  # (1, H, W, 2) each, one per warped view
+        for name, grid in zip(self.grid_names, grids, strict=True):
+            self.register_buffer(name, grid, persistent=False)
+
+    def forward(self, x01: torch.Tensor) -> torch.Tensor:
+        if self.mode == "none":
+            return x01
+        if self.mode == "flip":
+            views = [x01, hflip(x01)]
+        else:
+            views = _shift_views(x01)
+            if self.mode == "affine":
+                views += _pairs([zoom_rotate(x01, grid=getattr(self, n).to(x01.dtype)) for n in self.grid_names])
+        return torch.cat(views)
 
 
 def tta_view_count(tta: bool | str | None, image_shape: tuple[int, ...]) -> int:

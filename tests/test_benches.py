@@ -61,7 +61,7 @@ def _rows(out: str) -> dict[tuple[str, str], list[str]]:
 
 
 def test_inference_speed_names_the_weights_and_derives_the_ratio():
-    res = run_bench("inference_speed.py", "--models", "fer-mobile-fast-kd-fer2013", "fer-mobile", "--backends",
+    res = run_bench("inference_speed.py", "--models", "fer2013-fast", "fer-mobile", "--backends",
                     "torch-fp32", "onnx", "--threads", "1", "--batch", "16", "--min-time", "0.05",
                     "--latency-runs", "3")
     assert res.returncode == 0, res.stderr

@@ -119,22 +119,21 @@ def test_output_paths_are_checked_before_the_work(tmp_path, capsys):
 def test_predict_csv_on_course_layout(trained_run, tmp_path):
     import torch
 
-    from ferlab.checkpoint import load_checkpoint
     from ferlab.data.source import open_data
-    from ferlab.evaluate import checkpoint_probs
+    from ferlab.inference.loader import load_model
 
     faces = open_data(None, synthetic={"n_train": 21, "n_val": 7, "n_test": 7, "seed": 5}).images[:20]  # (20, 48, 48)
     row = lambda img: " ".join(map(str, img.ravel().tolist()))  # noqa: E731
     (tmp_path / "train.csv").write_text("label,feature\n" + "".join(f"{i % 7},{row(faces[i])}\n" for i in range(14)))
     (tmp_path / "test.csv").write_text("id,feature\n" + "".join(f"{100 + i},{row(f)}\n" for i, f in enumerate(faces)))
-    model, meta = load_checkpoint(trained_run)
+    model = load_model(trained_run)
     for tta in ("none", "flip"):
         out = tmp_path / f"sub-{tta}.csv"
         assert main(["predict-csv", str(trained_run), "--data", str(tmp_path), "--out", str(out), "--tta", tta]) == 0
         lines = out.read_text().splitlines()
         assert lines[0] == "id,label" and len(lines) == 21
         assert [int(line.split(",")[0]) for line in lines[1:]] == list(range(100, 120))
-        want = checkpoint_probs(model, meta, torch.from_numpy(faces).unsqueeze(1), tta=tta).argmax(1)
+        want = model.probabilities(torch.from_numpy(faces).unsqueeze(1), tta=tta).argmax(1)
         assert [int(line.split(",")[1]) for line in lines[1:]] == want.tolist()
         assert len(set(want.tolist())) > 1  # a model that says one class for every face would not pass
 
@@ -190,16 +189,19 @@ def test_launcher_preloads_jemalloc_without_decay(tmp_path, monkeypatch):
 def test_pretrained_table_columns_stay_aligned_with_long_names(monkeypatch, capsys):
     import ferlab.pretrained
 
-    acc = {"val": {"plain": 0.5, "tta": 0.51}, "test": {"plain": 0.52, "tta": 0.53}}
-    rows = [{"name": "a" * 40, "model": "fer-mobile-fast", "params": 10, "size_bytes": 1, "accuracy": acc},
-            {"name": "short", "model": "m", "params": 1_000_000, "size_bytes": 1, "accuracy": acc, "default": True}]
-    monkeypatch.setattr(ferlab.pretrained, "list_pretrained", lambda: rows)
+    acc = {"val": {"plain": 0.5, "tta": 0.51, "affine": 0.515}, "test": {"plain": 0.52, "tta": 0.53, "affine": 0.54}}
+    rows = [{"name": "a" * 40, "model": "fer-mobile-fast", "params": 10, "size_bytes": 1, "accuracy": acc,
+             "kind": "single", "roles": ["fast"]},
+            {"name": "short", "model": "fer-resnet-s", "params": 1_000_000, "size_bytes": 1, "accuracy": acc,
+             "kind": "single", "roles": ["default", "best-single"]}]
+    monkeypatch.setattr(ferlab.pretrained, "list_pretrained", lambda: [dict(r) for r in rows])
     assert main(["models", "--pretrained"]) == 0
     head, _, *lines = capsys.readouterr().out.splitlines()[:4]
-    col = head.index("model")
+    col = head.index("roles")
     for line, r in zip(lines, rows, strict=True):
-        assert line[col:].startswith(r["model"] + " "), line  # the model column starts where its header does
-        assert line.rstrip().endswith("53.00%") and line.index("52.00%") == lines[0].index("52.00%")
+        assert line[col:].startswith(",".join(r["roles"]) + " "), line  # the roles column starts where its header does
+        assert line.rstrip().endswith("54.00%") and line.index("52.00%") == lines[0].index("52.00%")
+    assert "fast " in lines[0] and "standard " in lines[1]  # speed classes from the MFLOPs (33 and 284)
 
 
 def test_evaluate_writes_files_next_to_a_run_and_for_a_shipped_name_only_with_out(trained_run, tmp_path,
@@ -210,7 +212,7 @@ def test_evaluate_writes_files_next_to_a_run_and_for_a_shipped_name_only_with_ou
     monkeypatch.setattr(ferlab.evaluate, "evaluate_checkpoints", lambda specs, **kw: seen.append(kw["out_dir"]) or {})
     monkeypatch.setattr(ferlab.evaluate, "format_report", lambda report: "")
     monkeypatch.chdir(tmp_path)
-    for argv in ([str(trained_run)], ["fer-resnet-s-fer2013"], ["fer-resnet-s-fer2013", "--out", "mine"]):
+    for argv in ([str(trained_run)], ["fer2013-resnet-s"], ["fer2013-resnet-s", "--out", "mine"]):
         assert main(["evaluate", *argv, "--split", "val", "--tta", "shift"]) == 0
     assert seen == [trained_run / "eval-val-tta-shift", None, Path("mine")]
 
@@ -246,6 +248,29 @@ def test_data_prints_the_layout_and_the_class_counts_of_each_split(tmp_path, cap
                      "test": [0, 0, 0, 0, 0, 0, 2, 2]}
 
 
+def test_every_config_field_is_a_train_flag_with_help():
+    from dataclasses import fields
+
+    from ferlab.cli import build_parser
+    from ferlab.train.config import FIELD_HELP, TrainConfig, config_flags
+
+    assert [f.field for f in config_flags()] == [f.name for f in fields(TrainConfig)]
+    assert set(FIELD_HELP) == {f.name for f in fields(TrainConfig)}
+    train = next(a for a in build_parser()._subparsers._group_actions[0].choices.items() if a[0] == "train")[1]
+    dests = {a.dest for a in train._actions}
+    assert {f.name for f in fields(TrainConfig)} <= dests
+    cfg = _train_config_of(["--channels-last", "--eval-batch-size", "64", "--momentum", "0.8", "--no-skip-bad",
+                            "--warmup-epochs", "1.5", "--distill-offline", ""])
+    assert (cfg.channels_last, cfg.eval_batch_size, cfg.momentum, cfg.skip_bad, cfg.warmup_epochs) == \
+        (True, 64, 0.8, False, 1.5)
+
+
+def _train_config_of(argv):
+    from ferlab.cli import _train_config, build_parser
+
+    return _train_config(build_parser().parse_args(["train", *argv]))
+
+
 def test_train_flags_become_the_run_config(tmp_path):
     from ferlab.cli import _train_config, build_parser
 
@@ -266,7 +291,7 @@ def test_train_flags_become_the_run_config(tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["--model-arg", "drop"], "--model-arg expects KEY=VALUE, got 'drop'"),
-    (["--resume", "runs/x", "--teacher", "a", "--skip-bad"], "drop --model, --out, --teacher, --skip-bad\n"),
+    (["--resume", "runs/x", "--teacher", "a", "--skip-bad"], "drop --model, --skip-bad, --teacher, --out\n"),
 ])
 def test_train_flag_errors(tmp_path, capsys, argv, message):
     assert main(["train", "--model", "fer-mobile", "--out", str(tmp_path / "r"), *argv]) == 2
@@ -304,7 +329,7 @@ def test_every_option_of_every_command_has_help_and_max_pixels_has_one_default()
     import argparse
 
     from ferlab.cli import build_parser
-    from ferlab.recognize.images import DEFAULT_MAX_PIXELS
+    from ferlab.images import DEFAULT_MAX_PIXELS
 
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))

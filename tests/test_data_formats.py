@@ -17,7 +17,10 @@ import cv2
 import numpy as np
 import pytest
 
-import ferlab.data.formats as F
+import ferlab.data.csv_layouts as CL
+import ferlab.data.csv_parse as CP
+import ferlab.data.image_folder as IF
+from ferlab import CLASS_NAMES
 from ferlab.data import cache as C
 from ferlab.data.formats import DataError, DataWarning, detect_layout, load_data
 
@@ -64,7 +67,7 @@ def rows():
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Tiny vectorised chunks so a dozen rows exercise several chunks."""
-    monkeypatch.setattr(F, "CHUNK_ROWS", 5)
+    monkeypatch.setattr(CP, "CHUNK_ROWS", 5)  # read by the parsers there
 
 
 def load(path, tmp_path, **kw):
@@ -125,9 +128,9 @@ def test_crlf_bom_blank_lines_and_odd_spacing(tmp_path, rows):
 def test_fast_and_row_paths_agree(tmp_path, rows, small_chunks):
     images, labels, usages = rows
     p = write(tmp_path / "fer2013.csv", fer_lines(images, labels, usages))
-    spec = F._classify_csv(p)
-    fast = F._parse_csv_fast(spec, False, "x", False)
-    slow = F._parse_csv_rows(spec, False, False, False)
+    spec = CL._classify_csv(p)
+    fast = CP._parse_csv_fast(spec, False, "x", False)
+    slow = CP._parse_csv_rows(spec, False, False, False)
     for name in ("images", "labels", "split", "ids"):
         a = np.concatenate([getattr(c, name) for c in fast.chunks])
         b = np.concatenate([getattr(c, name) for c in slow.chunks])
@@ -137,7 +140,7 @@ def test_fast_and_row_paths_agree(tmp_path, rows, small_chunks):
 def test_parse_pixels_fast_edge_cases():
     vals = np.arange(2304) % 256
     good = " ".join(map(str, vals))
-    np.testing.assert_array_equal(F._parse_pixels_fast([good, good]).reshape(2, -1), [vals, vals])
+    np.testing.assert_array_equal(CP._parse_pixels_fast([good, good]).reshape(2, -1), [vals, vals])
     for bad in (
         good + " 1",
         good.rsplit(" ", 1)[0],
@@ -147,7 +150,7 @@ def test_parse_pixels_fast_edge_cases():
         good.replace("7", "0007", 1),
         good.replace("5", "x", 1),
     ):
-        assert F._parse_pixels_fast([good, bad]) is None
+        assert CP._parse_pixels_fast([good, bad]) is None
 
 
 def course_dir(tmp_path: Path, rows) -> Path:
@@ -491,7 +494,7 @@ def test_cache_hit_skips_parser(tmp_path, rows, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("parser called on a cache hit")
 
-    monkeypatch.setattr(F, "_parse_csv", boom)
+    monkeypatch.setattr(CP, "_parse_csv", boom)  # _load_csvs looks it up there
     second = load(p, tmp_path)
     for name in ("images", "labels", "split", "ids"):
         np.testing.assert_array_equal(getattr(first, name), getattr(second, name))
@@ -569,7 +572,7 @@ def test_unwritable_cache_dir_only_warns(tmp_path, rows):
 def test_image_folder_cache(tmp_path, monkeypatch):
     root, _ = image_folder(tmp_path, splits=("Train",))
     first = load(root, tmp_path)
-    monkeypatch.setattr(F, "_read_image", lambda p: (_ for _ in ()).throw(AssertionError("read on cache hit")))
+    monkeypatch.setattr(IF, "_read_image", lambda p: (_ for _ in ()).throw(AssertionError("read on cache hit")))
     second = load(root, tmp_path)
     np.testing.assert_array_equal(first.images, second.images)
     assert second.fingerprint == first.fingerprint
@@ -784,7 +787,7 @@ def test_tampered_cache_entry_is_rebuilt(tmp_path, rows, damage):
     with pytest.warns(UserWarning, match="unreadable cache file"):
         d = load(p, tmp_path)
     np.testing.assert_array_equal(d.images, images)
-    assert d.class_names == F.CLASS_NAMES and all(isinstance(n, str) for n in d.notes) and len(d.notes) > 1
+    assert d.class_names == CLASS_NAMES and all(isinstance(n, str) for n in d.notes) and len(d.notes) > 1
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         again = load(p, tmp_path)  # the rewritten entry is a clean hit

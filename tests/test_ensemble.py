@@ -97,7 +97,7 @@ def test_bench_ensemble_cache_gives_the_same_selection_without_predicting_again(
     def no_prediction(*args, **kwargs):
         raise AssertionError("predicted again despite the cache")
 
-    monkeypatch.setattr("ferlab.evaluate.checkpoint_probs", no_prediction)
+    monkeypatch.setattr("ferlab.inference.loader.LoadedModel.view_logits", no_prediction)
     assert bench.main(argv) == 0
     assert capsys.readouterr().out == first
 
@@ -121,7 +121,8 @@ def test_an_ensemble_of_runs_with_differently_carved_val_parts_is_refused(tmp_pa
 
 
 def test_the_ensemble_averages_its_members_probabilities(tmp_path, trained_tiny_run):
-    from ferlab.evaluate import checkpoint_probs, data_for, split_rows
+    from ferlab.data.source import data_for, split_rows
+    from ferlab.inference.loader import load_model
 
     model, meta = load_checkpoint(trained_tiny_run)
     torch.manual_seed(0)
@@ -134,7 +135,7 @@ def test_the_ensemble_averages_its_members_probabilities(tmp_path, trained_tiny_
     data = data_for(meta, None, progress=False)
     idx = split_rows(data, meta, "test")
     x = torch.from_numpy(data.images[idx]).unsqueeze(1)
-    probs = [checkpoint_probs(*load_checkpoint(p), x, progress=False) for p in (trained_tiny_run, other)]
+    probs = [load_model(p).probabilities(x, progress=False) for p in (trained_tiny_run, other)]
     y = data.labels[idx]
     assert (probs[0].argmax(1) != probs[1].argmax(1)).any()  # the members disagree somewhere
     assert [m["accuracy"] for m in report["members"]] == [float((p.argmax(1) == y).mean()) for p in probs]

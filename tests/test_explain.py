@@ -462,3 +462,20 @@ def test_cli_errors(trained_tiny_run, tmp_path, capsys, argv, message):
     assert run_cli(*argv) == 2
     err = capsys.readouterr().err
     assert f"ferlab {argv[0]}: error:" in err and message in err
+
+
+def test_explainer_settings_are_typed_parameters_and_typos_are_refused():
+    from ferlab.explain.methods import EXPLAINERS, explainer_parameters, get_explainer
+
+    assert explainer_parameters("smoothgrad") == {"baseline": 0.0, "clip_percent": 1.0, "samples": 16,
+                                                  "noise": 0.15, "seed": 0}
+    assert explainer_parameters("occlusion") == {"baseline": 0.0, "clip_percent": 1.0, "window": 6, "stride": 3}
+    assert get_explainer("integrated-gradients", None, steps=8).steps == 8
+    with pytest.raises(ValueError, match="smoothgrad takes no sample; its settings: baseline=0.0, .*samples=16"):
+        get_explainer("smoothgrad", None, sample=8)
+    with pytest.raises(ValueError, match="saliency takes no steps"):
+        get_explainer("saliency", None, steps=8)
+    with pytest.raises(ValueError, match="occlusion needs window >= 1"):
+        get_explainer("occlusion", None, window=0)
+    for name in EXPLAINERS:  # every method takes the common settings
+        assert {"baseline", "clip_percent"} <= set(explainer_parameters(name))

@@ -11,9 +11,9 @@ import torch
 
 from ferlab.checkpoint import load_checkpoint, save_checkpoint
 from ferlab.cli import main
+from ferlab.inference.backends import OnnxBackend, TorchBackend
+from ferlab.inference.export import untrained_meta
 from ferlab.models import create_model
-from ferlab.recognize.backends import OnnxBackend, TorchBackend
-from ferlab.recognize.export import untrained_meta
 from ferlab.transforms import Normalizer
 
 TOL = 1e-4
@@ -59,7 +59,7 @@ def test_onnx_runtime_equals_pytorch(name, normalize, faces, tmp_path, capsys):
     out = tmp_path / "model.onnx"
     assert main(["export", "--onnx", str(ckpt), "--out", str(out)]) == 0
     assert f"wrote {out}" in capsys.readouterr().out
-    onnx_be, torch_be = OnnxBackend(out, threads=1), TorchBackend(*load_checkpoint(ckpt))
+    onnx_be, torch_be = OnnxBackend(out, threads=1), TorchBackend.from_module(*load_checkpoint(ckpt))
     noise = np.random.default_rng(0).integers(0, 256, (64, 1, 48, 48), dtype=np.uint8)
     for x in (noise, faces, faces[:1]):
         want = torch_be.logits(x)  # (B, 7)

@@ -15,6 +15,10 @@ from ferlab import pretrained
     ({"good": {"file": "good.safetensors"}, "bad": [1]}, "manifest entry 'bad' must be an object, got list"),
     ({"nofile": {"model": "fer-resnet-s"}}, "manifest entry 'nofile' has no \"file\""),
     ({"numfile": {"file": 3}}, "manifest entry 'numfile' has no \"file\""),
+    ({"e": {"kind": "bag"}}, "manifest entry 'e' has kind 'bag'"),
+    ({"e": {"kind": "ensemble"}}, "ensemble 'e' has no \"members\""),
+    ({"e": {"kind": "ensemble", "members": ["ghost"]}}, "ensemble 'e' names members that are not shipped single "
+                                                        "models: ghost"),
 ])
 def test_malformed_manifest_names_the_file_and_entry(weights, manifest, expected):
     (weights / "manifest.json").write_text(json.dumps(manifest))
@@ -29,8 +33,29 @@ def test_valid_manifest_and_missing_manifest(weights):
     assert pretrained.list_pretrained() == [] and not pretrained.is_pretrained("x")
     (weights / "x.safetensors").write_bytes(b"")
     (weights / "manifest.json").write_text(json.dumps({"x": {"file": "x.safetensors", "model": "fer-resnet-s"}}))
-    assert pretrained.list_pretrained() == [{"name": "x", "file": "x.safetensors", "model": "fer-resnet-s"}]
+    assert pretrained.list_pretrained() == [{"name": "x", "file": "x.safetensors", "model": "fer-resnet-s",
+                                             "kind": "single", "roles": []}]
     assert pretrained.pretrained_path("x") == weights / "x.safetensors"
+
+
+def test_ensemble_entry_has_no_file_of_its_own(weights):
+    (weights / "manifest.json").write_text(json.dumps({
+        "a": {"file": "a.safetensors"}, "b": {"file": "b.safetensors", "roles": ["default"]},
+        "ab": {"kind": "ensemble", "members": ["a", "b"], "roles": ["most-accurate"]}}))
+    assert pretrained.pretrained_entry("ab")["members"] == ["a", "b"]
+    assert pretrained.default_name() == "b"
+    with pytest.raises(ValueError, match="ab is an ensemble of a, b"):
+        pretrained.pretrained_path("ab")
+
+
+def test_names_of_the_previous_release(weights):
+    (weights / "manifest.json").write_text(json.dumps({"fer2013-resnet-s": {"file": "s.safetensors"}}))
+    (weights / "s.safetensors").write_bytes(b"")
+    with pytest.warns(FutureWarning, match="'fer-resnet-s-90ep-mixup-fer2013' is now called 'fer2013-resnet-s'"):
+        assert pretrained.pretrained_path("fer-resnet-s-90ep-mixup-fer2013") == weights / "s.safetensors"
+    assert pretrained.is_pretrained("fer-resnet-s-fer2013")
+    with pytest.raises(KeyError, match="'fer-resnet-s-fer2013' is no longer shipped .*use 'fer2013-resnet-s'"):
+        pretrained.pretrained_entry("fer-resnet-s-fer2013")
 
 
 def _shipped() -> list[dict]:
@@ -53,9 +78,12 @@ def test_shipped_files_are_what_their_manifest_says(monkeypatch):
     from ferlab.checkpoint import load_checkpoint
 
     monkeypatch.delenv("FERLAB_WEIGHTS_DIR", raising=False)
-    assert len(SHIPPED) >= 5, "the package ships its models"
-    assert sum(bool(e.get("default")) for e in SHIPPED) == 1, "exactly one default model"
-    for entry in SHIPPED:
+    assert len(SHIPPED) >= 3, "the package ships its models"
+    for role in ("default", "most-accurate", "fast"):
+        assert sum(role in e["roles"] for e in SHIPPED) == 1, f"exactly one model has role {role}"
+    singles = [e for e in SHIPPED if e["kind"] == "single"]
+    assert sum(e["size_bytes"] for e in singles) <= 20e6, "shipped weights together <= 20 MB"
+    for entry in singles:
         raw = pretrained.pretrained_path(entry["name"]).read_bytes()
         assert len(raw) == entry["size_bytes"] and hashlib.sha256(raw).hexdigest() == entry["sha256"], entry["name"]
         model, meta = load_checkpoint(entry["name"])
@@ -63,7 +91,12 @@ def test_shipped_files_are_what_their_manifest_says(monkeypatch):
         assert sum(p.numel() for p in model.parameters() if p.requires_grad) == entry["params"], entry["name"]
 
 
-@pytest.mark.parametrize("name", [e["name"] for e in SHIPPED])
+def test_every_old_name_points_at_a_shipped_model():
+    names = {e["name"] for e in SHIPPED}
+    assert set(pretrained.RENAMED.values()) <= names and set(pretrained.REMOVED.values()) <= names
+
+
+@pytest.mark.parametrize("name", [e["name"] for e in SHIPPED if e["kind"] == "single"])
 def test_shipped_accuracy_reproduces_on_real_fer2013(name, fer2013_path, monkeypatch):
     """The manifest's PublicTest and PrivateTest figures (plain and flip TTA), measured again on the real file.
 
@@ -73,17 +106,17 @@ def test_shipped_accuracy_reproduces_on_real_fer2013(name, fer2013_path, monkeyp
     """
     import torch
 
-    from ferlab.checkpoint import load_checkpoint
-    from ferlab.evaluate import checkpoint_view_logits, data_for, split_rows
+    from ferlab.data.source import data_for, split_rows
+    from ferlab.inference.loader import load_model
 
     monkeypatch.delenv("FERLAB_WEIGHTS_DIR", raising=False)
     stated = pretrained.pretrained_entry(name)["accuracy"]
-    model, meta = load_checkpoint(name)
-    data = data_for(meta, str(fer2013_path), progress=False)
+    model = load_model(name)
+    data = data_for(model.meta, str(fer2013_path), progress=False)
     for split in ("val", "test"):
-        idx = split_rows(data, meta, split)
+        idx = split_rows(data, model.meta, split)
         x, y = torch.from_numpy(data.images[idx]).unsqueeze(1), data.labels[idx]  # (N, 1, 48, 48) uint8, (N,)
-        views = checkpoint_view_logits(model, meta, x, tta="flip")  # (2, N, K): the image, then its mirror
+        views = model.view_logits(x, tta="flip")  # (2, N, K): the image, then its mirror
         for mode, logits in (("plain", views[0]), ("tta", views.mean(0))):
             got = float((logits.argmax(1).numpy() == y).mean())
             assert abs(got - stated[split][mode]) <= 0.002, (name, split, mode, got, stated[split][mode])

@@ -17,8 +17,8 @@ import skimage.data as skdata  # a test dependency: its sample photos
 import torch
 
 from ferlab.cli import main
+from ferlab.images import ImageError, probe, read_image, read_video, to_bgr8
 from ferlab.recognize.detect import crop_faces, expand_box
-from ferlab.recognize.images import ImageError, probe, read_image, read_video, to_bgr8
 
 ASTRO_FACE = (177, 66, 95, 95)  # where the face of skimage's astronaut is (x, y, w, h), checked by eye
 
@@ -196,7 +196,7 @@ def test_path_bytes_and_array_inputs_agree(rec, media):
 def test_crops_mode_equals_the_training_pipeline(rec, trained_tiny_run, tmp_path):
     from ferlab.checkpoint import load_checkpoint, normalizer_from_meta
     from ferlab.data.source import open_data
-    from ferlab.train.engine import predict_logits
+    from ferlab.inference.predict import predict_logits
 
     data = open_data(None, synthetic={"n_train": 16, "n_val": 8, "n_test": 8, "seed": 5})
     faces = data.images[:6]  # (6, 48, 48) uint8

@@ -49,7 +49,7 @@ def test_ship_then_list_and_evaluate_by_name(trained_tiny_run, weights, tmp_path
     listed = _cli_json(capsys, ["models", "--pretrained", "--json"])
     assert [e["name"] for e in listed] == ["tiny-fp32"]
     entry = listed[0]
-    assert entry["default"] is True and entry["model"] == "fer-resnet-s" and entry["dtype"] == "float32"
+    assert entry["roles"] == ["default"] and entry["model"] == "fer-resnet-s" and entry["dtype"] == "float32"
     assert entry["size_bytes"] == shipped.stat().st_size
     assert entry["sha256"] == hashlib.sha256(shipped.read_bytes()).hexdigest()
     assert entry["hardware"] == "test CPU" and entry["config"] == "configs/fer-resnet-s.toml"
@@ -82,7 +82,8 @@ def test_ship_then_list_and_evaluate_by_name(trained_tiny_run, weights, tmp_path
     capsys.readouterr()
     assert main(["models", "--pretrained"]) == 0
     table = capsys.readouterr().out
-    assert "tiny-fp32 *" in table and f"{entry['accuracy']['test']['tta']:.2%}" in table
+    row = next(line for line in table.splitlines() if line.startswith("tiny-fp32 "))
+    assert " default " in row and f"{entry['accuracy']['test']['tta']:.2%}" in row
 
 
 def test_bf16_file_is_half_the_size_and_its_numbers_are_its_own(trained_tiny_run, weights, tmp_path, capsys):

@@ -204,15 +204,15 @@ def test_zoom_rotate():
 
 
 def test_cli_tta_choices_are_the_modes():
-    from ferlab.cli import TTA_ARG
+    from ferlab.inference.options import tta_argument
 
-    assert tuple(TTA_ARG["choices"]) == tuple(TTA_MODES)
+    assert tuple(tta_argument()["choices"]) == tuple(TTA_MODES)
 
 
 @pytest.mark.parametrize("mode", ["none", "flip", "shift", "affine"])
 def test_predict_logits_averages_the_views(mode):
     """For a linear model the mean of the views' logits is W @ mean(normalised views) + b."""
-    from ferlab.train.engine import predict_logits
+    from ferlab.inference.predict import predict_logits
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48 * 48, 7))

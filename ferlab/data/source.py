@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from ferlab.data.splits import train_val_test
 from ferlab.data.types import FerData
 
 
@@ -18,3 +22,26 @@ def open_data(
     from ferlab.data.formats import load_data
 
     return load_data(path, skip_bad=skip_bad, progress=progress)
+
+
+def data_for(meta: dict[str, Any], data_path: str | None, progress: bool = True) -> FerData:
+    """The data to evaluate on: ``data_path`` if given, else the data the checkpoint was trained on."""
+    if data_path is not None:
+        return open_data(data_path, progress=progress)
+    d = meta["data"]
+    if d["path"] is None:
+        return open_data(None, synthetic=d.get("synthetic") or {})
+    if not Path(d["path"]).exists():
+        raise FileNotFoundError(f"the training data {d['path']} is not there any more; pass --data PATH")
+    return open_data(d["path"], progress=progress)
+
+
+def split_rows(data: FerData, meta: dict[str, Any], split: str) -> np.ndarray:
+    """Row indices of ``split`` under the checkpoint's own split protocol."""
+    s = meta["split"]
+    idx = train_val_test(data, val_fraction=s["val_fraction"], seed=s["split_seed"])[split]
+    idx = idx[data.labels[idx] >= 0]
+    if not len(idx):
+        raise ValueError(f"{data.source}: split {split!r} has no labelled rows"
+                         + ("; try --split val" if split == "test" else ""))
+    return idx

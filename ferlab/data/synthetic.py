@@ -41,11 +41,11 @@ Disgust is rarer (40% of each other class), as it is in FER2013 (where it is rar
 ``difficulty`` scales nuisance and overlap (0: no pose, lighting, noise, occluders or jitter,
 only the intensity spread and skin texture; 0.5 easier; 1.0 the calibrated default; 2.0 much
 harder). Calibration at 1.0 (small CNN 32-64-128 with BatchNorm, Adam 1e-3, batch 64, inputs in
-[0, 1], 2 CPU threads, ~12 s an epoch): val accuracy ~47% after epoch 1, ~84% after 5 epochs
-(about a minute), ~87% after 7 and still rising slowly (BatchNorm statistics re-estimated after
-each epoch; with the running averages of a constant-rate Adam run the per-epoch figure swings
-10-30 points lower, e.g. 31/42/51/64/67/50/80%). Logistic regression on the pixels reaches ~64%
-and an MLP ~55%: the faces are not aligned to the pixel grid. At 0.5 the CNN passes 90% within
+[0, 1]): val accuracy ~47% after epoch 1, ~84% after 5 epochs, ~87% after 7 and still rising
+slowly (BatchNorm statistics re-estimated after each epoch; with the running averages of a
+constant-rate Adam run the per-epoch figure swings 10-30 points lower, e.g.
+31/42/51/64/67/50/80%). Logistic regression on the pixels reaches ~64% and an MLP ~55%: the
+faces are not aligned to the pixel grid. At 0.5 the CNN passes 90% within
 2 epochs (a linear model ~92% too); at 2.0 it is near 43% after 3.
 
 Same arguments -> bitwise identical output on a given machine and numpy/OpenCV build, whatever the

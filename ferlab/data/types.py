@@ -11,6 +11,9 @@ from ferlab import CLASS_NAMES
 # Split names used throughout ferlab. FER2013's Usage column maps onto them:
 # Training -> train, PublicTest -> val, PrivateTest -> test.
 SPLITS: tuple[str, ...] = ("train", "val", "test", "unlabeled")
+# A split's code is its index in SPLITS: loaders keep one small integer per row and map codes to names at the end.
+SPLIT_TRAIN, SPLIT_VAL, SPLIT_TEST, SPLIT_UNLABELED = (SPLITS.index(s) for s in ("train", "val", "test", "unlabeled"))
+IMAGE_SIZE = 48  # FerData images are IMAGE_SIZE x IMAGE_SIZE
 
 
 @dataclass

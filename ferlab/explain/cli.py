@@ -13,11 +13,15 @@ from ferlab.explain import METHODS
 MODEL_HELP = "run directory, .safetensors checkpoint or shipped model name"
 
 
-def _load(spec: str):
-    from ferlab.checkpoint import load_checkpoint, normalizer_from_meta
+def _load(spec: str):  # -> LoadedModel
+    from ferlab.inference.loader import LoadedModel, load_model
 
-    model, meta = load_checkpoint(spec)
-    return model.float().eval(), meta, normalizer_from_meta(meta)
+    m = load_model(spec)
+    if not isinstance(m, LoadedModel):
+        raise ValueError(f"{spec} is an ensemble of {len(m.members)}; explanations run on one net: name one of its "
+                         f"members ({', '.join(x.source for x in m.members)})")
+    m.module.float().eval()
+    return m
 
 
 def _default_out(spec: str, name: str) -> Path:
@@ -52,21 +56,21 @@ def cmd_explain(args: argparse.Namespace) -> int:
         raise ValueError(f"unknown explanation method {args.method!r}; choose one of {', '.join(METHODS)}")
     if not 0.0 <= args.threshold <= 1.0:
         raise ValueError(f"--threshold must be in [0, 1], got {args.threshold}")
-    model, meta, norm = _load(args.model)
-    names = meta["class_names"]
+    m = _load(args.model)
+    model, meta, norm, names = m.module, m.meta, m.normalizer, m.class_names
     faces = load_faces(args.images, meta, default_count=args.count, data_path=args.data)
     target = parse_target(args.target, names, faces.labels)
     t0 = time.perf_counter()
     exp = explain_images(model, norm, faces.images, args.method, target=target, faithfulness=not args.no_faithfulness,
                          faith_steps=args.faith_steps)
     out = Path(args.out) if args.out else _default_out(args.model, f"explain-{args.method}")
-    report = write_explanations(exp, faces, names, out, threshold=args.threshold, model_name=meta["model"]["name"],
+    report = write_explanations(exp, faces, names, out, threshold=args.threshold, model_name=m.architecture,
                                 per_image=not args.no_per_image,
                                 extra={"checkpoint": str(args.model), "target_mode": args.target,
                                        "inputs": list(args.images)})
     total = time.perf_counter() - t0
     acc = f", accuracy {report['accuracy']:.3f}" if report["accuracy"] is not None else ""
-    print(f"{meta['model']['name']} {args.method}: {len(faces)} faces{acc}; maps in {exp.seconds['attribution']:.2f} s")
+    print(f"{m.architecture} {args.method}: {len(faces)} faces{acc}; maps in {exp.seconds['attribution']:.2f} s")
     if report["faithfulness"]:
         f = report["faithfulness"]
         print(f"faithfulness: deletion AUC {f['deletion_auc']:.3f} (random {f['deletion_random_auc']:.3f}, "
@@ -83,7 +87,8 @@ def cmd_filters(args: argparse.Namespace) -> int:
     from ferlab.explain.figures import image_grid_figure, save_figure
     from ferlab.explain.filters import AscentConfig, check_layer, stretch, visualize_filters
 
-    model, meta, norm = _load(args.model)
+    m = _load(args.model)
+    model, norm = m.module, m.normalizer
     info = check_layer(model, args.layer)
     chans = parse_channels(args.channels, info.channels, args.max_filters)
     t0 = time.perf_counter()
@@ -91,11 +96,11 @@ def cmd_filters(args: argparse.Namespace) -> int:
     secs = time.perf_counter() - t0
     out = Path(args.out) if args.out else _default_out(args.model, f"filters-{args.layer}.png")
     fig = image_grid_figure([stretch(im) for im in res.images], titles=[str(c) for c in res.channels],
-                            suptitle=f"{meta['model']['name']} {args.layer}: inputs maximising each filter's mean "
+                            suptitle=f"{m.architecture} {args.layer}: inputs maximising each filter's mean "
                                      f"activation ({args.steps} steps from grey noise)")
     save_figure(fig, out)
     up = int((res.final_activation > res.start_activation).sum())
-    print(f"{meta['model']['name']} {args.layer}: {len(chans)} of {info.channels} filters, {args.steps} steps in "
+    print(f"{m.architecture} {args.layer}: {len(chans)} of {info.channels} filters, {args.steps} steps in "
           f"{secs:.1f} s; mean activation {float(res.start_activation.mean()):.4f} -> "
           f"{float(res.final_activation.mean()):.4f} (raised for {up}/{len(chans)} filters)")
     print(f"wrote {out}")
@@ -109,7 +114,8 @@ def cmd_feature_maps(args: argparse.Namespace) -> int:
     from ferlab.explain.filters import check_layer, feature_maps
     from ferlab.explain.inputs import load_one_face
 
-    model, meta, norm = _load(args.model)
+    m = _load(args.model)
+    model, meta, norm = m.module, m.meta, m.normalizer
     info = check_layer(model, args.layer)
     face = load_one_face(args.image, meta, data_path=args.data)
     x = norm(torch.as_tensor(face.images).float()[:, None] / 255.0)  # (1, 1, 48, 48)
@@ -120,13 +126,13 @@ def cmd_feature_maps(args: argparse.Namespace) -> int:
         raise ValueError(f"layer {args.layer!r} has channels 0..{info.channels - 1}; got {bad}")
     with torch.no_grad():
         probs = model(x).softmax(1)[0]
-    names = meta["class_names"]
+    names = m.class_names
     k = int(probs.argmax())
     true = f", true {names[int(face.labels[0])]}" if face.labels[0] >= 0 else ""
     tiles = [face.images[0] / 255.0] + [maps[c] for c in chans]
     fig = image_grid_figure(tiles, titles=["input"] + [str(c) for c in chans],
                             cmap=["gray"] + ["viridis"] * len(chans),
-                            suptitle=f"{meta['model']['name']} {args.layer} {tuple(maps.shape)} on {face.names[0]} "
+                            suptitle=f"{m.architecture} {args.layer} {tuple(maps.shape)} on {face.names[0]} "
                                      f"(pred {names[k]} {float(probs[k]):.2f}{true})")
     out = Path(args.out) if args.out else _default_out(args.model, f"feature-maps-{args.layer}.png")
     save_figure(fig, out)
@@ -137,13 +143,14 @@ def cmd_feature_maps(args: argparse.Namespace) -> int:
 def cmd_layers(args: argparse.Namespace) -> int:
     from ferlab.explain.filters import list_layers
 
-    model, meta, _ = _load(args.model)
+    m = _load(args.model)
+    model = m.module
     layers = list_layers(model)
     if args.json:
         print(json.dumps([info.to_dict() for info in layers], indent=2))
         return 0
     if not layers:
-        print(f"{meta['model']['name']} has no layer with a 2D feature map (an MLP): filters and feature-maps "
+        print(f"{m.architecture} has no layer with a 2D feature map (an MLP): filters and feature-maps "
               "need a CNN")
         return 0
     width = max(len(i.name) for i in layers)

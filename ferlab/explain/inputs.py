@@ -31,13 +31,13 @@ class Faces:
 
 
 def face_from_file(path: str | Path, size: tuple[int, int] = (48, 48)) -> np.ndarray:
-    """Read any image file (checked by ``ferlab.recognize.images``), convert to grey and resize: (H, W) uint8.
+    """Read any image file (checked by ``ferlab.images``), convert to grey and resize: (H, W) uint8.
 
     No face detection: crop the face first (or use ``ferlab predict``) for photos with background.
     """
     import cv2
 
-    from ferlab.recognize.images import read_image
+    from ferlab.images import read_image
 
     bgr = read_image(path)  # (h, w, 3) uint8; FileNotFoundError / ImageError naming the file
     gray = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
@@ -57,7 +57,7 @@ def parse_data_spec(spec: str) -> tuple[str, int | None]:
 def data_faces(meta: dict[str, Any], split: str, rows: Sequence[int] | slice, data_path: str | None = None) -> Faces:
     """Faces of ``split`` (under the checkpoint's own split protocol) of ``data_path``, by default the data the
     model was trained on (a shipped model needs ``data_path``: it was trained on the user's copy of FER2013)."""
-    from ferlab.evaluate import data_for, split_rows
+    from ferlab.data.source import data_for, split_rows
 
     data = data_for(meta, data_path, progress=False)
     idx = split_rows(data, meta, split)

@@ -122,10 +122,12 @@ class Explainer:
     reduce: ClassVar[str] = "abs"
     needs_spatial: ClassVar[bool] = False
 
-    def __init__(self, model: nn.Module, baseline: float = 0.0, **options: Any) -> None:
+    def __init__(self, model: nn.Module, baseline: float = 0.0, clip_percent: float = 1.0) -> None:
+        """baseline: the model-input value of "no signal" (integrated gradients, occlusion; see
+        :func:`baseline_value`); clip_percent: the top percent of a map clipped by :meth:`normalise`."""
         self.model = model
         self.baseline = float(baseline)
-        self.options = options
+        self.clip_percent = float(clip_percent)
 
     def __call__(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """x: (B, 1, H, W) normalised input, target: (B,) long -> (B, H, W) raw attribution."""
@@ -154,7 +156,7 @@ class Explainer:
         """
         heat = raw.abs() if self.reduce == "abs" else raw.clamp_min(0)
         flat = heat.flatten(1)  # (B, P)
-        clip = float(self.options.get("clip_percent", 1.0))
+        clip = self.clip_percent
         peak = flat.amax(1) if clip <= 0 else torch.quantile(flat, 1 - clip / 100, dim=1)  # (B,)
         peak = torch.where(peak > 0, peak, flat.amax(1)).clamp_min(1e-12)[:, None, None]  # (B, 1, 1)
         return (heat / peak).clamp(0, 1)
@@ -172,12 +174,25 @@ def register(cls: type[Explainer]) -> type[Explainer]:
     return cls
 
 
+def explainer_parameters(method: str) -> dict[str, Any]:
+    """The settings ``method``'s explainer takes, with their defaults (from its constructor's signature)."""
+    import inspect
+
+    params = inspect.signature(EXPLAINERS[method].__init__).parameters
+    return {n: p.default for n, p in params.items() if n not in ("self", "model")}
+
+
 def get_explainer(method: str, model: nn.Module, **options: Any) -> Explainer:
-    """The explainer registered as ``method`` for ``model``; ValueError naming the known methods otherwise."""
+    """The explainer registered as ``method`` for ``model`` with ``options`` (its constructor's parameters);
+    ValueError naming the known methods, or the parameters the method takes."""
     try:
         cls = EXPLAINERS[method]
     except KeyError:
         raise ValueError(f"unknown explanation method {method!r}; choose one of {', '.join(EXPLAINERS)}") from None
+    unknown = sorted(set(options) - set(explainer_parameters(method)))
+    if unknown:
+        takes = ", ".join(f"{k}={v!r}" for k, v in explainer_parameters(method).items())
+        raise ValueError(f"{method} takes no {', '.join(unknown)}; its settings: {takes}")
     return cls(model, **options)
 
 
@@ -200,12 +215,19 @@ class SmoothGradExplainer(Explainer):
 
     name = "smoothgrad"
 
+    def __init__(self, model: nn.Module, baseline: float = 0.0, clip_percent: float = 1.0, *, samples: int = 16,
+                 noise: float = 0.15, seed: int = 0) -> None:
+        super().__init__(model, baseline, clip_percent)
+        if samples < 1 or noise < 0:
+            raise ValueError(f"smoothgrad needs samples >= 1 and noise >= 0, got {samples} and {noise}")
+        self.samples, self.noise, self.seed = int(samples), float(noise), int(seed)
+
     def attribute(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         from captum.attr import NoiseTunnel, Saliency
 
-        samples = int(self.options.get("samples", 16))
-        std = float(self.options.get("noise", 0.15)) * float(x.max() - x.min())
-        gen = torch.Generator().manual_seed(int(self.options.get("seed", 0)))
+        samples = self.samples
+        std = self.noise * float(x.max() - x.min())
+        gen = torch.Generator().manual_seed(self.seed)
         # NoiseTunnel draws with torch.normal: fix the global seed for the call and restore the RNG state after it
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(torch.randint(2**31 - 1, (1,), generator=gen)))
@@ -222,10 +244,17 @@ class IntegratedGradientsExplainer(Explainer):
     name = "integrated-gradients"
     reduce = "positive"
 
+    def __init__(self, model: nn.Module, baseline: float = 0.0, clip_percent: float = 1.0, *,
+                 steps: int = 16) -> None:
+        super().__init__(model, baseline, clip_percent)
+        if steps < 1:
+            raise ValueError(f"integrated-gradients needs steps >= 1, got {steps}")
+        self.steps = int(steps)
+
     def attribute(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         from captum.attr import IntegratedGradients
 
-        steps = int(self.options.get("steps", 16))
+        steps = self.steps
         return IntegratedGradients(self.model).attribute(
             x, baselines=self.baseline, target=target, n_steps=steps, method="gausslegendre",
             internal_batch_size=CHUNK)
@@ -277,10 +306,17 @@ class OcclusionExplainer(Explainer):
     name = "occlusion"
     reduce = "positive"
 
+    def __init__(self, model: nn.Module, baseline: float = 0.0, clip_percent: float = 1.0, *, window: int = 6,
+                 stride: int = 3) -> None:
+        super().__init__(model, baseline, clip_percent)
+        if window < 1 or stride < 1:
+            raise ValueError(f"occlusion needs window >= 1 and stride >= 1, got {window} and {stride}")
+        self.window, self.stride = int(window), int(stride)
+
     def attribute(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         from captum.attr import Occlusion
 
-        w, s = int(self.options.get("window", 6)), int(self.options.get("stride", 3))
+        w, s = self.window, self.stride
         return Occlusion(self.model).attribute(
             x, sliding_window_shapes=(1, w, w), strides=(1, s, s), baselines=self.baseline, target=target,
             perturbations_per_eval=max(1, CHUNK // len(x)))

@@ -98,14 +98,14 @@ def fer_resnet_s(num_classes: int = 7, in_chans: int = 1, drop: float = 0.3) -> 
 
 
 @register_model("fer-resnet-s16", source="ferlab",
-                description="fer-resnet-s with a 16-wide stem and first stage (16-64-128-256): ~1.3x faster to train")
+                description="fer-resnet-s with a 16-wide stem and first stage (16-64-128-256)")
 def fer_resnet_s16(num_classes: int = 7, in_chans: int = 1, drop: float = 0.3) -> StagedNet:
     # Halving the 48 x 48 stage (stem and first block) keeps the depth and cuts 27% of fer-resnet-s's FLOPs.
     return StagedNet(BasicBlock, (16, 64, 128, 256), (1, 1, 1, 1), num_classes, in_chans, drop, stem_width=16)
 
 
 @register_model("fer-resnet-xs", source="ferlab",
-                description="fer-resnet-s16 at 3/4 width after the first stage (16-48-96-192): ~1.6x faster to train")
+                description="fer-resnet-s16 at 3/4 width after the first stage (16-48-96-192)")
 def fer_resnet_xs(num_classes: int = 7, in_chans: int = 1, drop: float = 0.3) -> StagedNet:
     # Every stage of fer-resnet-s16 costs about the same FLOPs (channels double as the side halves), so 3/4 width
     # in the last three stages cuts ~44% of their FLOPs and 43% of the parameters: more epochs in a fixed budget.

@@ -18,9 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ferlab.recognize.backends import Backend, ModelSpec, create_backend, default_model
-from ferlab.recognize.detect import WholeImage, create_detector, crop_faces
-from ferlab.recognize.images import (
+from ferlab.images import (
     DEFAULT_MAX_PIXELS,
     ImageError,
     check_pixels,
@@ -32,6 +30,8 @@ from ferlab.recognize.images import (
     read_video,
     to_bgr8,
 )
+from ferlab.inference.backends import Backend, ModelSpec, default_model, open_backend
+from ferlab.recognize.detect import WholeImage, create_detector, crop_faces
 
 ImageInput = str | Path | bytes | np.ndarray
 KEEP_BYTES = 256 * 2**20  # with keep_images, classify early rather than hold more decoded images than this
@@ -100,11 +100,13 @@ def _thread_governor():  # -> hardware.ThreadGovernor
 class Recognizer:
     """Face detection + expression classification, batched.
 
-    model: run directory, .safetensors checkpoint, shipped model name or exported .onnx file (default: the
-    shipped default model). backend: ``torch`` or ``onnx`` (default: onnx for an .onnx file, else torch), or a
-    ready :class:`~ferlab.recognize.backends.Backend`. detector: a name in ``detect.DETECTORS`` (``haar``).
-    margin: fraction of the face box added on each side before cropping (0.1 matches FER2013's framing).
-    tta: average the logits with those of the mirrored face. min_face: smallest face side in pixels.
+    model: run directory, .safetensors checkpoint, shipped model or ensemble name (``ferlab models --pretrained``)
+    or exported .onnx file (default: the shipped default model). backend: ``torch`` or ``onnx`` (default: onnx for
+    an .onnx file, else torch), or a ready :class:`~ferlab.inference.backends.Backend`. detector: a name in
+    ``detect.DETECTORS`` (``haar``). margin: fraction of the face box added on each side before cropping (0.1
+    matches FER2013's framing). tta: test-time augmentation, ``none``, ``flip`` (or True), ``shift`` or ``affine``
+    (1, 2, 10 or 18 views per face, each a forward pass of every member; None: an .onnx file's own mode, else
+    none). min_face: smallest face side in pixels.
     batch_size: faces per forward pass. max_pixels: larger images are refused (decompression bombs).
     precision: torch backend only, ``fp32`` (default), ``bf16`` or ``auto`` (bf16 where the CPU computes it
     natively). threads: inference threads (None: torch's default, lowered to the cores other processes leave free
@@ -121,7 +123,7 @@ class Recognizer:
     """
 
     def __init__(self, model: ModelSpec | None = None, backend: str | Backend | None = None, detector: str = "haar",
-                 margin: float = 0.1, tta: bool = False, min_face: int = 24, batch_size: int = 128,
+                 margin: float = 0.1, tta: bool | str | None = None, min_face: int = 24, batch_size: int = 128,
                  max_pixels: int | None = DEFAULT_MAX_PIXELS, precision: str | None = None,
                  threads: int | None = None) -> None:
         if batch_size < 1:
@@ -133,17 +135,13 @@ class Recognizer:
                 raise ValueError("pass either a model spec or a ready backend, not both")
             self.backend: Backend = backend
         else:
-            kw: dict[str, Any] = {"threads": threads} if threads else {}
-            if precision is not None:
-                if backend == "onnx" or (backend is None and str(model).lower().endswith(".onnx")):
-                    raise ValueError("precision applies to the torch backend only")
-                kw["precision"] = precision
-            self.backend = create_backend(backend, model if model is not None else default_model(), **kw)
+            self.backend = open_backend(model if model is not None else default_model(), backend, tta=tta,
+                                        precision=precision, threads=threads or None)
         self.detector = create_detector(detector, min_face=min_face)
         self._whole = WholeImage()
         # threads not set: follow the cores other processes leave free during long predictions (torch and OpenCV)
         self._governor = _thread_governor() if not threads else None
-        self.margin, self.tta, self.batch_size, self.max_pixels = margin, tta, batch_size, max_pixels
+        self.margin, self.batch_size, self.max_pixels = margin, batch_size, max_pixels
 
     @property
     def class_names(self) -> list[str]:
@@ -155,12 +153,23 @@ class Recognizer:
         return self.backend.meta
 
     @property
+    def model_name(self) -> str:
+        """The architecture (e.g. ``fer-resnet-s``), or ``ensemble of N`` for an ensemble."""
+        n = getattr(self.backend, "n_members", 1)
+        return f"ensemble of {n}" if n > 1 else str(self.meta["model"]["name"])
+
+    @property
+    def tta(self) -> str:
+        """The test-time augmentation mode the backend applies."""
+        return getattr(self.backend, "tta", "none")
+
+    @property
     def weights(self) -> str:
         """Which weights were loaded: the shipped model's name, or the run directory or file given."""
         return str(getattr(self.backend, "weights", None) or f"{self.meta['model']['name']} (in memory)")
 
     def __repr__(self) -> str:
-        return (f"Recognizer(model={self.meta['model']['name']!r}, weights={self.weights!r}, "
+        return (f"Recognizer(model={self.model_name!r}, weights={self.weights!r}, "
                 f"backend={self.backend.name!r}, margin={self.margin}, tta={self.tta})")
 
     # ------------------------------------------------------------------ classification of ready crops
@@ -174,12 +183,7 @@ class Recognizer:
         out = np.empty((len(x), len(self.class_names)), np.float32)
         for i in range(0, len(x), self.batch_size):
             xb = np.ascontiguousarray(x[i : i + self.batch_size], np.uint8)  # (B, 1, H, W)
-            logits = self.backend.logits(xb)  # (B, K)
-            if self.tta:
-                logits = (logits + self.backend.logits(np.ascontiguousarray(xb[..., ::-1]))) / 2
-            z = logits - logits.max(1, keepdims=True)
-            e = np.exp(z)
-            out[i : i + len(xb)] = e / e.sum(1, keepdims=True)
+            out[i : i + len(xb)] = self.backend.probabilities(xb)  # (B, K): TTA views and members included
         return out
 
     # ------------------------------------------------------------------ images

@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 from typing import IO, Any
 
-from ferlab.recognize.images import DEFAULT_MAX_PIXELS, pixel_count
+from ferlab.images import DEFAULT_MAX_PIXELS, pixel_count
+from ferlab.inference.options import tta_argument
 
 PROG = "ferlab predict"
 
@@ -102,8 +103,8 @@ class Annotator:
 def cmd_predict(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
+    from ferlab.images import collect_inputs
     from ferlab.recognize.api import Recognizer
-    from ferlab.recognize.images import collect_inputs
 
     if args.every < 1:
         raise ValueError(f"--every must be >= 1, got {args.every}")
@@ -167,7 +168,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                + (f"; wrote {args.out}" if args.out else "") + (f"; annotated images in {args.annotate}"
                                                                  if args.annotate else "")
                + (f" ({counts['not_annotated']} could not be written)" if counts["not_annotated"] else ""))
-    print(f"{PROG}: {summary}; model {rec.meta['model']['name']}, weights {rec.weights}", file=sys.stderr)
+    print(f"{PROG}: {summary}; model {rec.model_name}, weights {rec.weights}, TTA {rec.tta}", file=sys.stderr)
     if processed == 0:
         raise ValueError(f"none of the {len(files)} input file(s) could be read (see the messages above)")
     return 0
@@ -187,24 +188,26 @@ def default_onnx_name(spec: str) -> Path:
 def cmd_export(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from ferlab.checkpoint import load_checkpoint
-    from ferlab.recognize.backends import OnnxBackend, TorchBackend
-    from ferlab.recognize.export import export_onnx
+    from ferlab.inference.backends import OnnxBackend, TorchBackend
+    from ferlab.inference.export import export_onnx
+    from ferlab.inference.loader import load_model
 
     spec = args.onnx
     out = Path(args.out) if args.out else default_onnx_name(spec)
     if out.suffix.lower() != ".onnx":
         raise ValueError(f"--out {out}: use a .onnx file name")
-    model, meta = load_checkpoint(spec)
-    data = export_onnx(model, meta, out, opset=args.opset)
+    loaded = load_model(spec)
+    data = export_onnx(loaded, out=out, opset=args.opset, tta=args.tta)
     # self-check: ONNX Runtime against PyTorch fp32 on random pixels
-    h, w = meta["preprocess"].get("input_size", (48, 48))
+    h, w = loaded.input_size
     x = np.random.default_rng(0).integers(0, 256, (8, 1, h, w), dtype=np.uint8)  # (8, 1, H, W)
-    diff = np.abs(OnnxBackend(out).logits(x) - TorchBackend(model, meta).logits(x)).max()
-    print(f"wrote {out} ({len(data) / 2**20:.1f} MiB, opset {args.opset}, model {meta['model']['name']}, "
-          f"classes {', '.join(meta['class_names'])}); input 'pixels' uint8 (batch, 1, {h}, {w}), normalisation "
-          f"included; outputs 'logits', 'probabilities'; max |logit difference| vs PyTorch on 8 random faces: "
-          f"{diff:.1e}")
+    diff = np.abs(OnnxBackend(out).probabilities(x) - TorchBackend(loaded, tta=args.tta).probabilities(x)).max()
+    n = len(loaded.members)
+    what = f"ensemble of {n} ({', '.join(m.source for m in loaded.members)})" if n > 1 else loaded.architecture
+    print(f"wrote {out} ({len(data) / 2**20:.1f} MiB, opset {args.opset}, model {what}, TTA {args.tta}, "
+          f"classes {', '.join(loaded.class_names)}); input 'pixels' uint8 (batch, 1, {h}, {w}), normalisation "
+          f"included; outputs 'logits', 'probabilities'; max |probability difference| vs PyTorch on 8 random "
+          f"faces: {diff:.1e}")
     print(f"next: ferlab predict PHOTO --model {out}")
     return 0
 
@@ -218,8 +221,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                        "no face, gets a message on stderr and the rest go on.")
     p.add_argument("paths", nargs="+", metavar="PATH", help="images (jpg png webp bmp), videos (mp4 avi mov mkv) "
                    "or folders (searched recursively)")
-    p.add_argument("--model", default=None, help="run directory, .safetensors checkpoint, shipped model name or "
-                   "exported .onnx file (default: the shipped default model)")
+    p.add_argument("--model", default=None, help="run directory, .safetensors checkpoint, shipped model or ensemble "
+                   "name (`ferlab models --pretrained`) or exported .onnx file (default: the shipped default model)")
     p.add_argument("--backend", choices=("torch", "onnx"), default=None,
                    help="inference backend (default: onnx for an .onnx model, else torch)")
     p.add_argument("--detector", default="haar", help="face detector (haar, haar-alt2, none)")
@@ -239,7 +242,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-pixels", type=pixel_count, default=DEFAULT_MAX_PIXELS,
                    help=f"refuse larger images, read from the header before decoding: a guard against decompression "
                         f"bombs (default {DEFAULT_MAX_PIXELS:,})")
-    p.add_argument("--tta", action="store_true", help="average with the mirrored face")
+    p.add_argument("--tta", **{**tta_argument(), "default": None,
+                                "help": tta_argument()["help"] + " (default: none; an .onnx file: its own mode)"})
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default=None,
                    help="torch backend precision: fp32 (default: exact, and fast on every CPU), bf16 (bfloat16 "
                         "autocast), auto (bf16 where this CPU has bf16 instructions, AVX512-BF16 or AMX, else fp32)")
@@ -249,7 +253,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     e = sub.add_parser("export", help="export a model to ONNX (normalisation and class names included)")
     fmt = e.add_mutually_exclusive_group(required=True)
-    fmt.add_argument("--onnx", metavar="MODEL", help="run directory, .safetensors checkpoint or shipped name")
+    fmt.add_argument("--onnx", metavar="MODEL", help="run directory, .safetensors checkpoint, shipped model name, or a "
+                     "shipped ensemble's name (one graph averaging its members' probabilities)")
+    e.add_argument("--tta", **{**tta_argument(), "help": tta_argument()["help"] + "; the views become part of the "
+                               "graph (default: none)"})
     e.add_argument("--out", default=None, metavar="FILE", help="output .onnx file (default: NAME.onnx here)")
     e.add_argument("--opset", type=int, default=17, help="ONNX opset version (default 17)")
     e.set_defaults(func=cmd_export)

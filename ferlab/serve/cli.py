@@ -7,7 +7,7 @@ import ipaddress
 import socket
 import sys
 
-from ferlab.recognize.images import pixel_count
+from ferlab.images import pixel_count
 from ferlab.serve.uploads import DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_ACTIVE, DEFAULT_MAX_PIXELS, DEFAULT_UPLOAD_DEADLINE
 
 DEFAULT_HOST = "127.0.0.1"
@@ -77,17 +77,17 @@ def _explain_model(spec: str, backend: str | None) -> tuple[object, object] | No
     """(PyTorch model, normalizer) for the overlays when inference runs on ONNX Runtime; None if not needed/possible."""
     if backend != "onnx" or spec.lower().endswith(".onnx"):
         return None  # torch: the recognizer's own model serves; an .onnx file has no PyTorch weights
-    from ferlab.checkpoint import load_checkpoint, normalizer_from_meta
+    from ferlab.inference.loader import load_model
 
-    model, meta = load_checkpoint(spec)
-    return model, normalizer_from_meta(meta)
+    first = load_model(spec).members[0]  # an ensemble's overlays show its first member's saliency
+    return first.module, first.normalizer
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from ferlab.inference.backends import default_model
     from ferlab.recognize.api import Recognizer
-    from ferlab.recognize.backends import default_model
     from ferlab.serve.app import create_app
 
     if not 0 <= args.port <= 65535:
@@ -98,7 +98,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
               "no authentication (use --host 127.0.0.1 to keep it local)", file=sys.stderr)
     spec = str(args.model) if args.model is not None else default_model()
     explain = None if args.explain == "none" else args.explain
-    recognizer = Recognizer(model=spec, backend=args.backend, precision=args.precision)
+    recognizer = Recognizer(model=spec, backend=args.backend, precision=args.precision, tta=args.tta)
     app = create_app(recognizer, max_upload_mb=args.max_upload_mb, max_pixels=args.max_pixels, explain_method=explain,
                      explain_model=_explain_model(spec, args.backend) if explain else None,
                      max_active=args.max_active, body_timeout=args.body_timeout,
@@ -111,7 +111,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"ferlab serve: note: {info['model']} has no spatial feature map for {explain}; showing "
               f"{info['explain_method']} overlays instead", file=sys.stderr)
     shown = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"ferlab serve: model {info['model']}, weights {info['weights']} ({info['backend']}); "
+    print(f"ferlab serve: model {info['model']}, weights {info['weights']} ({info['backend']}, TTA {info['tta']}); "
           f"open http://{shown}:{args.port}/ (Ctrl+C to stop)", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, server_header=False,
                 limit_concurrency=MAX_CONNECTIONS, timeout_keep_alive=KEEP_ALIVE_S,
@@ -121,14 +121,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Add this package's sub-commands to the ferlab parser."""
-    from ferlab.cli import PRECISION_CHOICES
+    from ferlab.hardware import PRECISIONS
+    from ferlab.inference.options import tta_argument
 
     s = sub.add_parser("serve", help="local web demo and JSON API: upload a photo or use the webcam",
                        description="Serve a web page (photo upload, webcam) and a JSON API (POST /predict) that "
                                    "detect faces and show their expression probabilities and Grad-CAM overlays.")
     s.add_argument("--model", default=None, metavar="SPEC",
-                   help="shipped model name, run directory, .safetensors checkpoint or exported .onnx file "
-                        "(default: the shipped default model)")
+                   help="shipped model or ensemble name (`ferlab models --pretrained`), run directory, "
+                        ".safetensors checkpoint or exported .onnx file (default: the shipped default model)")
     s.add_argument("--host", default=DEFAULT_HOST,
                    help=f"interface to bind (default {DEFAULT_HOST}: this machine only; a warning is printed "
                         "for any other)")
@@ -147,7 +148,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--backend", default=None, choices=("torch", "onnx"),
                    help="inference backend (default: onnx for an .onnx model, else torch); with onnx the overlays "
                         "still come from the PyTorch weights")
-    s.add_argument("--precision", default=None, choices=PRECISION_CHOICES,
+    s.add_argument("--tta", **{**tta_argument(), "default": None,
+                                "help": tta_argument()["help"] + " (default: none; an .onnx file: its own mode)"})
+    s.add_argument("--precision", default=None, choices=PRECISIONS,
                    help="torch backend precision: fp32 (default), bf16, or auto (bf16 where this CPU has bf16 "
                         "instructions)")
     s.add_argument("--explain", default="gradcam", metavar="METHOD",

@@ -28,7 +28,8 @@ class FaceService:
                  explain_model: tuple[Any, Any] | None = None, model_name: str | None = None) -> None:
         self.recognizer = recognizer
         self.class_names: list[str] = list(recognizer.class_names)
-        self.model_name = model_name or str(recognizer.meta.get("model", {}).get("name", "model"))
+        self.model_name = model_name or str(getattr(recognizer, "model_name", None)
+                                            or recognizer.meta.get("model", {}).get("name", "model"))
         self.weights = str(getattr(recognizer, "weights", None) or self.model_name)  # shipped name or path
         self.backend_name = str(getattr(recognizer.backend, "name", "?"))
         self._lock = threading.Lock()
@@ -71,6 +72,7 @@ class FaceService:
             "height": int(image_bgr.shape[0]),
             "model": self.model_name,
             "weights": self.weights,
+            "tta": str(getattr(self.recognizer, "tta", "none")),
             "explain_method": self.explain_method,
             "seconds": round(time.perf_counter() - t0, 4),
         }

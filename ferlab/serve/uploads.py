@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ferlab.recognize.images import DEFAULT_MAX_PIXELS  # larger images are refused before decoding (bombs)
+from ferlab.images import DEFAULT_MAX_PIXELS  # larger images are refused before decoding (bombs)
 
 # Accepted image types: MIME type -> test on the file's first bytes (its "magic number").
 IMAGE_SIGNATURES: dict[str, Callable[[bytes], bool]] = {
@@ -175,10 +175,10 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, name: str = 
 
     Raises UnsupportedType (415) for other formats, UploadTooLarge (413) for images over ``max_pixels`` (read from
     the header, before decoding: decompression bombs), UploadError (400) for damaged data. Decoding is
-    :mod:`ferlab.recognize.images`' (the same as ``ferlab predict``).
+    :mod:`ferlab.images`' (the same as ``ferlab predict``).
     """
-    from ferlab.recognize.images import ImageError, probe
-    from ferlab.recognize.images import decode_image as decode
+    from ferlab.images import ImageError, probe
+    from ferlab.images import decode_image as decode
 
     mime = sniff_image_type(data[:SNIFF_BYTES])
     if mime is None:

@@ -16,10 +16,10 @@ Q6_MAX_MAPS = 32  # feature-map tiles shown
 
 
 def _load(r: RunResult):
-    from ferlab.checkpoint import load_checkpoint, normalizer_from_meta
+    from ferlab.inference.loader import load_model
 
-    model, meta = load_checkpoint(r.run_dir)
-    return model.float().eval(), normalizer_from_meta(meta)
+    m = load_model(r.run_dir)
+    return m.module.float().eval(), m.normalizer
 
 
 def _inputs(study: StudyRuns, rows: np.ndarray, normalizer) -> tuple[Any, Any]:

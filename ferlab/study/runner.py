@@ -94,17 +94,17 @@ def _evaluate(run_dir: Path, rows: dict[str, np.ndarray], data: FerData) -> dict
     """Metrics and saved probabilities of the run's selected checkpoint on each split of ``rows``."""
     import torch
 
-    from ferlab.checkpoint import load_checkpoint
-    from ferlab.evaluate import checkpoint_probs, classification_metrics
+    from ferlab.evaluate import classification_metrics
+    from ferlab.inference.loader import load_model
 
-    model, meta = load_checkpoint(run_dir)
+    model = load_model(run_dir)
     out: dict[str, Any] = {}
     for split, idx in rows.items():
         x = torch.from_numpy(data.images[idx]).unsqueeze(1)  # (N, 1, 48, 48) uint8
-        probs = checkpoint_probs(model, meta, x).astype(np.float32)  # (N, K)
+        probs = model.probabilities(x, progress=False, desc="predict").astype(np.float32)  # (N, K)
         np.save(run_dir / f"probs-{split}.npy", probs)
         out[split] = classification_metrics(data.labels[idx], probs, list(data.class_names))
-    out["selected_epoch"] = meta.get("result", {}).get("epoch")
+    out["selected_epoch"] = model.meta.get("result", {}).get("epoch")
     (run_dir / "eval.json").write_text(json.dumps(out, indent=2))
     return out
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import tomllib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -148,6 +150,124 @@ class TrainConfig:
             return cls.from_dict(d)
         except (TypeError, ValueError) as e:
             raise ValueError(f"{path}: {e}") from None
+
+
+# One line of help per field: the `ferlab train` flags (--FIELD-NAME) and the config reference use it.
+FIELD_HELP: dict[str, str] = {
+    "model": "registered model name (see `ferlab models`)",
+    "model_args": "model argument KEY=VALUE (VALUE read as JSON when it parses; repeatable)",
+    "init": "weight initialisation: default (PyTorch's), xavier (uniform, as Keras), he (kaiming normal)",
+    "data": "data path (fer2013.csv[.gz], icml_face_data.csv, train.csv/test.csv dir, image folders); "
+            "none: the embedded synthetic faces",
+    "skip_bad": "skip malformed rows or unreadable images instead of stopping, and report how many",
+    "val_fraction": "validation part carved (stratified) from train when the data has no validation split",
+    "split_seed": "seed of that carving",
+    "synthetic": "options of the embedded synthetic data as JSON, e.g. '{\"n_train\": 2000, \"seed\": 1}' (used "
+                 "when there is no data path)",
+    "normalize": "input normalisation: none (0..255), unit ([0, 1]), image (per-image standardisation), dataset "
+                 "(the training split's mean and std)",
+    "augment": "online augmentation: a preset (none, flip, keras, standard) or JSON options "
+               "(see ferlab.transforms.AugmentConfig)",
+    "offline_copies": "offline expansion: augmented copies of each training image made before training",
+    "size_start": "progressive resizing: the first epoch's image side, e.g. 32 (0: off; needs global pooling)",
+    "size_ramp_epochs": "with size_start: the epoch from which images are full size (the side grows linearly)",
+    "epochs": "number of epochs",
+    "batch_size": "batch size (the global batch under torchrun)",
+    "optimizer": "sgd (Nesterov) | adam | adamw",
+    "lr": "(peak) learning rate",
+    "momentum": "SGD momentum",
+    "weight_decay": "weight decay",
+    "schedule": "learning-rate schedule: onecycle | cosine | plateau | none",
+    "warmup_epochs": "warm-up epochs of the onecycle and cosine schedules",
+    "plateau_patience": "plateau schedule: epochs without improvement before the rate drops",
+    "plateau_factor": "plateau schedule: factor of each drop",
+    "label_smoothing": "label smoothing of the cross-entropy",
+    "mixup": "mixup Beta alpha, e.g. 0.2 (0: off)",
+    "cutmix": "CutMix Beta alpha, e.g. 1.0 (0: off; with mixup: one of them per batch)",
+    "ema_decay": "EMA of the weights per step, e.g. 0.999; validation and checkpoints then use the averaged "
+                 "weights (0: off)",
+    "teachers": "distil from this checkpoint (run directory, .safetensors, shipped model or ensemble name); "
+                "repeatable: the teachers' mean prediction is the target",
+    "distill_weight": "with teachers: weight w of the distillation loss, (1 - w) on the labels",
+    "distill_temperature": "with teachers: softmax temperature T of teacher and student",
+    "distill_offline": "with teachers: compute the soft targets once, on the un-augmented training images averaged "
+                       "over these TTA views (none | flip | shift | affine), instead of on every augmented batch: "
+                       "far cheaper, blind to the augmentation ('': online)",
+    "early_stopping": "patience in epochs (0: off)",
+    "monitor": "val_acc | val_loss: selects checkpoints, early stopping, the plateau schedule",
+    "seed": "random seed (weights, shuffling, augmentation)",
+    "precision": "auto (bf16 autocast where the CPU or GPU computes bf16 natively: AVX512-BF16 or AMX; else "
+                 "fp32) | bf16 | fp32",
+    "channels_last": "channels_last memory layout (faster on CPUs)",
+    "threads": "torch threads (0: auto, the cores not busy with other work at start, re-checked every 10 s as "
+               "the run goes)",
+    "eval_batch_size": "batch size of validation and prediction",
+}
+# fields whose flag is not --FIELD-NAME
+FLAG_NAMES: dict[str, str] = {"model_args": "--model-arg", "teachers": "--teacher"}
+
+
+def _parse_augment(v: str) -> str | dict:
+    return json.loads(v) if v.lstrip().startswith("{") else v
+
+
+def _parse_key_values(items: list[str]) -> dict[str, Any]:
+    """--model-arg KEY=VALUE items -> a dict (VALUE read as JSON when it parses)."""
+    out: dict[str, Any] = {}
+    for s in items:
+        if "=" not in s:
+            raise ValueError(f"--model-arg expects KEY=VALUE, got {s!r}")
+        k, v = s.split("=", 1)
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
+@dataclass(frozen=True)
+class ConfigFlag:
+    """The command-line flag of one TrainConfig field."""
+
+    flag: str
+    field: str
+    kwargs: dict[str, Any]  # for argparse's add_argument
+    convert: Callable[[Any], Any] = lambda v: v  # the parsed value -> the field's value
+
+    def add_to(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(self.flag, dest=self.field, default=None, **self.kwargs)
+
+
+def config_flags() -> list[ConfigFlag]:
+    """One flag per TrainConfig field, typed from its annotation, with its help and default."""
+    default = TrainConfig()
+    out = []
+    for f in fields(TrainConfig):
+        if f.name not in FIELD_HELP:
+            raise KeyError(f"TrainConfig.{f.name} has no help text in FIELD_HELP")
+        flag = FLAG_NAMES.get(f.name, "--" + f.name.replace("_", "-"))
+        value = getattr(default, f.name)
+        shown = "" if value in ({}, [], None, "") else f" (default {value})"
+        help_ = FIELD_HELP[f.name] + shown
+        kind = str(f.type)
+        if kind == "bool":
+            out.append(ConfigFlag(flag, f.name, {"action": argparse.BooleanOptionalAction, "help": help_}))
+        elif f.name == "model_args":
+            out.append(ConfigFlag(flag, f.name, {"action": "append", "metavar": "KEY=VALUE", "help": help_},
+                                  _parse_key_values))
+        elif kind.startswith("list"):
+            out.append(ConfigFlag(flag, f.name, {"action": "append", "metavar": "SPEC", "help": help_}, list))
+        elif kind.startswith("dict"):
+            out.append(ConfigFlag(flag, f.name, {"type": json.loads, "metavar": "JSON", "help": help_}))
+        elif f.name == "augment":
+            out.append(ConfigFlag(flag, f.name, {"type": _parse_augment, "help": help_}))
+        else:
+            typ = {"int": int, "float": float}.get(kind, str)
+            kw: dict[str, Any] = {"type": typ, "help": help_}
+            if f.name in CHOICES:
+                kw["choices"] = CHOICES[f.name]
+            out.append(ConfigFlag(flag, f.name, kw))
+    return out
 
 
 def resolve_config(cfg: TrainConfig, device: str = "cpu") -> tuple[TrainConfig, str]:

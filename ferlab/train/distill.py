@@ -21,9 +21,10 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from ferlab.checkpoint import CheckpointError, atomic_write, load_checkpoint, normalizer_from_meta, resolve
+from ferlab.checkpoint import CheckpointError, atomic_write, resolve
 from ferlab.data.cache import sha256_file
-from ferlab.train.engine import autocast, batches, layout, model_device, to_unit
+from ferlab.inference.loader import load_model
+from ferlab.inference.predict import autocast, batches, layout, model_device, to_unit
 from ferlab.transforms import tta_views
 
 
@@ -37,28 +38,27 @@ class Teacher(nn.Module):
             raise ValueError("a teacher needs at least one checkpoint")
         if temperature <= 0:
             raise ValueError(f"distillation temperature must be > 0, got {temperature}")
-        members, normalizers, metas = [], [], []
-        for spec in specs:
-            model, meta = load_checkpoint(spec)
-            members.append(model.requires_grad_(False))
-            normalizers.append(normalizer_from_meta(meta))
-            metas.append(meta)
+        loaded = [m for spec in specs for m in load_model(spec).members]  # a shipped ensemble gives its members
+        members = [m.module.requires_grad_(False) for m in loaded]
+        normalizers = [m.normalizer for m in loaded]
+        metas = [m.meta for m in loaded]
+        self.loaded = loaded
         self.members = nn.ModuleList(members).eval()  # never put in training mode: the student's train() skips it
         self.normalizers = normalizers
         self.metas = metas
-        self.specs = [str(s) for s in specs]
+        self.specs = [m.source for m in loaded]
         self.temperature = temperature
         self.precision = precision
         self.channels_last = channels_last
 
     def check_compatible(self, class_names: Sequence[str], input_size: Sequence[int]) -> None:
         """Raise :class:`CheckpointError` unless every member predicts these classes from this input size."""
-        for spec, meta in zip(self.specs, self.metas, strict=True):
-            if list(meta["class_names"]) != list(class_names):
-                raise CheckpointError(f"teacher {spec}: its classes {meta['class_names']} are not the "
+        for m in self.loaded:
+            if m.class_names != list(class_names):
+                raise CheckpointError(f"teacher {m.source}: its classes {m.class_names} are not the "
                                       f"student's {list(class_names)}")
-            if list(meta["preprocess"]["input_size"]) != list(input_size):
-                raise CheckpointError(f"teacher {spec}: input size {meta['preprocess']['input_size']} is not the "
+            if list(m.input_size) != list(input_size):
+                raise CheckpointError(f"teacher {m.source}: input size {list(m.input_size)} is not the "
                                       f"student's {list(input_size)}")
 
     def protocol_warnings(self, fingerprint: str, split: dict[str, Any]) -> list[str]:

@@ -1,4 +1,5 @@
-"""``train_one_epoch`` and ``predict_logits``/``evaluate`` as plain functions (as in torchvision's references).
+"""``train_one_epoch`` and ``evaluate`` as plain functions (as in torchvision's references); prediction itself
+is the inference layer's (:mod:`ferlab.inference.predict`).
 
 Images stay in memory as one uint8 tensor (N, 1, 48, 48); each batch is gathered,
 scaled to [0, 1], augmented on the fly (on the CPU), normalised, moved to the model's
@@ -9,10 +10,9 @@ rank trains on its slice of every global batch (see :func:`epoch_batches`).
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -21,40 +21,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ferlab.transforms import AugmentConfig, Normalizer, augment, mix_batch, resize, tta_view_count, tta_views
+from ferlab.inference.predict import autocast, layout, model_device, predict_logits, to_unit
+from ferlab.transforms import AugmentConfig, Normalizer, augment, mix_batch, resize
 
 if TYPE_CHECKING:
     from ferlab.train.distill import SoftTargets, Teacher
-
-
-def autocast(precision: str, device: torch.device | str = "cpu") -> contextlib.AbstractContextManager:
-    """bfloat16 autocast on ``device`` for ``precision='bf16'``; a no-op for fp32."""
-    if precision == "bf16":
-        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's parameters (the CPU for a model without any)."""
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
-def to_unit(xb_u8: torch.Tensor) -> torch.Tensor:
-    """(B, 1, H, W) uint8 -> (B, 1, H, W) float in [0, 1]."""
-    return xb_u8.float().div_(255.0)
-
-
-def layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    """Put a model input in the chosen memory layout (channels_last is faster on CPU)."""
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
-
-
-def batches(n: int, batch_size: int, g: torch.Generator | None = None) -> Iterator[torch.Tensor]:
-    """Index batches over range(n): shuffled with ``g`` when given, else in order."""
-    order = torch.randperm(n, generator=g) if g is not None else torch.arange(n)
-    for i in range(0, n, batch_size):
-        yield order[i : i + batch_size]
 
 
 def epoch_batches(
@@ -166,45 +137,6 @@ def train_one_epoch(
         bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}", refresh=False)
     bar.close()
     return {"loss": loss_sum / seen, "acc": correct / seen, "n": seen, "seconds": time.perf_counter() - t0}
-
-
-@torch.no_grad()
-def predict_view_logits(
-    model: nn.Module,
-    images: torch.Tensor,
-    normalizer: Normalizer,
-    *,
-    batch_size: int = 512,
-    precision: str = "bf16",
-    channels_last: bool = True,
-    tta: bool | str = False,
-    progress: bool = False,
-    desc: str = "predict",
-) -> torch.Tensor:
-    """Logits (V, N, K) float32 on the CPU of each of the V test-time views of ``tta`` (see
-    :data:`ferlab.transforms.TTA_MODES`; V = 1 without TTA) for images (N, 1, H, W) uint8, computed on the
-    model's device. The modes' views are nested, so the first views of a larger mode are a smaller mode's."""
-    model.eval()
-    device = model_device(model)
-    out = []
-    n_batches = (len(images) + batch_size - 1) // batch_size
-    for idx in tqdm(batches(len(images), batch_size), total=n_batches, desc=desc, disable=not progress, leave=False):
-        per_view = []
-        for view in tta_views(to_unit(images[idx]), tta):  # V x (B, 1, H, W) in [0, 1]
-            x = layout(normalizer(view), channels_last).to(device, non_blocking=True)  # (B, 1, H, W)
-            with autocast(precision, device):
-                per_view.append(model(x).float().cpu())  # (B, K)
-        out.append(torch.stack(per_view))  # (V, B, K)
-    if not out:
-        return torch.empty(tta_view_count(tta, images.shape[1:]), 0, getattr(model, "num_classes", 7))
-    return torch.cat(out, dim=1)
-
-
-def predict_logits(model: nn.Module, images: torch.Tensor, normalizer: Normalizer, **kw) -> torch.Tensor:
-    """Logits (N, K) float32 on the CPU for images (N, 1, H, W) uint8: with ``tta``, the mean over the
-    test-time views (``"flip"`` or True: the image and its mirror; ``"shift"``, ``"affine"``: see
-    :data:`ferlab.transforms.TTA_MODES`). Keywords as :func:`predict_view_logits`."""
-    return predict_view_logits(model, images, normalizer, **kw).mean(0)
 
 
 def evaluate(

@@ -31,16 +31,18 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import ferlab
 from ferlab import hardware
-from ferlab.checkpoint import BEST, LAST_STATE, CheckpointError, load_state, save_checkpoint, save_state
+from ferlab.checkpoint import BEST, LAST_STATE, CheckpointError, save_checkpoint
 from ferlab.data.source import open_data
 from ferlab.data.splits import train_val_test
 from ferlab.data.types import FerData
 from ferlab.models import count_params, create_model
-from ferlab.train import distributed
+from ferlab.train import distributed, seeds
 from ferlab.train.callbacks import BestCheckpoint, EarlyStopping
 from ferlab.train.config import NOT_LEARNED, TrainConfig, resolve_config
 from ferlab.train.engine import evaluate, steps_per_epoch, train_one_epoch
 from ferlab.train.optim import build_optimizer, build_schedule
+from ferlab.train.seeds import epoch_generator  # noqa: F401 (part of this module's API)
+from ferlab.train.state import ResumeState
 from ferlab.transforms import Normalizer, expand_offline, progressive_side
 
 SOFT_TARGETS = "soft_targets.safetensors"  # offline distillation's teacher targets, kept for a resume
@@ -145,11 +147,6 @@ def default_run_dir(cfg: TrainConfig, root: str | Path = "runs") -> Path:
     return Path(root) / f"{cfg.model}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
-def epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    """The random stream of one epoch (shuffling and augmentation), independent of earlier epochs."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-
-
 HISTORY_FIELDS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "seconds", "images_per_s",
                   "size")
 
@@ -242,6 +239,155 @@ def auto_threads(world_size: int = 1) -> int:
 
 
 
+@dataclass
+class Run:
+    """The pieces of one training run, built by :func:`_build` and used by the epoch loop."""
+
+    cfg: TrainConfig
+    run_dir: Path
+    prep: Prepared
+    normalizer: Normalizer
+    x_train: torch.Tensor  # (N, 1, H, W) uint8, offline copies included
+    y_train: torch.Tensor  # (N,) int64
+    x_val: torch.Tensor  # this rank's share of the validation images
+    y_val: torch.Tensor
+    net: nn.Module
+    eval_net: nn.Module  # what is validated and checkpointed: the EMA of the weights when on, else the net
+    ema: AveragedModel | None
+    optimizer: torch.optim.Optimizer
+    schedule: Any
+    early: EarlyStopping
+    best: BestCheckpoint
+    teacher: Any  # a Teacher, its offline SoftTargets, or None
+    meta: dict[str, Any]
+    history: list[dict[str, float]]
+    start: int = 0  # the first epoch (0-based) this call trains
+    stopped_early: bool = False
+
+    @property
+    def full_side(self) -> int:
+        return int(self.x_train.shape[-1])
+
+
+def _start_threads(cfg: TrainConfig, ddp: distributed.Session, precision_line: str,
+                   log: Callable[[str], None]) -> hardware.ThreadGovernor | None:
+    """Set torch's thread count for the run and log the first line (machine, precision, threads); returns the
+    thread governor when threads = 0 (auto)."""
+    threads = cfg.threads or auto_threads(ddp.world_size)
+    if threads:
+        torch.set_num_threads(threads)
+    log(f"{hardware.describe()}; {precision_line}"
+        + (f"; torch threads {threads}" + ("" if cfg.threads else " (auto: the cores not busy at start, "
+                                                                   "re-checked as the run goes)") if threads else ""))
+    # threads = 0: follow the cores other processes leave free (see hardware.ThreadGovernor)
+    return hardware.ThreadGovernor(log=log) if threads and not cfg.threads else None
+
+
+def _training_data(cfg: TrainConfig, prep: Prepared, ddp: distributed.Session
+                   ) -> tuple[Normalizer, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The normaliser (fitted on the training split), the training tensors with any offline copies, and this
+    rank's share of the validation tensors."""
+    x_train, y_train = prep.tensors["train"]
+    x_val, y_val = prep.tensors["val"]
+    normalizer = Normalizer.fit(cfg.normalize, x_train.numpy())
+    if cfg.offline_copies:
+        xi, yi = expand_offline(x_train.squeeze(1).numpy(), y_train.numpy(), cfg.offline_copies,
+                                cfg.augment_config(), seed=cfg.seed)
+        x_train, y_train = torch.from_numpy(xi).unsqueeze(1), torch.from_numpy(yi).long()
+    if len(x_val) < ddp.world_size:
+        raise ValueError(f"{prep.data.source}: {len(x_val)} validation images cannot be shared by "
+                         f"{ddp.world_size} processes")
+    return normalizer, x_train, y_train, x_val[ddp.rank :: ddp.world_size], y_val[ddp.rank :: ddp.world_size]
+
+
+def _build_net(cfg: TrainConfig, prep: Prepared, ddp: distributed.Session, full_side: int) -> nn.Module:
+    torch.manual_seed(seeds.init_seed(cfg.seed))
+    net = create_model(cfg.model, num_classes=len(prep.data.class_names), **cfg.model_args)
+    init_weights(net, cfg.init)
+    net = net.to(ddp.device)
+    if cfg.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    if cfg.size_start:
+        check_input_side(net, f"model {cfg.model}", min(cfg.size_start, full_side))
+    return net
+
+
+def _build_teacher(cfg: TrainConfig, prep: Prepared, ddp: distributed.Session, full_side: int,
+                   log: Callable[[str], None]) -> Any:
+    """The distillation teacher of ``cfg.teachers`` on the run's device (None without teachers)."""
+    if not cfg.teachers:
+        return None
+    from ferlab.train.distill import Teacher
+
+    teacher = Teacher(cfg.teachers, cfg.distill_temperature, precision=cfg.precision, channels_last=cfg.channels_last)
+    teacher.check_compatible(prep.data.class_names, prep.data.images.shape[1:])
+    for warning in teacher.protocol_warnings(prep.data.fingerprint, split_protocol(prep.data, cfg, prep.splits)):
+        log(f"warning: {warning}")
+    if cfg.size_start:  # the teacher sees the student's resized batches
+        for spec, member in zip(teacher.specs, teacher.members, strict=True):
+            check_input_side(member, f"teacher {spec}", min(cfg.size_start, full_side))
+    teacher = teacher.to(ddp.device)
+    return teacher.to(memory_format=torch.channels_last) if cfg.channels_last else teacher
+
+
+def _build(cfg: TrainConfig, run_dir: Path, ddp: distributed.Session, progress: bool,
+           log: Callable[[str], None]) -> Run:
+    """Data, model, optimiser, schedule, callbacks, teacher and metadata of a fresh run."""
+    prep = prepare(cfg, progress)
+    normalizer, x_train, y_train, x_val, y_val = _training_data(cfg, prep, ddp)
+    full_side = int(x_train.shape[-1])
+    net = _build_net(cfg, prep, ddp, full_side)
+    optimizer = build_optimizer(net, cfg)
+    # EMA of the weights (and BatchNorm statistics): when on, it is what is validated and checkpointed
+    ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True) \
+        if cfg.ema_decay else None
+    teacher = _build_teacher(cfg, prep, ddp, full_side, log)
+    schedule = build_schedule(optimizer, cfg, steps_per_epoch(len(x_train), cfg.batch_size, ddp.world_size))
+    mode = "max" if cfg.monitor == "val_acc" else "min"
+    meta = build_meta(cfg, net, normalizer, prep)
+    if teacher is not None:  # what the student learnt from, beyond the specs in meta["train"]["teachers"]
+        meta["teachers"] = [
+            {"spec": spec, "model": m["model"]["name"], "data_fingerprint": m.get("data", {}).get("fingerprint"),
+             "result": m.get("result")} for spec, m in zip(teacher.specs, teacher.metas, strict=True)
+        ]
+    return Run(cfg, run_dir, prep, normalizer, x_train, y_train, x_val, y_val, net,
+               ema.module if ema is not None else net, ema, optimizer, schedule,
+               EarlyStopping(cfg.early_stopping, mode), BestCheckpoint(mode), teacher, meta, [])
+
+
+def _resume(run: Run, ddp: distributed.Session, log: Callable[[str], None]) -> None:
+    """Load RUN_DIR/last.pt into ``run`` (rank 0 reads it and sends it to the others)."""
+    state_path = run.run_dir / LAST_STATE
+    raw = None
+    if ddp.is_main:  # no shared file system needed
+        if not state_path.is_file():
+            raise CheckpointError(f"{run.run_dir}: nothing to resume ({LAST_STATE} missing)")
+        check_same_options(run.run_dir, run.cfg)
+        raw = ResumeState.load(state_path).to_dict()
+    state = ResumeState.from_dict(ddp.broadcast_object(raw), state_path)
+    if state.data_fingerprint != run.prep.data.fingerprint:
+        raise CheckpointError(f"{run.run_dir}: the data changed since this run started "
+                              f"(fingerprint {state.data_fingerprint} -> {run.prep.data.fingerprint})")
+    state.restore(run.net, run.optimizer, run.schedule, run.early, run.best, run.ema)
+    run.history = list(state.history)
+    run.start, run.stopped_early = state.epoch + 1, state.stopped_early
+    log(f"resuming {run.run_dir} after epoch {run.start} of {run.cfg.epochs}")
+
+
+def _begin(run: Run, log: Callable[[str], None]) -> None:
+    """A new run: its folder and config.json, and what it is about to do."""
+    cfg = run.cfg
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    (run.run_dir / "config.json").write_text(json.dumps(run.meta, indent=2))
+    p = run.meta["model"]["params"]
+    log(f"run {run.run_dir}: {cfg.model} ({p['trainable']:,} trainable parameters) on {run.prep.data.source}; "
+        f"train {len(run.x_train):,} / val {len(run.prep.splits['val']):,} images; {run.meta['split']['text']}")
+    if run.teacher is not None:
+        log(f"distilling from {len(cfg.teachers)} teacher checkpoint(s) at temperature {cfg.distill_temperature}"
+            f", weight {cfg.distill_weight}" + (f", offline ({cfg.distill_offline} views)" if cfg.distill_offline
+                                                else "") + f": {', '.join(cfg.teachers)}")
+
+
 def _fit(
     cfg: TrainConfig,
     run_dir: Path,
@@ -252,143 +398,61 @@ def _fit(
     stop_after: int | None,
     log: Callable[[str], None],
 ) -> dict[str, Any]:
-    main = ddp.is_main
-    if not main:
+    if not ddp.is_main:
         log, progress = _quiet, False
     cfg, precision_line = resolve_config(cfg, ddp.device.type)
-    threads = cfg.threads or auto_threads(ddp.world_size)
-    if threads:
-        torch.set_num_threads(threads)
-    # the first line says what this machine is and how it will train on it
-    log(f"{hardware.describe()}; {precision_line}"
-        + (f"; torch threads {threads}" + ("" if cfg.threads else " (auto: the cores not busy at start, "
-                                                                   "re-checked as the run goes)") if threads else ""))
-    # threads = 0: follow the cores other processes leave free (see hardware.ThreadGovernor)
-    governor = hardware.ThreadGovernor(log=log) if threads and not cfg.threads else None
-    prep = prepare(cfg, progress)
-    x_train, y_train = prep.tensors["train"]
-    x_val, y_val = prep.tensors["val"]
-    normalizer = Normalizer.fit(cfg.normalize, x_train.numpy())
-    if cfg.offline_copies:
-        xi, yi = expand_offline(x_train.squeeze(1).numpy(), y_train.numpy(), cfg.offline_copies,
-                                cfg.augment_config(), seed=cfg.seed)
-        x_train, y_train = torch.from_numpy(xi).unsqueeze(1), torch.from_numpy(yi).long()
-
-    if len(x_val) < ddp.world_size:
-        raise ValueError(f"{prep.data.source}: {len(x_val)} validation images cannot be shared by "
-                         f"{ddp.world_size} processes")
-    x_val, y_val = x_val[ddp.rank :: ddp.world_size], y_val[ddp.rank :: ddp.world_size]  # this rank's share
-
-    torch.manual_seed(cfg.seed)
-    net = create_model(cfg.model, num_classes=len(prep.data.class_names), **cfg.model_args)
-    init_weights(net, cfg.init)
-    net = net.to(ddp.device)
-    if cfg.channels_last:
-        net = net.to(memory_format=torch.channels_last)
-    full_side = int(x_train.shape[-1])
-    if cfg.size_start:
-        check_input_side(net, f"model {cfg.model}", min(cfg.size_start, full_side))
-    optimizer = build_optimizer(net, cfg)
-    # EMA of the weights (and BatchNorm statistics): when on, it is what is validated and checkpointed
-    ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True) \
-        if cfg.ema_decay else None
-    eval_net = ema.module if ema is not None else net
-    teacher = None
-    if cfg.teachers:
-        from ferlab.train.distill import Teacher
-
-        teacher = Teacher(cfg.teachers, cfg.distill_temperature, precision=cfg.precision,
-                          channels_last=cfg.channels_last)
-        teacher.check_compatible(prep.data.class_names, prep.data.images.shape[1:])
-        for warning in teacher.protocol_warnings(prep.data.fingerprint, split_protocol(prep.data, cfg, prep.splits)):
-            log(f"warning: {warning}")
-        if cfg.size_start:  # the teacher sees the student's resized batches
-            for spec, member in zip(teacher.specs, teacher.members, strict=True):
-                check_input_side(member, f"teacher {spec}", min(cfg.size_start, full_side))
-        teacher = teacher.to(ddp.device)
-        if cfg.channels_last:
-            teacher = teacher.to(memory_format=torch.channels_last)
-    schedule = build_schedule(optimizer, cfg, steps_per_epoch(len(x_train), cfg.batch_size, ddp.world_size))
-    mode = "max" if cfg.monitor == "val_acc" else "min"
-    early, best = EarlyStopping(cfg.early_stopping, mode), BestCheckpoint(mode)
-    meta = build_meta(cfg, net, normalizer, prep)
-    if teacher is not None:  # what the student learnt from, beyond the specs in meta["train"]["teachers"]
-        meta["teachers"] = [
-            {"spec": spec, "model": m["model"]["name"], "data_fingerprint": m.get("data", {}).get("fingerprint"),
-             "result": m.get("result")} for spec, m in zip(teacher.specs, teacher.metas, strict=True)
-        ]
-    history: list[dict[str, float]] = []
-    start, stopped_early = 0, False
-
-    state_path = run_dir / LAST_STATE
+    governor = _start_threads(cfg, ddp, precision_line, log)
+    run = _build(cfg, run_dir, ddp, progress, log)
     if resume:
-        state = None
-        if main:  # rank 0 reads the state and sends it to the others (no shared file system needed)
-            if not state_path.is_file():
-                raise CheckpointError(f"{run_dir}: nothing to resume ({LAST_STATE} missing)")
-            check_same_options(run_dir, cfg)
-            state = load_state(state_path)
-        state = ddp.broadcast_object(state)
-        if state["data_fingerprint"] != prep.data.fingerprint:
-            raise CheckpointError(f"{run_dir}: the data changed since this run started "
-                                  f"(fingerprint {state['data_fingerprint']} -> {prep.data.fingerprint})")
-        net.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        early.load_state_dict(state["early"])
-        best.load_state_dict(state["best"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        history = list(state["history"])
-        start, stopped_early = state["epoch"] + 1, state["stopped_early"]
-        log(f"resuming {run_dir} after epoch {start} of {cfg.epochs}")
-    elif main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(meta, indent=2))
-        p = meta["model"]["params"]
-        log(f"run {run_dir}: {cfg.model} ({p['trainable']:,} trainable parameters) on {prep.data.source}; "
-            f"train {len(x_train):,} / val {len(prep.splits['val']):,} images; {meta['split']['text']}")
-        if teacher is not None:
-            log(f"distilling from {len(cfg.teachers)} teacher checkpoint(s) at temperature {cfg.distill_temperature}"
-                f", weight {cfg.distill_weight}" + (f", offline ({cfg.distill_offline} views)" if cfg.distill_offline
-                                                    else "") + f": {', '.join(cfg.teachers)}")
+        _resume(run, ddp, log)
+    elif ddp.is_main:
+        _begin(run, log)
     if ddp.distributed or ddp.device.type != "cpu":
         log(f"training on {ddp.world_size} x {ddp.device.type}"
             + (f" with DistributedDataParallel; global batch {cfg.batch_size}, "
                f"{cfg.batch_size // ddp.world_size} per process" if ddp.distributed else ""))
-    if teacher is not None and cfg.distill_offline:  # the targets replace the teacher for the whole run
+    if run.teacher is not None and cfg.distill_offline:  # the targets replace the teacher for the whole run
         from ferlab.train.distill import offline_soft_targets
 
         t0 = time.perf_counter()
-        teacher = offline_soft_targets(teacher, x_train, cfg.distill_offline, run_dir / SOFT_TARGETS if main else None,
-                                       data_fingerprint=prep.data.fingerprint, batch_size=cfg.eval_batch_size,
-                                       progress=progress)
-        log(f"offline distillation: soft targets of {len(x_train):,} training images ({cfg.distill_offline} views), "
-            f"{time.perf_counter() - t0:.1f}s")
+        run.teacher = offline_soft_targets(run.teacher, run.x_train, cfg.distill_offline,
+                                           run_dir / SOFT_TARGETS if ddp.is_main else None,
+                                           data_fingerprint=run.prep.data.fingerprint,
+                                           batch_size=cfg.eval_batch_size, progress=progress)
+        log(f"offline distillation: soft targets of {len(run.x_train):,} training images ({cfg.distill_offline} "
+            f"views), {time.perf_counter() - t0:.1f}s")
+    t_run = time.perf_counter()
+    last_train = _epochs(run, ddp, governor, progress=progress, stop_after=stop_after, log=log)
+    return _finish(run, ddp, last_train, time.perf_counter() - t_run, log)
+
+
+def _epochs(run: Run, ddp: distributed.Session, governor: hardware.ThreadGovernor | None, *, progress: bool,
+            stop_after: int | None, log: Callable[[str], None]) -> dict[str, float] | None:
+    """Train from ``run.start`` until the last epoch, early stopping or ``stop_after`` epochs; returns the last
+    epoch's training metrics (None when no epoch ran)."""
+    cfg, net, ema = run.cfg, run.net, run.ema
     model = ddp.wrap(net)  # DDP broadcasts rank 0's weights to all ranks here
 
     def on_step() -> None:
-        schedule.step_batch()
+        run.schedule.step_batch()
         if ema is not None:
             ema.update_parameters(net)
         if governor is not None:
             governor.step()
 
-    t_run = time.perf_counter()
-    epochs_this_call = 0
+    tr = None
     epoch_seconds: list[float] = []  # wall time of each epoch of this call, for the remaining-time estimate
-    for epoch in range(start, cfg.epochs):
-        if stopped_early or (stop_after is not None and epochs_this_call >= stop_after):
+    for epoch in range(run.start, cfg.epochs):
+        if run.stopped_early or (stop_after is not None and len(epoch_seconds) >= stop_after):
             break
         t_epoch = time.perf_counter()
-        torch.manual_seed(cfg.seed * 1_000_003 + epoch + 7_919 * ddp.rank)  # dropout and the like
-        lr = optimizer.param_groups[0]["lr"]
-        side = progressive_side(epoch, full_side, cfg.size_start, cfg.size_ramp_epochs)
+        torch.manual_seed(seeds.epoch_torch_seed(cfg.seed, epoch, ddp.rank))  # dropout and the like
+        lr = run.optimizer.param_groups[0]["lr"]
+        side = progressive_side(epoch, run.full_side, cfg.size_start, cfg.size_ramp_epochs)
         tr = train_one_epoch(
-            model, optimizer, x_train, y_train, batch_size=cfg.batch_size, aug=cfg.augment_config(),
-            normalizer=normalizer, g=epoch_generator(cfg.seed, epoch), label_smoothing=cfg.label_smoothing,
-            size=side,
-            mixup=cfg.mixup, cutmix=cfg.cutmix, teacher=teacher, distill_weight=cfg.distill_weight,
+            model, run.optimizer, run.x_train, run.y_train, batch_size=cfg.batch_size, aug=cfg.augment_config(),
+            normalizer=run.normalizer, g=seeds.epoch_generator(cfg.seed, epoch), label_smoothing=cfg.label_smoothing,
+            size=side, mixup=cfg.mixup, cutmix=cfg.cutmix, teacher=run.teacher, distill_weight=cfg.distill_weight,
             precision=cfg.precision, channels_last=cfg.channels_last, on_step=on_step,
             progress=progress, desc=f"epoch {epoch + 1}/{cfg.epochs}", rank=ddp.rank, world_size=ddp.world_size,
         )
@@ -396,54 +460,64 @@ def _fit(
         if ema is not None:
             ddp.broadcast_buffers(ema.module)
         tr = ddp.mean(tr)
-        va = ddp.mean(evaluate(eval_net, x_val, y_val, normalizer, batch_size=cfg.eval_batch_size,
+        va = ddp.mean(evaluate(run.eval_net, run.x_val, run.y_val, run.normalizer, batch_size=cfg.eval_batch_size,
                                precision=cfg.precision, channels_last=cfg.channels_last))
-        monitored = va["acc"] if cfg.monitor == "val_acc" else va["loss"]
-        schedule.step_epoch(monitored)
-        history.append({
-            "epoch": epoch + 1, "lr": lr, "train_loss": tr["loss"], "train_acc": tr["acc"],
-            "val_loss": va["loss"], "val_acc": va["acc"], "seconds": tr["seconds"] + va["seconds"],
-            "images_per_s": tr["n"] / tr["seconds"], "size": side,
-        })
-        is_best = best.update(monitored, epoch + 1)
-        if is_best:
-            meta["result"] = {"epoch": epoch + 1, "val_acc": va["acc"], "val_loss": va["loss"]}
-            if main:
-                save_checkpoint(run_dir / BEST, eval_net, meta)
-        stopped_early = early.update(monitored, epoch + 1)
-        if main:
-            write_history(run_dir, history)
-            save_state(state_path, {
-                "epoch": epoch, "model": net.state_dict(), "optimizer": optimizer.state_dict(),
-                "schedule": schedule.state_dict(), "early": early.state_dict(), "best": best.state_dict(),
-                "history": history, "stopped_early": stopped_early, "data_fingerprint": prep.data.fingerprint,
-                **({"ema": ema.state_dict()} if ema is not None else {}),
-            })
-        epochs_this_call += 1
+        is_best = _end_epoch(run, ddp, epoch, lr, side, tr, va)
         epoch_seconds.append(time.perf_counter() - t_epoch)
-        left = 0 if stopped_early else cfg.epochs - (epoch + 1)  # early stopping may end the run sooner
+        left = 0 if run.stopped_early else cfg.epochs - (epoch + 1)  # early stopping may end the run sooner
         eta = f" | eta {format_eta(left * float(np.mean(epoch_seconds[-5:])))}" if left else ""
         log(f"epoch {epoch + 1}/{cfg.epochs}  train loss {tr['loss']:.4f} acc {tr['acc']:.4f} | "
             f"val loss {va['loss']:.4f} acc {va['acc']:.4f} | lr {lr:.2e} | {tr['seconds']:.1f}s "
-            f"({tr['n'] / tr['seconds']:.0f} img/s{'' if side == full_side else f' at {side}x{side}'}){eta}"
+            f"({tr['n'] / tr['seconds']:.0f} img/s{'' if side == run.full_side else f' at {side}x{side}'}){eta}"
             f"{'  *best' if is_best else ''}")
-        if stopped_early:
+        if run.stopped_early:
             log(f"early stopping: {cfg.monitor} has not improved for {cfg.early_stopping} epochs")
+    return tr
 
-    done = stopped_early or (len(history) > 0 and history[-1]["epoch"] >= cfg.epochs)
+
+def _end_epoch(run: Run, ddp: distributed.Session, epoch: int, lr: float, side: int, tr: dict[str, float],
+               va: dict[str, Any]) -> bool:
+    """Step the schedule and callbacks on the epoch's validation metric, record it, and (rank 0) write the best
+    checkpoint, the history and the resume state. Returns whether the epoch is the best so far."""
+    cfg = run.cfg
+    monitored = va["acc"] if cfg.monitor == "val_acc" else va["loss"]
+    run.schedule.step_epoch(monitored)
+    run.history.append({
+        "epoch": epoch + 1, "lr": lr, "train_loss": tr["loss"], "train_acc": tr["acc"],
+        "val_loss": va["loss"], "val_acc": va["acc"], "seconds": tr["seconds"] + va["seconds"],
+        "images_per_s": tr["n"] / tr["seconds"], "size": side,
+    })
+    is_best = run.best.update(monitored, epoch + 1)
+    if is_best:
+        run.meta["result"] = {"epoch": epoch + 1, "val_acc": va["acc"], "val_loss": va["loss"]}
+        if ddp.is_main:
+            save_checkpoint(run.run_dir / BEST, run.eval_net, run.meta)
+    run.stopped_early = run.early.update(monitored, epoch + 1)
+    if ddp.is_main:
+        write_history(run.run_dir, run.history)
+        ResumeState.capture(epoch, run.net, run.optimizer, run.schedule, run.early, run.best, run.history,
+                            run.stopped_early, run.prep.data.fingerprint, run.ema).save(run.run_dir / LAST_STATE)
+    return is_best
+
+
+def _finish(run: Run, ddp: distributed.Session, last_train: dict[str, float] | None, seconds: float,
+            log: Callable[[str], None]) -> dict[str, Any]:
+    """The run summary (written to RUN_DIR/summary.json by rank 0)."""
+    cfg, history = run.cfg, run.history
+    done = run.stopped_early or (len(history) > 0 and history[-1]["epoch"] >= cfg.epochs)
     summary = {
-        "run_dir": str(run_dir), "model": cfg.model, "finished": done, "epochs_run": len(history),
-        "best_epoch": best.best_epoch, f"best_{cfg.monitor}": best.best,
+        "run_dir": str(run.run_dir), "model": cfg.model, "finished": done, "epochs_run": len(history),
+        "best_epoch": run.best.best_epoch, f"best_{cfg.monitor}": run.best.best,
         "train_seconds_total": sum(h["seconds"] for h in history),
-        "this_call_seconds": time.perf_counter() - t_run, "stopped_early": stopped_early,
-        "protocol": meta["split"]["text"], "device": ddp.device.type, "world_size": ddp.world_size,
-        "train_images_per_epoch": tr["n"] if epochs_this_call else None,  # summed over ranks
+        "this_call_seconds": seconds, "stopped_early": run.stopped_early,
+        "protocol": run.meta["split"]["text"], "device": ddp.device.type, "world_size": ddp.world_size,
+        "train_images_per_epoch": last_train["n"] if last_train is not None else None,  # summed over ranks
     }
     if ddp.distributed:
         # the largest difference of any weight between ranks: DDP keeps them identical, so this is 0.0
-        summary["rank_spread"] = ddp.spread(net)
+        summary["rank_spread"] = ddp.spread(run.net)
         if summary["rank_spread"] > 0:
             log(f"warning: the ranks' weights differ by up to {summary['rank_spread']:.3g}")
-    if main:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if ddp.is_main:
+        (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -111,10 +111,11 @@ def probe(data: bytes) -> tuple[str, int, int]:
     raise ImageError("not a supported image (expected JPEG, PNG, WEBP or BMP content)")
 
 
-def check_pixels(w: int, h: int, max_pixels: int | None) -> None:
-    """Refuse a w x h image above ``max_pixels`` (None: no limit)."""
+def check_pixels(w: int, h: int, max_pixels: int | None, fmt: str | None = None) -> None:
+    """Refuse a w x h image above ``max_pixels`` (None: no limit); ``fmt``: the format whose header said so."""
     if max_pixels is not None and w * h > max_pixels:
-        raise ImageError(f"image of {w}x{h} = {w * h / 1e6:.1f} M pixels is over the limit of "
+        what = f"{fmt.upper()} header says {w}x{h} pixels (width x height," if fmt else f"image of {w}x{h} ="
+        raise ImageError(f"{what} {w * h / 1e6:.1f} M{')' if fmt else ' pixels'} is over the limit of "
                          f"{max_pixels / 1e6:g} M pixels (possible decompression bomb; raise max_pixels to allow it)")
 
 
@@ -178,6 +179,24 @@ def decode_image(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np
     if img is None or img.size == 0:
         raise ImageError(f"cannot decode {fmt.upper()} data (corrupt or truncated file)")
     return to_bgr8(img, "bgr")
+
+
+def decode_gray(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode an encoded image (bytes) to (H, W) uint8 gray after checking its header size: how dataset images
+    (image folders) are read. EXIF orientation is applied; OpenCV's errors become one-line ImageErrors."""
+    import cv2
+
+    if not data:
+        raise ImageError("empty file")
+    fmt, w, h = probe(data)
+    check_pixels(w, h, max_pixels, fmt)
+    try:
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
+    except cv2.error as e:
+        raise ImageError(f"cannot decode image ({one_line(e)})") from None
+    if img is None or img.size == 0:
+        raise ImageError("cannot decode image (corrupt or not an image)")
+    return img
 
 
 def read_image(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS,
