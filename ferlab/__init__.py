@@ -16,6 +16,7 @@ CLASS_NAMES: tuple[str, ...] = ("Angry", "Disgust", "Fear", "Happy", "Sad", "Sur
 _LAZY: dict[str, str] = {
     "Recognizer": "ferlab.recognize.api",
     "Face": "ferlab.recognize.api",
+    "load_model": "ferlab.inference.loader",
 }
 
 __all__ = ["CLASS_NAMES", "__version__", *_LAZY]

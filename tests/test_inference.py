@@ -82,7 +82,7 @@ def test_recognizer_evaluate_and_the_loader_agree_on_an_ensemble_with_affine_tta
     assert report["accuracy"] == float((got.argmax(1) == y).mean())
 
 
-def test_predict_cli_gives_the_ensembles_probabilities(shelf, faces, tmp_path):
+def test_predict_cli_gives_the_ensembles_probabilities(shelf, faces, tmp_path, capsys):
     import cv2
 
     from ferlab import Recognizer
@@ -97,6 +97,8 @@ def test_predict_cli_gives_the_ensembles_probabilities(shelf, faces, tmp_path):
     argv = ["predict", *map(str, paths), "--crops", "--model", ENSEMBLE, "--tta", "affine", "--json", "--out",
             str(out), "--no-progress"]
     assert main(argv) == 0
+    summary = capsys.readouterr().err
+    assert "model ensemble of 2, weights tiny-ensemble, TTA affine (36 forward passes a face)" in summary
     rows = json.loads(out.read_text())
     got = np.array([[r["probabilities"][c] for c in rows[0]["probabilities"]] for r in rows])  # (6, 7)
     want = Recognizer(ENSEMBLE, tta="affine").classify(x[:6])

@@ -104,6 +104,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from ferlab.images import collect_inputs
+    from ferlab.inference.backends import cost
     from ferlab.recognize.api import Recognizer
 
     if args.every < 1:
@@ -168,7 +169,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
                + (f"; wrote {args.out}" if args.out else "") + (f"; annotated images in {args.annotate}"
                                                                  if args.annotate else "")
                + (f" ({counts['not_annotated']} could not be written)" if counts["not_annotated"] else ""))
-    print(f"{PROG}: {summary}; model {rec.model_name}, weights {rec.weights}, TTA {rec.tta}", file=sys.stderr)
+    passes = cost(rec.tta, getattr(rec.backend, "n_members", 1), tuple(rec.backend.input_size))
+    print(f"{PROG}: {summary}; model {rec.model_name}, weights {rec.weights}, TTA {rec.tta} ({passes} forward "
+          f"pass{'es' if passes > 1 else ''} a face)", file=sys.stderr)
     if processed == 0:
         raise ValueError(f"none of the {len(files)} input file(s) could be read (see the messages above)")
     return 0
