@@ -29,6 +29,11 @@ loses most of its speed.
 
 ``--sides`` adds a table for the first model in the launcher's mode: images/s when training on augmented images
 resized to each side (``--size-start`` of ``ferlab train``), and the speed-up over 48 x 48.
+
+``--study-calibration FILE`` measures what ``ferlab study`` estimates its training time from (one epoch of each
+of its recipes, trained by ``ferlab train`` on one thread, validation included; the forward MFLOP/s of one core;
+the 2-thread speed-up) and writes it as JSON: ``python bench/train_speed.py --study-calibration
+ferlab/study/throughput.json``.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from ferlab.cli import JEMALLOC, JEMALLOC_CONF  # what the launcher preloads, an
 from ferlab.hardware import cpu_name, resolve_precision
 
 DEFAULT_MODELS = ["r002-vgg", "fer-resnet-s", "fer-mobile", "r004-cnn9"]
+STUDY_CNNS = ["fer-resnet-s", "r002-vgg"]  # the study's one-core MFLOP/s and 2-thread speed-up come from these
 
 
 @dataclass(frozen=True)
@@ -176,6 +182,8 @@ def main() -> None:
                     help="also time fp32 with channels_last and jemalloc (`ferlab train --precision fp32`): on a CPU "
                          "without AMX it can beat bf16 autocast for nets of depthwise convolutions")
     ap.add_argument("--json", action="store_true", help="also print all measurements as JSON")
+    ap.add_argument("--study-calibration", metavar="FILE",
+                    help="measure what `ferlab study` estimates its time from and write it to FILE (JSON)")
     ap.add_argument("--_child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.quick:
@@ -188,6 +196,9 @@ def main() -> None:
     if not os.path.exists(JEMALLOC):
         sys.exit(f"{JEMALLOC} not found (apt-get install libjemalloc2): the jemalloc modes need it")
     default = default_mode()
+    if args.study_calibration:
+        study_calibration(args, default)
+        return
     modes = list(MODES) + ([FP32_CL_MODE] if args.fp32_cl or default == FP32_CL_MODE else [])
 
     cores = os.cpu_count() or 1
@@ -234,6 +245,73 @@ def main() -> None:
             print(f"{label:<40} {as_is:8.0f} {contended:10.0f}", flush=True)
     if args.json:
         print(json.dumps(results, indent=2))
+
+
+CALIBRATION_SIZES = {"n_train": 4096, "n_val": 512, "n_test": 64}  # synthetic faces: one epoch of each recipe
+
+
+def time_recipe(cfg, threads: int) -> float:
+    """Seconds of one epoch (training and validation, as the run records them) of recipe ``cfg`` on
+    CALIBRATION_SIZES synthetic faces, trained by `ferlab train` in its own process (the launcher's allocator)."""
+    import dataclasses
+    import tempfile
+    from pathlib import Path
+
+    from ferlab.cli import launcher_env
+
+    cfg = dataclasses.replace(cfg, data=None, synthetic=CALIBRATION_SIZES, epochs=1, threads=threads,
+                              early_stopping=0, size_start=0, size_ramp_epochs=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp) / "config.json"
+        config.write_text(json.dumps(cfg.to_dict()))
+        cmd = [sys.executable, "-m", "ferlab", "train", "--config", str(config), "--out", f"{tmp}/run",
+               "--no-progress"]
+        out = subprocess.run(cmd, env=launcher_env(os.environ) or dict(os.environ), capture_output=True, text=True)
+        if out.returncode:
+            raise RuntimeError(f"training {cfg.model} failed:\n{out.stderr[-2000:]}")
+        return float(json.loads((Path(tmp) / "run" / "summary.json").read_text())["train_seconds_total"])
+
+
+def study_calibration(args: argparse.Namespace, mode: str) -> None:
+    """Write the study's time-estimate calibration (see the module docstring) to ``args.study_calibration``: one
+    epoch of each of the full study's recipes, timed end to end (validation included), as images/s in the
+    terms of ``ferlab.study.plan.estimate_seconds``: (train + val / 3) images per epoch second."""
+    from ferlab.study.plan import get_budget, model_key, plan_for
+
+    recipes = {}
+    for e in plan_for(get_budget("full"), "fer2013.csv.gz"):
+        recipes.setdefault(model_key(e.cfg.model, e.cfg.model_args), e.cfg)
+    per_epoch = CALIBRATION_SIZES["n_train"] + CALIBRATION_SIZES["n_val"] / 3
+    one = {}
+    for key, cfg in recipes.items():
+        one[key] = per_epoch / time_recipe(cfg, 1)
+        print(f"{key:<28} 1 thread  {one[key]:8.1f} img/s", flush=True)
+    cnns = [k for k in STUDY_CNNS if k in recipes]
+    two = {}
+    for key in cnns:
+        two[key] = per_epoch / time_recipe(recipes[key], 2)
+        print(f"{key:<28} 2 threads {two[key]:8.1f} img/s", flush=True)
+    core = sum(one[k] * _mflops(recipes[k]) for k in cnns) / len(cnns)
+    out = {
+        "cpu": cpu_name(), "precision": resolve_precision("auto")[0],
+        "what": "one epoch of each recipe of `ferlab study --budget full` on synthetic faces "
+                f"({CALIBRATION_SIZES['n_train']} train, {CALIBRATION_SIZES['n_val']} val), validation included",
+        "command": f"python bench/train_speed.py --study-calibration {args.study_calibration}",
+        "images_per_s": {k: round(v, 1) for k, v in one.items()},
+        "core_mflops_per_s": round(core, -2),
+        "two_core_speedup": round(sum(two[k] / one[k] for k in cnns) / len(cnns), 2),
+        "max_images_per_s": 2000.0,
+    }
+    with open(args.study_calibration, "w") as f:
+        f.write(json.dumps(out, indent=2) + "\n")
+    print(json.dumps(out, indent=2))
+
+
+def _mflops(cfg) -> float:
+    from ferlab.models import create_model
+    from ferlab.models.summary import flops_per_image
+
+    return flops_per_image(create_model(cfg.model, **cfg.model_args)) / 1e6
 
 
 if __name__ == "__main__":

@@ -292,3 +292,23 @@ def test_wilson_interval_and_comparison_wording():
                                                                            * np.sqrt(1 + 1.96**2 / 100), rel=1e-6)
     assert "within" in compare_phrase(0.01, 0.05, "A", "B")
     assert compare_phrase(-0.10, 0.05, "A", "B").startswith("B is 10.0 points more accurate than A")
+
+
+def test_time_estimates_come_from_the_generated_calibration(monkeypatch, tmp_path):
+    import json
+
+    from ferlab.study import plan
+
+    cal = plan.calibration()
+    assert cal["command"].startswith("python bench/train_speed.py --study-calibration") and cal["cpu"]
+    for e in plan.plan_for(plan.get_budget("full"), "fer2013.csv.gz"):  # every full-study recipe is measured
+        assert plan.model_key(e.cfg.model, e.cfg.model_args) in cal["images_per_s"], e.name
+    fake = tmp_path / "throughput.json"
+    fake.write_text(json.dumps({**cal, "images_per_s": {"fer-resnet-s": 100.0}, "two_core_speedup": 2.0}))
+    monkeypatch.setattr(plan, "CALIBRATION", fake)
+    plan.calibration.cache_clear()
+    try:
+        assert plan.images_per_second("fer-resnet-s") == 100.0
+        assert plan.images_per_second("fer-resnet-s", cores=2) == 200.0
+    finally:
+        plan.calibration.cache_clear()

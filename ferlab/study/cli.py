@@ -7,7 +7,7 @@ from pathlib import Path
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    from ferlab.study.plan import FER2013_SIZES, TWO_CORE_SPEEDUP, estimate_seconds, get_budget, plan_for
+    from ferlab.study.plan import FER2013_SIZES, estimate_seconds, get_budget, plan_for, two_core_speedup
     from ferlab.study.report import write_report
     from ferlab.study.runner import run_study
 
@@ -17,7 +17,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     if budget.needs_data:
         hours = sum(estimate_seconds(experiments, FER2013_SIZES, budget.kfold).values()) / 3600
         print(f"study {budget.name}: {len(experiments)} runs, about {hours:.1f} CPU-core hours of training on "
-              f"FER2013-sized data (~{hours / TWO_CORE_SPEEDUP:.1f} h on 2 free cores, less for adopted runs); "
+              f"FER2013-sized data (~{hours / two_core_speedup():.1f} h on 2 free cores, less for adopted runs); "
               f"finished runs are cached in {out / 'runs'} and an interrupted study resumes")
     else:
         print(f"study {budget.name}: {len(experiments)} runs into {out / 'runs'}")

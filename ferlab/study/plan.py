@@ -11,7 +11,10 @@ k-fold cross-validation (its runs train on Training minus one fold). Ensembles r
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ferlab.train.config import TrainConfig
@@ -27,17 +30,22 @@ ROLES: dict[str, str] = {
 # Q3's augmentation axis: off / on.
 AUGMENT_AXIS: dict[str, str] = {"off": "none", "on": "standard"}
 
-# Training throughput (images/s, bf16, batch 128) on one core of this project's 2-core CPU, measured: fer-resnet-s
-# and r002-vgg from full FER2013 runs (RESULTS.md), r000-cnn1 and the MLP relative to fer-resnet-s in interleaved
-# micro-benchmarks. r000-cnn1 is slowed ~2.5x by its dropout on the 60x44x44 map (bf16 forward + backward, one
-# core: ~250 img/s with dropout 0.2 against ~620 without), so FLOPs alone overrate it. Keys: model, or
-# "model(arg=value,...)" for a model with non-default arguments.
-MEASURED_IMAGES_PER_S: dict[str, float] = {"fer-resnet-s": 190.0, "r002-vgg": 123.0, "r000-cnn1": 270.0,
-                                           "r000-cnn1(dropout=0.0)": 550.0, "mlp-matched": 2000.0}
-# Models not measured: forward MFLOPs per second of one core (~52 GFLOP/s from the two CNNs above), capped.
-CORE_MFLOPS_PER_S = 52_000.0
-MAX_IMAGES_PER_S = 2_000.0
-TWO_CORE_SPEEDUP = 1.6  # one run on 2 threads against 1 (measured ~1.5-1.7 for the CNNs here)
+# What the time estimates come from, measured on one machine by `bench/train_speed.py --study-calibration` (the
+# file names the CPU and the command): one-thread training images/s of the study's models (keys: model, or
+# "model(arg=value,...)" for non-default arguments; dropout makes r000-cnn1 slower than its FLOPs say), the forward
+# MFLOP/s of one core for models not measured (capped at max_images_per_s), and the 2-thread speed-up.
+CALIBRATION = Path(__file__).with_name("throughput.json")
+
+
+@functools.cache
+def calibration() -> dict[str, Any]:
+    """The study's throughput calibration (:data:`CALIBRATION`)."""
+    return json.loads(CALIBRATION.read_text())
+
+
+def two_core_speedup() -> float:
+    """One run on 2 threads against 1, as calibrated."""
+    return float(calibration()["two_core_speedup"])
 
 
 @dataclass(frozen=True)
@@ -175,18 +183,24 @@ def plan_for(budget: str | Budget, data: str | None = None, threads: int = 0) ->
             for e in b.experiments]
 
 
+def model_key(model: str, model_args: dict[str, Any] | None = None) -> str:
+    """The calibration's key of a model: its name, or "name(arg=value,...)" with non-default arguments."""
+    return model + (f"({','.join(f'{k}={v}' for k, v in sorted(model_args.items()))})" if model_args else "")
+
+
 def images_per_second(model: str, model_args: dict[str, Any] | None = None, cores: int = 1) -> float:
     """Estimated training throughput (images/s) of ``model`` on ``cores`` cores of this project's CPU."""
-    key = model + (f"({','.join(f'{k}={v}' for k, v in sorted(model_args.items()))})" if model_args else "")
-    if key in MEASURED_IMAGES_PER_S:
-        speed = MEASURED_IMAGES_PER_S[key]
+    key = model_key(model, model_args)
+    cal = calibration()
+    if key in cal["images_per_s"]:
+        speed = float(cal["images_per_s"][key])
     else:
         from ferlab.models import create_model
         from ferlab.models.summary import flops_per_image
 
         mflops = flops_per_image(create_model(model, **(model_args or {}))) / 1e6
-        speed = min(MAX_IMAGES_PER_S, CORE_MFLOPS_PER_S / max(mflops, 1e-3))
-    return speed * (TWO_CORE_SPEEDUP if cores >= 2 else 1.0)
+        speed = min(float(cal["max_images_per_s"]), float(cal["core_mflops_per_s"]) / max(mflops, 1e-3))
+    return speed * (two_core_speedup() if cores >= 2 else 1.0)
 
 
 def estimate_seconds(experiments: list[Experiment], sizes: dict[str, int], kfold: int = 0,
