@@ -251,6 +251,18 @@ def read_video(path: str | Path, every: int = 1,
         cap.release()
 
 
+def video_fps(path: str | Path) -> float | None:
+    """The frame rate a video file states (None when it states none usable)."""
+    import cv2
+
+    cap = cv2.VideoCapture(str(path))
+    try:
+        fps = float(cap.get(cv2.CAP_PROP_FPS)) if cap.isOpened() else 0.0
+    finally:
+        cap.release()
+    return fps if 0 < fps < 1000 else None
+
+
 # --------------------------------------------------------------------------- inputs
 def is_video(path: str | Path) -> bool:
     return Path(path).suffix.lower() in VIDEO_EXTS

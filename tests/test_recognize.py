@@ -315,10 +315,11 @@ def test_cli_csv_with_annotations(trained_tiny_run, media, tmp_path, capsys):
     rows = list(csv.DictReader(out.open()))
     header = list(rows[0])
     assert header[:9] == ["file", "frame", "face", "x", "y", "w", "h", "label", "score"]
-    assert header[9:] == ["p_Angry", "p_Disgust", "p_Fear", "p_Happy", "p_Sad", "p_Surprise", "p_Neutral"]
+    assert header[9:16] == ["p_Angry", "p_Disgust", "p_Fear", "p_Happy", "p_Sad", "p_Surprise", "p_Neutral"]
+    assert header[16:19] == ["track", "time", "s_Angry"] and len(header) == 25  # a video is among the inputs
     assert len(rows) == 7 + 4  # seven photos and four video frames with the astronaut, one face each
     for row in rows:
-        probs = [float(row[c]) for c in header[9:]]
+        probs = [float(row[c]) for c in header[9:16]]
         assert sum(probs) == pytest.approx(1.0, abs=1e-4)
         assert row["label"] == header[9 + int(np.argmax(probs))][2:]
     assert sorted(r["frame"] for r in rows if r["file"].endswith("clip.avi")) == ["1", "2", "4", "5"]

@@ -29,9 +29,11 @@ from ferlab.images import (
     read_image,
     read_video,
     to_bgr8,
+    video_fps,
 )
 from ferlab.inference.backends import Backend, ModelSpec, default_model, open_backend
 from ferlab.recognize.detect import WholeImage, create_detector, crop_faces
+from ferlab.recognize.track import FaceTracker
 
 ImageInput = str | Path | bytes | np.ndarray
 KEEP_BYTES = 256 * 2**20  # with keep_images, classify early rather than hold more decoded images than this
@@ -48,11 +50,17 @@ class Face:
     file: str | None = None
     frame: int | None = None  # video frame index; None for images
     index: int = 0  # face number within its image, largest first
+    track: int | None = None  # videos: the same number while the same person stays in view
+    time: float | None = None  # videos: seconds from the start (frame / the video's frame rate)
+    smoothed: dict[str, float] | None = None  # videos: the track's probabilities smoothed over time
 
     def to_dict(self) -> dict[str, Any]:
         x, y, w, h = self.box
-        return {"file": self.file, "frame": self.frame, "face": self.index, "x": x, "y": y, "w": w, "h": h,
-                "label": self.label, "score": self.score, "probabilities": dict(self.probabilities)}
+        d = {"file": self.file, "frame": self.frame, "face": self.index, "x": x, "y": y, "w": w, "h": h,
+             "label": self.label, "score": self.score, "probabilities": dict(self.probabilities)}
+        if self.track is not None:
+            d |= {"track": self.track, "time": self.time, "smoothed": self.smoothed}
+        return d
 
 
 @dataclass
@@ -62,6 +70,7 @@ class Result:
     file: str | None
     frame: int | None = None
     faces: list[Face] = field(default_factory=list)
+    time: float | None = None  # video frames: seconds from the start
     error: str | None = None
     image: np.ndarray | None = None  # (H, W, 3) uint8 BGR, kept only with keep_images=True
 
@@ -108,6 +117,8 @@ class Recognizer:
     (1, 2, 10 or 18 views per face, each a forward pass of every member; None: an .onnx file's own mode, else
     none). min_face: smallest face side in pixels.
     batch_size: faces per forward pass. max_pixels: larger images are refused (decompression bombs).
+    smooth: videos: time constant in seconds of the per-track smoothing of the probabilities (0: off; the raw
+    probabilities are kept). track_iou: the box overlap that continues a track from one processed frame to the next.
     precision: torch backend only, ``fp32`` (default), ``bf16`` or ``auto`` (bf16 where the CPU computes it
     natively). threads: inference threads (None: torch's default, lowered to the cores other processes leave free
     while a long prediction runs, re-checked every 10 s; this sets torch's and OpenCV's process-wide counts).
@@ -125,7 +136,7 @@ class Recognizer:
     def __init__(self, model: ModelSpec | None = None, backend: str | Backend | None = None, detector: str = "haar",
                  margin: float = 0.1, tta: bool | str | None = None, min_face: int = 24, batch_size: int = 128,
                  max_pixels: int | None = DEFAULT_MAX_PIXELS, precision: str | None = None,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, smooth: float = 0.5, track_iou: float = 0.3) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if margin < 0:
@@ -142,6 +153,9 @@ class Recognizer:
         # threads not set: follow the cores other processes leave free during long predictions (torch and OpenCV)
         self._governor = _thread_governor() if not threads else None
         self.margin, self.batch_size, self.max_pixels = margin, batch_size, max_pixels
+        FaceTracker(track_iou, smooth_s=smooth)  # checks the settings now
+        self.smooth, self.track_iou = smooth, track_iou
+        self._tracker: tuple[str | None, FaceTracker] | None = None  # (video, its tracker): one video at a time
 
     @property
     def class_names(self) -> list[str]:
@@ -236,8 +250,21 @@ class Recognizer:
                 bar.update(1)
 
     def _video_frames(self, path: Path, every: int) -> Iterator[tuple[Result, np.ndarray]]:
+        fps = video_fps(path)
         for i, frame in read_video(path, every, self.max_pixels):
-            yield Result(str(path), frame=i), frame
+            yield Result(str(path), frame=i, time=i / fps if fps else None), frame
+
+    def track(self, video: str | Path, every: int = 1, crops: bool = False) -> Iterator[Result]:
+        """Stream the frames of ``video`` (every ``every``-th), each with its faces; a face keeps its ``track``
+        number while the person stays in view, with ``time`` in seconds and ``smoothed`` probabilities."""
+        yield from self._run(self._video_frames(Path(video), every), crops, keep_images=False)
+
+    def _track(self, res: Result, boxes: np.ndarray, probs: np.ndarray) -> tuple[list[int], np.ndarray]:
+        """Track ids and smoothed probabilities of a video frame's faces (a new tracker for each video)."""
+        if self._tracker is None or self._tracker[0] != res.file:
+            self._tracker = (res.file, FaceTracker(self.track_iou, smooth_s=self.smooth))
+        time = res.time if res.time is not None else float(res.frame or 0)  # no frame rate: frames as seconds
+        return self._tracker[1].update(boxes, probs, time)
 
     def _run(self, frames: Iterator[tuple[Result, np.ndarray | None]], crops: bool,
              keep_images: bool) -> Iterator[Result]:
@@ -277,11 +304,16 @@ class Recognizer:
         probs = self.classify(pix) if len(pix) else np.empty((0, len(self.class_names)), np.float32)
         names, j = self.class_names, 0
         for res, boxes, _ in pending:
+            mine = probs[j : j + len(boxes)]  # (F, K)
+            ids, smooth = self._track(res, boxes, mine) if res.frame is not None else (None, None)
             for k, box in enumerate(boxes.tolist()):
-                pr = probs[j]
+                pr = mine[k]
                 top = int(pr.argmax())
                 res.faces.append(Face(box=tuple(int(v) for v in box), label=names[top], score=float(pr[top]),
                                       probabilities={c: float(v) for c, v in zip(names, pr, strict=True)},
-                                      file=res.file, frame=res.frame, index=k))
-                j += 1
+                                      file=res.file, frame=res.frame, index=k,
+                                      track=None if ids is None else ids[k], time=res.time,
+                                      smoothed=None if smooth is None else
+                                      {c: float(v) for c, v in zip(names, smooth[k], strict=True)}))
+            j += len(boxes)
             yield res

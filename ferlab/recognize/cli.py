@@ -21,18 +21,26 @@ PROG = "ferlab predict"
 
 # --------------------------------------------------------------------------- output writers
 class CsvWriter:
-    """One row per face: file, frame, face, x, y, w, h, label, score, p_<class>...; problems go to stderr only."""
+    """One row per face: file, frame, face, x, y, w, h, label, score, p_<class>...; with videos among the inputs
+    also track, time (seconds) and s_<class> (the track's smoothed probabilities). Problems go to stderr only."""
 
-    def __init__(self, f: IO[str], class_names: list[str], weights: str | None = None) -> None:
-        self.w = csv.writer(f)
+    def __init__(self, f: IO[str], class_names: list[str], weights: str | None = None, videos: bool = False) -> None:
+        self.w, self.videos, self.class_names = csv.writer(f), videos, list(class_names)
         self.w.writerow(["file", "frame", "face", "x", "y", "w", "h", "label", "score",
-                         *(f"p_{c}" for c in class_names)])
+                         *(f"p_{c}" for c in class_names)]
+                        + (["track", "time", *(f"s_{c}" for c in class_names)] if videos else []))
 
     def write(self, result: Any) -> None:
         for face in result.faces:
             x, y, w, h = face.box
-            self.w.writerow([face.file, "" if face.frame is None else face.frame, face.index, x, y, w, h, face.label,
-                             f"{face.score:.6f}", *(f"{p:.6f}" for p in face.probabilities.values())])
+            row = [face.file, "" if face.frame is None else face.frame, face.index, x, y, w, h, face.label,
+                   f"{face.score:.6f}", *(f"{p:.6f}" for p in face.probabilities.values())]
+            if self.videos:
+                tracked = face.track is not None
+                row += [face.track if tracked else "", "" if face.time is None else f"{face.time:.3f}",
+                        *((f"{face.smoothed[c]:.6f}" for c in self.class_names) if tracked and face.smoothed
+                          else [""] * len(self.class_names))]
+            self.w.writerow(row)
 
     def close(self) -> None:
         pass
@@ -43,7 +51,7 @@ class JsonWriter:
     without a face (``no_face``) or that could not be read (``error``, with the message in ``error``); each
     entry names the ``weights`` that answered."""
 
-    def __init__(self, f: IO[str], class_names: list[str], weights: str | None = None) -> None:
+    def __init__(self, f: IO[str], class_names: list[str], weights: str | None = None, videos: bool = False) -> None:
         self.f, self.first, self.weights = f, True, weights
         f.write("[")
 
@@ -103,9 +111,10 @@ class Annotator:
 def cmd_predict(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from ferlab.images import collect_inputs
+    from ferlab.images import collect_inputs, is_video
     from ferlab.inference.backends import cost
     from ferlab.recognize.api import Recognizer
+    from ferlab.recognize.track import TrackLog
 
     if args.every < 1:
         raise ValueError(f"--every must be >= 1, got {args.every}")
@@ -115,12 +124,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
                                                    else "csv")
     rec = Recognizer(args.model, backend=args.backend, detector=args.detector, margin=args.margin, tta=args.tta,
                      min_face=args.min_face, batch_size=args.batch_size, max_pixels=args.max_pixels,
-                     precision=args.precision, threads=args.threads)
+                     precision=args.precision, threads=args.threads, smooth=args.smooth)
     files = collect_inputs(args.paths)
     if not files:
         raise FileNotFoundError(f"no images or videos found in {', '.join(args.paths)} "
                                 f"(looked for .jpg .jpeg .png .webp .bmp .mp4 .avi .mov .mkv)")
     annotator = Annotator(Path(args.annotate), files) if args.annotate else None
+    videos = any(is_video(f) for f in files)
+    for flag in ("timeline", "tracks"):
+        if getattr(args, flag) and not videos:
+            raise ValueError(f"--{flag} draws or sums up the faces of videos, and none is among the inputs")
+    log = TrackLog(rec.class_names) if videos and (args.timeline or args.tracks) else None
 
     def note(msg: str) -> None:
         tqdm.write(f"{PROG}: {msg}", file=sys.stderr)
@@ -133,7 +147,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     out_f = open(args.out, "w", newline="", encoding="utf-8") if args.out else sys.stdout  # noqa: SIM115
     writer = None
     try:
-        writer = WRITERS[fmt](out_f, rec.class_names, weights=rec.weights)
+        writer = WRITERS[fmt](out_f, rec.class_names, weights=rec.weights, videos=videos)
         for r in rec.predict_many(files, crops=args.crops, every=args.every, progress=not args.no_progress,
                                   keep_images=annotator is not None):
             counts[r.status] += 1
@@ -147,6 +161,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
             elif r.status == "no_face":
                 note(f"{r.file}: no face found")
             writer.write(r)
+            if log is not None:
+                for face in r.faces:
+                    log.add(face)
             if annotator is not None and r.image is not None:
                 try:
                     annotator.write(r)
@@ -160,6 +177,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
             out_f.close()
         else:
             out_f.flush()
+    if log is not None:
+        _write_tracks(log, args, note)
     for video, (n, empty) in video_no_face.items():
         if empty:
             note(f"{video}: no face in {empty} of {n} frames read")
@@ -175,6 +194,25 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if processed == 0:
         raise ValueError(f"none of the {len(files)} input file(s) could be read (see the messages above)")
     return 0
+
+
+def _write_tracks(log: Any, args: argparse.Namespace, note: Any) -> None:
+    """--tracks: the per-track summary (JSON); --timeline: one strip per track (PNG). What was written before a
+    failure here stays written."""
+    summaries = log.summaries()
+    if args.tracks:
+        Path(args.tracks).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.tracks).write_text(json.dumps([s.to_dict() for s in summaries], indent=2))
+    for s in summaries:
+        note(f"{s.file}: track {s.track}: {s.first_s:.1f}-{s.last_s:.1f} s, {s.frames} frame(s), mostly "
+             f"{s.dominant} ({s.share[s.dominant]:.0%})")
+    if args.timeline:
+        if not summaries:
+            note("--timeline: no face was tracked, so no timeline was drawn")
+            return
+        Path(args.timeline).parent.mkdir(parents=True, exist_ok=True)
+        log.plot(args.timeline)
+        note(f"timeline of {len(summaries)} track(s) in {args.timeline}")
 
 
 # --------------------------------------------------------------------------- export
@@ -247,6 +285,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                         f"bombs (default {DEFAULT_MAX_PIXELS:,})")
     p.add_argument("--tta", **{**tta_argument(), "default": None,
                                 "help": tta_argument()["help"] + " (default: none; an .onnx file: its own mode)"})
+    p.add_argument("--smooth", type=float, default=0.5, metavar="SECONDS",
+                   help="videos: time constant of the per-track smoothing of the probabilities (default 0.5; 0: "
+                        "off); the raw probabilities are kept beside the smoothed ones")
+    p.add_argument("--timeline", default=None, metavar="PNG",
+                   help="videos: draw each tracked face's smoothed probabilities over time, one strip per track")
+    p.add_argument("--tracks", default=None, metavar="JSON",
+                   help="videos: write a summary per track (time in view, frames, mean probabilities, dominant "
+                        "expression, share of time in each)")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default=None,
                    help="torch backend precision: fp32 (default: exact, and fast on every CPU), bf16 (bfloat16 "
                         "autocast), auto (bf16 where this CPU has bf16 instructions, AVX512-BF16 or AMX, else fp32)")

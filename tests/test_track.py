@@ -1,0 +1,144 @@
+"""Face tracks in videos: stable ids when faces move, cross and leave; timestamps; smoothing; timeline and summary.
+
+The video test pastes two copies of a real face (scikit-image's astronaut, a NASA photo in the public domain) into
+moving frames, finds them with the default Haar detector and checks the ids against the known paths.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ferlab.recognize.track import FaceTracker, iou_matrix
+
+FPS = 10
+
+
+def test_iou_matrix_analytic():
+    a = np.array([[0, 0, 10, 10], [100, 100, 5, 5]])
+    b = np.array([[5, 0, 10, 10], [0, 0, 10, 10], [50, 50, 1, 1]])
+    want = np.array([[50 / 150, 1.0, 0.0], [0.0, 0.0, 0.0]])
+    np.testing.assert_allclose(iou_matrix(a, b), want)
+
+
+def _consistency(ids: list[int], truth: list[int]) -> float:
+    """The share of detections whose id is the one its true identity has most often."""
+    main = {k: max(set(i for i, t in zip(ids, truth, strict=True) if t == k),
+                   key=[i for i, t in zip(ids, truth, strict=True) if t == k].count) for k in set(truth)}
+    return float(np.mean([i == main[t] for i, t in zip(ids, truth, strict=True)]))
+
+
+def test_two_crossing_faces_keep_their_ids_and_a_newcomer_gets_a_new_one():
+    tracker = FaceTracker(iou_threshold=0.3, max_missed=5, smooth_s=0.0)
+    ids, truth = [], []
+    probs = np.eye(7)[[3, 4]]  # (2, 7): one Happy, one Sad
+    for f in range(40):
+        a = (10 + 12 * f, 100, 60, 60)  # left to right
+        b = (480 - 12 * f, 125, 60, 60)  # right to left, overlapping a as they cross (IoU up to 0.4)
+        boxes = [b, a] if f % 2 else [a, b]  # the detector's order changes
+        got, _ = tracker.update(np.array(boxes), probs if f % 2 == 0 else probs[::-1], f / FPS)
+        ids += got
+        truth += [1, 0] if f % 2 else [0, 1]
+    assert _consistency(ids, truth) == 1.0 and len(set(ids)) == 2
+    for f in range(40, 50):  # both leave; a third face appears far away
+        got, _ = tracker.update(np.array([[300, 300, 60, 60]]), probs[:1], f / FPS)
+    assert got[0] not in set(ids)
+
+
+def test_a_frame_without_faces_keeps_the_tracks_for_max_missed_frames():
+    tracker = FaceTracker(max_missed=2)
+    box, p = np.array([[0, 0, 50, 50]]), np.eye(7)[[1]]
+    (first,), _ = tracker.update(box, p, 0.0)
+    for t in (0.1, 0.2):
+        assert tracker.update(np.empty((0, 4)), np.empty((0, 7)), t) == ([], pytest.approx(np.empty((0, 7))))
+    assert tracker.update(box, p, 0.3)[0] == [first]  # back within max_missed frames: the same track
+    for t in (0.4, 0.5, 0.6):
+        tracker.update(np.empty((0, 4)), np.empty((0, 7)), t)
+    assert tracker.update(box, p, 0.7)[0] != [first]  # gone longer: a new track
+
+
+def test_smoothing_follows_its_time_constant():
+    tracker = FaceTracker(smooth_s=0.5)
+    box = np.array([[0, 0, 50, 50]])
+    tracker.update(box, np.eye(7)[[0]], 0.0)
+    _, s = tracker.update(box, np.eye(7)[[3]], 0.5)  # one time constant later: 1 - 1/e of the way
+    np.testing.assert_allclose(s[0, [0, 3]], [np.exp(-1), 1 - np.exp(-1)], atol=1e-9)
+    _, raw = FaceTracker(smooth_s=0.0).update(box, np.eye(7)[[3]], 0.0)
+    assert raw[0, 3] == 1.0
+
+
+@pytest.fixture(scope="module")
+def two_face_video(tmp_path_factory) -> tuple[Path, list[list[tuple[int, int]]]]:
+    """A 4 s video (10 frames/s, 640x360) of two copies of a real face crossing; then one leaves. Returns the
+    file and, per frame, the true centres of identity 0 and 1 (None once out of view)."""
+    import cv2
+    from skimage import data as skdata
+
+    face = cv2.cvtColor(np.ascontiguousarray(skdata.astronaut()[10:230, 100:320, ::-1]), cv2.COLOR_BGR2GRAY)
+    face = cv2.resize(face, (120, 120), interpolation=cv2.INTER_AREA)
+    faces = [face, face[:, ::-1]]
+    path = tmp_path_factory.mktemp("video") / "two.avi"
+    vw = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), FPS, (640, 360))
+    centres = []
+    for f in range(40):
+        frame = np.full((360, 640), 110, np.uint8)
+        xs = [20 + 12 * f, 500 - 12 * f if f < 30 else None]  # identity 1 leaves after frame 29
+        ys = [60, 170]
+        row = []
+        for k, (x, y) in enumerate(zip(xs, ys, strict=True)):
+            if x is None or x + 120 > 640:
+                row.append(None)
+                continue
+            frame[y : y + 120, x : x + 120] = faces[k]
+            row.append((x + 60, y + 60))
+        centres.append(row)
+        vw.write(cv2.cvtColor(frame, cv2.COLOR_GRAY2BGR))
+    vw.release()
+    return path, centres
+
+
+def test_tracks_in_a_video_are_stable_and_timed(two_face_video):
+    from ferlab import Recognizer
+
+    path, centres = two_face_video
+    ids, truth, n_frames = [], [], 0
+    for r in Recognizer(margin=0.1).track(path):
+        n_frames += 1
+        assert r.time == pytest.approx(r.frame / FPS)
+        for face in r.faces:
+            x, y, w, h = face.box
+            d = [np.hypot(x + w / 2 - c[0], y + h / 2 - c[1]) if c else np.inf for c in centres[r.frame]]
+            assert min(d) < 30, (r.frame, face.box)  # every detection is one of the two faces
+            ids.append(face.track)
+            truth.append(int(np.argmin(d)))
+            assert face.time == r.time and set(face.smoothed) == set(face.probabilities)
+    assert n_frames == 40 and len(ids) >= 60, len(ids)  # most faces found in most frames
+    assert _consistency(ids, truth) >= 0.95 and len(set(ids)) <= 3
+
+
+def test_predict_writes_track_columns_summary_and_timeline(two_face_video, tmp_path, capsys):
+    from ferlab.cli import main
+
+    path, _ = two_face_video
+    out, tracks, timeline = tmp_path / "t.csv", tmp_path / "tracks.json", tmp_path / "timeline.png"
+    assert main(["predict", str(path), "--out", str(out), "--tracks", str(tracks), "--timeline", str(timeline),
+                 "--no-progress"]) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert {"track", "time", "s_Happy"} <= set(rows[0]) and all(r["track"] for r in rows)
+    assert float(rows[-1]["time"]) == pytest.approx(int(rows[-1]["frame"]) / FPS, abs=1e-3)
+    summary = json.loads(tracks.read_text())
+    main_tracks = [s for s in summary if s["frames"] >= 10]
+    assert len(main_tracks) == 2 and all(abs(sum(s["share"].values()) - 1) < 1e-9 for s in summary)
+    assert timeline.stat().st_size > 5000
+    err = capsys.readouterr().err
+    assert f"timeline of {len(summary)} track(s)" in err and "mostly" in err
+    still = tmp_path / "still.png"
+    import cv2
+
+    cv2.imwrite(str(still), np.full((64, 64), 100, np.uint8))
+    assert main(["predict", str(still), "--timeline", str(timeline)]) == 2
+    assert "--timeline draws or sums up the faces of videos, and none is among the inputs" in capsys.readouterr().err
