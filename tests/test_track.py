@@ -106,7 +106,8 @@ def test_tracks_in_a_video_are_stable_and_timed(two_face_video):
 
     path, centres = two_face_video
     ids, truth, n_frames = [], [], 0
-    for r in Recognizer(margin=0.1).track(path):
+    rec = Recognizer(margin=0.1)
+    for r in rec.track(path):
         n_frames += 1
         assert r.time == pytest.approx(r.frame / FPS)
         for face in r.faces:
@@ -118,6 +119,8 @@ def test_tracks_in_a_video_are_stable_and_timed(two_face_video):
             assert face.time == r.time and set(face.smoothed) == set(face.probabilities)
     assert n_frames == 40 and len(ids) >= 60, len(ids)  # most faces found in most frames
     assert _consistency(ids, truth) >= 0.95 and len(set(ids)) <= 3
+    again = [f.track for r in rec.track(path) for f in r.faces]  # a second reading starts its own tracks
+    assert sorted(set(again)) == sorted(set(ids))
 
 
 def test_predict_writes_track_columns_summary_and_timeline(two_face_video, tmp_path, capsys):

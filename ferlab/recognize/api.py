@@ -71,6 +71,7 @@ class Result:
     frame: int | None = None
     faces: list[Face] = field(default_factory=list)
     time: float | None = None  # video frames: seconds from the start
+    video_pass: int | None = field(default=None, repr=False)  # which reading of the video (one tracker each)
     error: str | None = None
     image: np.ndarray | None = None  # (H, W, 3) uint8 BGR, kept only with keep_images=True
 
@@ -155,7 +156,8 @@ class Recognizer:
         self.margin, self.batch_size, self.max_pixels = margin, batch_size, max_pixels
         FaceTracker(track_iou, smooth_s=smooth)  # checks the settings now
         self.smooth, self.track_iou = smooth, track_iou
-        self._tracker: tuple[str | None, FaceTracker] | None = None  # (video, its tracker): one video at a time
+        self._tracker: tuple[int, FaceTracker] | None = None  # (video pass, its tracker): one video at a time
+        self._video_passes = 0
 
     @property
     def class_names(self) -> list[str]:
@@ -251,8 +253,10 @@ class Recognizer:
 
     def _video_frames(self, path: Path, every: int) -> Iterator[tuple[Result, np.ndarray]]:
         fps = video_fps(path)
+        self._video_passes += 1
+        run = self._video_passes  # reading the same video again starts new tracks
         for i, frame in read_video(path, every, self.max_pixels):
-            yield Result(str(path), frame=i, time=i / fps if fps else None), frame
+            yield Result(str(path), frame=i, time=i / fps if fps else None, video_pass=run), frame
 
     def track(self, video: str | Path, every: int = 1, crops: bool = False) -> Iterator[Result]:
         """Stream the frames of ``video`` (every ``every``-th), each with its faces; a face keeps its ``track``
@@ -261,8 +265,8 @@ class Recognizer:
 
     def _track(self, res: Result, boxes: np.ndarray, probs: np.ndarray) -> tuple[list[int], np.ndarray]:
         """Track ids and smoothed probabilities of a video frame's faces (a new tracker for each video)."""
-        if self._tracker is None or self._tracker[0] != res.file:
-            self._tracker = (res.file, FaceTracker(self.track_iou, smooth_s=self.smooth))
+        if self._tracker is None or self._tracker[0] != res.video_pass:
+            self._tracker = (res.video_pass, FaceTracker(self.track_iou, smooth_s=self.smooth))
         time = res.time if res.time is not None else float(res.frame or 0)  # no frame rate: frames as seconds
         return self._tracker[1].update(boxes, probs, time)
 
