@@ -84,7 +84,6 @@ def write_page(path: Path) -> None:
     from ferlab.pretrained import list_pretrained
 
     entries = list_pretrained()
-    by_name = {e["name"]: e for e in entries}
 
     def pct(e: dict, split: str, mode: str) -> str:
         v = e.get("accuracy", {}).get(split, {}).get(mode)
@@ -92,8 +91,7 @@ def write_page(path: Path) -> None:
 
     rows = []
     for e in entries:
-        members = e.get("members") or [e["name"]]
-        size = sum(by_name[m].get("size_bytes", 0) for m in members) / 1e6
+        size = e.get("size_bytes", 0) / 1e6  # an ensemble's: its members' together
         what = ", ".join(f"`{m}`" for m in e["members"]) if e["kind"] == "ensemble" else f"`{e.get('model')}`"
         rows.append(f"| `{e['name']}` | {', '.join(e['roles']) or '-'} | {what} | {size:.1f} | "
                     + " | ".join(pct(e, s, m) for s in SPLITS for m in MODES) + " |")

@@ -72,8 +72,8 @@ SPEED_CLASSES: tuple[tuple[float, str], ...] = ((100.0, "fast"), (500.0, "standa
 
 
 def _shelf_rows() -> list[dict[str, Any]]:
-    """The shipped entries with, for ensembles, their members' total size and parameters, and for all the
-    MFLOPs per face (TTA multiplies it by the views) and the speed class."""
+    """The shipped entries with their MFLOPs per face (an ensemble's: its members'; TTA multiplies it by the
+    views) and speed class."""
     from ferlab.models.registry import create_model
     from ferlab.models.summary import flops_per_image
     from ferlab.pretrained import list_pretrained
@@ -86,10 +86,6 @@ def _shelf_rows() -> list[dict[str, Any]]:
             mflops[r["model"]] = flops_per_image(create_model(r["model"])) / 1e6
     for r in rows:
         members = [by_name[m] for m in r.get("members", [])] or [r]
-        if r["kind"] == "ensemble":
-            r["size_bytes"] = sum(m.get("size_bytes", 0) for m in members)
-            r["params"] = sum(m.get("params", 0) for m in members)
-            r["model"] = " + ".join(m.get("model", "?") for m in members)
         if all(m.get("model") in mflops for m in members):
             r["mflops"] = round(sum(mflops[m["model"]] for m in members), 1)
             r["speed"] = next(c for limit, c in SPEED_CLASSES if r["mflops"] <= limit)

@@ -96,8 +96,17 @@ def _manifest() -> dict[str, dict[str, Any]]:
 
 
 def list_pretrained() -> list[dict[str, Any]]:
-    """One dict per shipped model: name, file, model, stated accuracies, card, description."""
-    return [{"name": name, **entry} for name, entry in sorted(_manifest().items())]
+    """One dict per shipped model: name, file, model, stated accuracies, card, description; an ensemble's
+    ``size_bytes``, ``params`` and ``model`` are its members' totals (their files ship once, under their names)."""
+    entries = _manifest()
+    rows = [{"name": name, **entry} for name, entry in sorted(entries.items())]
+    for r in rows:
+        if r["kind"] == "ensemble":
+            members = [entries[m] for m in r["members"]]
+            r["size_bytes"] = sum(m.get("size_bytes", 0) for m in members)
+            r["params"] = sum(m.get("params", 0) for m in members)
+            r["model"] = " + ".join(m.get("model", "?") for m in members)
+    return rows
 
 
 def is_pretrained(name: str) -> bool:

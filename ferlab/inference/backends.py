@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from ferlab.inference.loader import Ensemble, LoadedModel, ModelSpec, load_model
+from ferlab.inference.predict import combine
 from ferlab.transforms import tta_mode, tta_view_count
 
 
@@ -97,8 +98,7 @@ class TorchBackend:
                               channels_last=self.channels_last) for m in self.members]  # each (V, B, K)
 
     def probabilities(self, pixels: np.ndarray) -> np.ndarray:
-        per_member = [v.mean(0).softmax(1).numpy() for v in self._views(pixels)]  # each (B, K)
-        return np.mean(per_member, axis=0).astype(np.float32)
+        return combine([v.mean(0).softmax(1).numpy() for v in self._views(pixels)])  # members' (B, K) -> (B, K)
 
     def logits(self, pixels: np.ndarray) -> np.ndarray:
         if self.n_members == 1:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 TTA_CHOICES = ("none", "flip", "shift", "affine")
@@ -9,6 +10,13 @@ TTA_CHOICES = ("none", "flip", "shift", "affine")
 
 def tta_help() -> str:
     """Help text for a ``--tta`` option: what each mode costs and what it bought the shipped models (measured)."""
+    from ferlab.pretrained import weights_dir
+
+    return _tta_help(str(weights_dir()))  # the manifest is read once per weights folder, not once per option
+
+
+@functools.cache
+def _tta_help(_weights_dir: str) -> str:
     from ferlab.pretrained import list_pretrained
 
     text = ("test-time augmentation: --tta (flip) averages with the mirrored face (2 views); shift also the flip "
@@ -31,7 +39,12 @@ def tta_help() -> str:
     return text
 
 
-def tta_argument() -> dict[str, Any]:
-    """argparse keywords of a ``--tta [MODE]`` option (bare --tta: flip; absent: none)."""
-    return dict(nargs="?", const="flip", default="none", choices=TTA_CHOICES, metavar="MODE",
-                help=tta_help())
+def tta_argument(default: str | None = "none", more_help: str = "") -> dict[str, Any]:
+    """argparse keywords of a ``--tta [MODE]`` option (bare --tta: flip; absent: ``default``); ``more_help`` is
+    appended to the help."""
+    return dict(nargs="?", const="flip", default=default, choices=TTA_CHOICES, metavar="MODE",
+                help=tta_help() + more_help)
+
+
+# predict and serve: no --tta means none, or an .onnx file's own mode
+PER_FILE_TTA: dict[str, Any] = {"default": None, "more_help": " (default: none; an .onnx file: its own mode)"}

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from ferlab.images import DEFAULT_MAX_PIXELS, pixel_count
-from ferlab.inference.options import tta_argument
+from ferlab.inference.options import PER_FILE_TTA, tta_argument
 
 PROG = "ferlab predict"
 
@@ -283,8 +283,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-pixels", type=pixel_count, default=DEFAULT_MAX_PIXELS,
                    help=f"refuse larger images, read from the header before decoding: a guard against decompression "
                         f"bombs (default {DEFAULT_MAX_PIXELS:,})")
-    p.add_argument("--tta", **{**tta_argument(), "default": None,
-                                "help": tta_argument()["help"] + " (default: none; an .onnx file: its own mode)"})
+    p.add_argument("--tta", **tta_argument(**PER_FILE_TTA))
     p.add_argument("--smooth", type=float, default=0.5, metavar="SECONDS",
                    help="videos: time constant of the per-track smoothing of the probabilities (default 0.5; 0: "
                         "off); the raw probabilities are kept beside the smoothed ones")
@@ -304,8 +303,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     fmt = e.add_mutually_exclusive_group(required=True)
     fmt.add_argument("--onnx", metavar="MODEL", help="run directory, .safetensors checkpoint, shipped model name, or a "
                      "shipped ensemble's name (one graph averaging its members' probabilities)")
-    e.add_argument("--tta", **{**tta_argument(), "help": tta_argument()["help"] + "; the views become part of the "
-                               "graph (default: none)"})
+    e.add_argument("--tta", **tta_argument(more_help="; the views become part of the graph (default: none)"))
     e.add_argument("--out", default=None, metavar="FILE", help="output .onnx file (default: NAME.onnx here)")
     e.add_argument("--opset", type=int, default=17, help="ONNX opset version (default 17)")
     e.set_defaults(func=cmd_export)

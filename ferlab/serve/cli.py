@@ -122,7 +122,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Add this package's sub-commands to the ferlab parser."""
     from ferlab.hardware import PRECISIONS
-    from ferlab.inference.options import tta_argument
+    from ferlab.inference.options import PER_FILE_TTA, tta_argument
 
     s = sub.add_parser("serve", help="local web demo and JSON API: upload a photo or use the webcam",
                        description="Serve a web page (photo upload, webcam) and a JSON API (POST /predict) that "
@@ -148,8 +148,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--backend", default=None, choices=("torch", "onnx"),
                    help="inference backend (default: onnx for an .onnx model, else torch); with onnx the overlays "
                         "still come from the PyTorch weights")
-    s.add_argument("--tta", **{**tta_argument(), "default": None,
-                                "help": tta_argument()["help"] + " (default: none; an .onnx file: its own mode)"})
+    s.add_argument("--tta", **tta_argument(**PER_FILE_TTA))
     s.add_argument("--precision", default=None, choices=PRECISIONS,
                    help="torch backend precision: fp32 (default), bf16, or auto (bf16 where this CPU has bf16 "
                         "instructions)")
