@@ -37,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from ferlab.checkpoint import atomic_write
-    from ferlab.data.source import open_data
+    from ferlab.data.ferplus import apply_labels
+    from ferlab.data.source import label_source, open_data
     from ferlab.evaluate import split_rows
     from ferlab.inference.loader import load_model
     from ferlab.inference.predict import combine
@@ -51,13 +52,19 @@ def main(argv: list[str] | None = None) -> int:
     singles = sorted({m for n in wanted for m in (entries[n].get("members") or [n])})
     data = open_data(args.data)
     probs: dict[tuple[str, str, str], np.ndarray] = {}  # (name, split, mode) -> (N, K)
-    labels: dict[str, np.ndarray] = {}
+    labels: dict[tuple[str, str], np.ndarray] = {}  # (label source, split) -> (N,)
+    by_source = {}  # label source (fer2013, or FER+ for a model trained on it) -> the data under those labels
+    source_of = {}
     for name in singles:
         model = load_model(name)
+        src = source_of[name] = label_source(model.meta)
+        if src not in by_source:
+            by_source[src] = apply_labels(data, src, args.data)[0]
+        d = by_source[src]
         for split in SPLITS:
-            idx = split_rows(data, model.meta, split)
-            labels[split] = data.labels[idx]
-            x = torch.from_numpy(data.images[idx]).unsqueeze(1)  # (N, 1, 48, 48) uint8
+            idx = split_rows(d, model.meta, split)
+            labels[src, split] = d.labels[idx]
+            x = torch.from_numpy(d.images[idx]).unsqueeze(1)  # (N, 1, 48, 48) uint8
             views = model.view_logits(x, tta="affine", progress=True, desc=f"{name} {split}")  # (18, N, K)
             for mode, v in MODES.items():
                 probs[name, split, mode] = views[:v].mean(0).softmax(1).numpy()
@@ -65,10 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'name':<28} " + " ".join(f"{s + ' ' + m:>12}" for s in SPLITS for m in MODES))
     for name in wanted:
         members = entries[name].get("members") or [name]
+        src = source_of[members[0]]
         acc = {split: {mode: float((combine([probs[m, split, mode] for m in members]).argmax(1)
-                                    == labels[split]).mean()) for mode in MODES} for split in SPLITS}
+                                    == labels[src, split]).mean()) for mode in MODES} for split in SPLITS}
         manifest[name]["accuracy"] = acc
-        manifest[name]["n"] = {split: int(len(labels[split])) for split in SPLITS}
+        manifest[name]["n"] = {split: int(len(labels[src, split])) for split in SPLITS}
         print(f"{name:<28} " + " ".join(f"{acc[s][m]:>12.2%}" for s in SPLITS for m in MODES))
     if not args.dry_run:
         text = json.dumps(manifest, indent=2) + "\n"
@@ -93,7 +101,8 @@ def write_page(path: Path) -> None:
     for e in entries:
         size = e.get("size_bytes", 0) / 1e6  # an ensemble's: its members' together
         what = ", ".join(f"`{m}`" for m in e["members"]) if e["kind"] == "ensemble" else f"`{e.get('model')}`"
-        rows.append(f"| `{e['name']}` | {', '.join(e['roles']) or '-'} | {what} | {size:.1f} | "
+        labels = e.get("labels", "fer2013")
+        rows.append(f"| `{e['name']}` | {', '.join(e['roles']) or '-'} | {what} | {labels} | {size:.1f} | "
                     + " | ".join(pct(e, s, m) for s in SPLITS for m in MODES) + " |")
     total = sum(e.get("size_bytes", 0) for e in entries if e["kind"] == "single") / 1e6
     head = "| " + " | ".join(f"{'PublicTest' if s == 'val' else 'PrivateTest'} {m.replace('tta', 'flip')}"
@@ -110,14 +119,17 @@ differ by a few images.
 
 Weights shipped together: {total:.1f} MB.
 
-| name | roles | nets | MB {head}
-|---|---|---|---:|{'---:|' * (len(SPLITS) * len(MODES))}
+| name | roles | nets | labels | MB {head}
+|---|---|---|---|---:|{'---:|' * (len(SPLITS) * len(MODES))}
 """ + "\n".join(rows) + """
 
 Roles: `default` is what `ferlab predict`, `ferlab serve` and `Recognizer()` use without a model name: the
 single net with the highest PublicTest accuracy without TTA (their default mode); `most-accurate` is the
 ensemble; `fast` the smallest net; `ensemble-member` marks the nets the ensemble averages. Test-time
 augmentation: `flip` is 2 views per face, `shift` 10, `affine` 18, each one forward pass of every member.
+Labels: the accuracies of a `fer2013` model are against FER2013's labels; those of a `ferplus` model (8 classes,
+role `ferplus`) against the FER+ majority vote on the faces FER+ keeps, selected on FER+ PublicTest
+([data.md](data.md#fer-labels)). How every model agrees with FER+: [results/ferplus.md](results/ferplus.md).
 
 Earlier shipped models and their model cards: [docs/models/](models/).
 """

@@ -92,7 +92,9 @@ def manifest_entry(name: str, path: Path, meta: dict[str, Any], reports: dict, a
         "train_minutes": round(summary.get("train_seconds_total", float("nan")) / 60, 1),
         "config": args.config,
         "kind": "single",
-        "roles": ["default"] if args.default else [],
+        "roles": (["default"] if args.default else []) + list(getattr(args, "role", [])),
+        "labels": "ferplus" if meta.get("labels") else "fer2013",  # what the accuracies are measured against
+        "classes": len(meta["class_names"]),
     }
 
 
@@ -144,6 +146,15 @@ def model_card(name: str, entry: dict[str, Any], meta: dict[str, Any], reports: 
     cm_table = _table(["true \\ predicted"] + classes,
                       [[f"**{c}**"] + [f"{v:,}" for v in cm[i]] for i, c in enumerate(classes)])
     recall_table = _table(["class", "support", "precision", "recall", "recall with TTA", "F1"], recall_rows)
+    if meta.get("labels"):
+        label_limits = ("Trained and scored on FER+ labels: the majority of 10 crowd votes per FER2013 face (8 "
+                        "classes, Contempt added; faces voted unknown or not-a-face left out). They are cleaner than "
+                        "FER2013's own labels, but still one crowd's reading of a 48x48 face; Disgust and Contempt "
+                        "have fewer than 200 training faces each, so their recall is the least reliable.")
+    else:
+        label_limits = ("FER2013 labels are noisy: faces were found by image search and labelled once; human "
+                        "accuracy on it is about\n  65%, and part of the errors above are label errors. Disgust has "
+                        "few training images (about 1.5%), so its\n  recall is the least reliable.")
     config_line = (f"[`{entry['config']}`](../../{entry['config']})" if entry.get("config")
                    else "not given; the full training config is below")
     sizes = meta["split"].get("sizes", {})
@@ -186,7 +197,7 @@ above. Macro-F1 on PrivateTest: {test['macro_f1']:.3f}.
   48x48 image (forward)
 - file: `{entry['file']}`, {entry['size_bytes'] / 1e6:.2f} MB, {entry['dtype']}, sha256 `{entry['sha256']}`
 - input: 48x48 grayscale face, normalisation `{json.dumps(meta['preprocess']['normalize'])}`;
-  output: 7 logits for {', '.join(f'{i} {c}' for i, c in enumerate(classes))}
+  output: {len(classes)} logits for {', '.join(f'{i} {c}' for i, c in enumerate(classes))}
 
 ## Data and protocol
 
@@ -222,9 +233,7 @@ above. Macro-F1 on PrivateTest: {test['macro_f1']:.3f}.
 
 ## Known limits
 
-- FER2013 labels are noisy: faces were found by image search and labelled once; human accuracy on it is about
-  65%, and part of the errors above are label errors. Disgust has few training images (about 1.5%), so its
-  recall is the least reliable.
+- {label_limits}
 - The demographic balance of FER2013 (age, sex, skin tone, culture) is unknown and was not measured; accuracy
   may differ between groups. Do not use the model to make decisions about people.
 - Inputs must look like FER2013: 48x48 grayscale, roughly frontal, face-centred crops. Other poses, lighting,
@@ -244,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--description", help="one line for the manifest (default: the registry's description)")
     ap.add_argument("--dtype", default="fp32", choices=tuple(DTYPES), help="stored precision (bf16/fp16: half size)")
     ap.add_argument("--default", action="store_true", help="make it the default model (ferlab predict/serve)")
+    ap.add_argument("--role", action="append", default=[], help="a shelf role for it (repeatable), e.g. ferplus")
     ap.add_argument("--weights-dir", help="default: $FERLAB_WEIGHTS_DIR, else the package's ferlab/weights")
     ap.add_argument("--docs-dir", default="docs/models", help="where the model card goes")
     args = ap.parse_args(argv)

@@ -105,18 +105,20 @@ def _print_pretrained(as_json: bool) -> int:
         return 0
     nw = max(24, *(len(r["name"]) for r in rows))
     rw = max(5, *(len(",".join(r["roles"])) for r in rows))
-    head = (f"{'name':<{nw}} {'roles':<{rw}} {'nets':>4} {'MFLOPs':>7} {'speed':<8} {'MB':>5}  "
+    head = (f"{'name':<{nw}} {'roles':<{rw}} {'nets':>4} {'labels':<7} {'MFLOPs':>7} {'speed':<8} {'MB':>5}  "
             f"{'PublicTest':>10} {'flip':>7} {'affine':>7}  {'PrivateTest':>11} {'flip':>7} {'affine':>7}")
     print(head)
     print("-" * len(head))
     for r in rows:
         print(f"{r['name']:<{nw}} {','.join(r['roles']) or '-':<{rw}} {len(r.get('members', [])) or 1:>4} "
+              f"{r.get('labels', 'fer2013'):<7} "
               f"{r.get('mflops', float('nan')):>7.0f} {r.get('speed', '?'):<8} {r.get('size_bytes', 0) / 1e6:>5.1f}  "
               f"{_pct(r, 'val', 'plain'):>10} {_pct(r, 'val', 'tta'):>7} {_pct(r, 'val', 'affine'):>7}  "
               f"{_pct(r, 'test', 'plain'):>11} {_pct(r, 'test', 'tta'):>7} {_pct(r, 'test', 'affine'):>7}")
     print("\nRoles: default = what predict and serve use when no --model is given (the single net with the "
           "highest PublicTest accuracy without TTA); most-accurate = the ensemble; fast = the smallest, for slow "
-          "machines. Accuracies measured "
+          "machines; ferplus = the best model trained on FER+ labels (8 classes), its accuracies against FER+ majority "
+          "votes. Accuracies measured "
           "on the shipped files with `ferlab evaluate --pretrained NAME --data fer2013.csv --split val|test "
           "[--tta flip|affine]` (bench/shelf.py): trained on Training, chosen on PublicTest, PrivateTest only "
           "reported. MFLOPs per face without TTA; --tta flip doubles it, affine multiplies it by 18.")
@@ -242,14 +244,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         base = first if first.is_dir() else first.parent if first.is_file() else None  # None: a shipped name
         if base is not None:
             out = base / (f"eval-{args.split}" + ("-ensemble" if len(specs) > 1 else "")
-                          + {"none": "", "flip": "-tta"}.get(args.tta, f"-tta-{args.tta}"))
+                          + {"none": "", "flip": "-tta"}.get(args.tta, f"-tta-{args.tta}")
+                          + ("" if args.labels in (None, "fer2013") else "-ferplus"))
     if out is not None:  # a path that cannot be the output folder fails now, not after the evaluation
         if out.exists() and not out.is_dir():
             raise ValueError(f"--out {out} is a file; name a folder for the report and figures")
         out.mkdir(parents=True, exist_ok=True)
     report = evaluate_checkpoints(specs, split=args.split, data_path=args.data, tta=args.tta,
                                   batch_size=args.batch_size, out_dir=out,
-                                  progress=not (args.json or args.no_progress), precision=args.precision)
+                                  progress=not (args.json or args.no_progress), precision=args.precision,
+                                  labels=args.labels)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
 
@@ -325,6 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which rows: test (default; FER2013 PrivateTest), val (PublicTest or the carved part), train")
     e.add_argument("--data", help="data path (default: the data the first checkpoint was trained on)")
     e.add_argument("--tta", **tta_argument())
+    e.add_argument("--labels", help="score against this label source: fer2013 (the data's own) or ferplus (FER+ "
+                                    "majority votes; a fer2013new.csv beside the data, or its path); default: the "
+                                    "labels the first checkpoint was trained on")
     e.add_argument("--batch-size", type=int, default=512, help="images per forward pass (default 512)")
     e.add_argument("--precision", default="auto", choices=PRECISION_CHOICES, help=EVAL_PRECISION_HELP)
     e.add_argument("--out", help="where to write metrics.json and confusion.png (default RUN_DIR/eval-SPLIT; "

@@ -12,6 +12,7 @@ import torch
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 from ferlab.data.source import data_for, split_rows  # noqa: F401 (part of this module's API)
+from ferlab.data.types import FerData
 from ferlab.inference import loader
 from ferlab.inference.loader import load_members
 from ferlab.inference.predict import combine
@@ -44,6 +45,24 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray, class_names: S
     }
 
 
+def _shared_classes(data: FerData, idx: np.ndarray, model_classes: Sequence[str]) -> tuple[np.ndarray, int, str]:
+    """Rows ``idx`` scored on the classes the model and the labels share: (rows, model outputs kept, a note).
+
+    The labels' classes and the model's must be equal or one a prefix of the other (FER2013's 7, FER+'s 8)."""
+    model_classes, label_classes = list(model_classes), list(data.class_names)
+    k = min(len(model_classes), len(label_classes))
+    if model_classes[:k] != label_classes[:k]:
+        raise ValueError(f"the model predicts {', '.join(model_classes)} but {data.source} is labelled "
+                         f"{', '.join(label_classes)}")
+    if len(label_classes) > k:  # e.g. a FER2013 model against FER+ labels: leave out the faces of extra classes
+        kept = idx[data.labels[idx] < k]
+        extra = ", ".join(label_classes[k:])
+        return kept, k, f"{len(idx) - len(kept)} faces labelled {extra} left out: the model has no such class"
+    if len(model_classes) > k:
+        return idx, k, f"the model's {', '.join(model_classes[k:])} output dropped: the labels have no such class"
+    return idx, k, ""
+
+
 def checkpoint_precision(meta: dict[str, Any], requested: str = "auto") -> str:
     """The precision to run a checkpoint (its metadata ``meta``) in; see
     :func:`ferlab.inference.loader.checkpoint_precision`."""
@@ -60,26 +79,37 @@ def evaluate_checkpoints(
     out_dir: str | Path | None = None,
     progress: bool = True,
     precision: str = "auto",
+    labels: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate each checkpoint on ``split`` and, given several, the ensemble of their averaged probabilities;
     ``tta``: a test-time augmentation of :data:`ferlab.transforms.TTA_MODES` (True: "flip"); ``precision``: see
     :func:`checkpoint_precision`.
+
+    ``labels``: the label source to score against (see :func:`ferlab.data.source.label_source`; default: the one
+    the first checkpoint was trained on). Scoring 7-class FER2013 models against 8-class FER+ labels leaves out the
+    faces FER+ calls Contempt; an 8-class FER+ model scored against FER2013 labels has its Contempt output dropped.
 
     Writes metrics.json and confusion.png (counts and row-normalised) to ``out_dir``.
     """
     tta = tta_mode(tta)
     loaded = load_members(list(paths)).members  # an ensemble's name contributes its members
     first_meta = loaded[0].meta
-    data = data_for(first_meta, data_path, progress)
+    data = data_for(first_meta, data_path, progress, labels=labels)
     idx = split_rows(data, first_meta, split)
+    class_names = loaded[0].class_names
+    idx, keep_outputs, label_note = _shared_classes(data, idx, class_names)
     x = torch.from_numpy(data.images[idx]).unsqueeze(1)  # (N, 1, 48, 48) uint8
     y = data.labels[idx]
-    class_names = loaded[0].class_names
+    class_names = class_names[:keep_outputs]
 
     members, probs_all = [], []
     for m in loaded:
         probs = m.probabilities(x, tta=tta, batch_size=batch_size, progress=progress, desc=Path(m.source).name,
                                 precision=precision)
+        if list(m.class_names) != list(loaded[0].class_names):
+            raise ValueError(f"{m.source} predicts {', '.join(m.class_names)}; {loaded[0].source} predicts "
+                             f"{', '.join(loaded[0].class_names)}: an ensemble needs the same classes")
+        probs = probs[:, :keep_outputs] / probs[:, :keep_outputs].sum(1, keepdims=True)
         probs_all.append(probs)
         fp_ok = m.meta["data"]["fingerprint"] == data.fingerprint  # also without --data: the file may have changed
         result = m.meta.get("result", {})
@@ -92,6 +122,7 @@ def evaluate_checkpoints(
     metrics = classification_metrics(y, probs, class_names)
     report = {
         "split": split, "data": data.source, "data_fingerprint": data.fingerprint, "tta": tta,
+        "labels": "ferplus" if data.targets is not None else "source", "label_note": label_note,
         "protocol": first_meta["split"]["text"], "members": members,
         "ensemble": len(loaded) > 1, **metrics,
     }
@@ -111,6 +142,10 @@ def evaluate_checkpoints(
 def format_report(report: dict[str, Any]) -> str:
     """A plain-text rendering of :func:`evaluate_checkpoints`' result."""
     lines = [f"split {report['split']} of {report['data']} ({report['n']:,} images); protocol: {report['protocol']}"]
+    if report.get("labels") == "ferplus":
+        lines.append("labels: FER+ majority votes" + (f"; {report['label_note']}" if report["label_note"] else ""))
+    elif report.get("label_note"):
+        lines.append(f"labels: {report['label_note']}")
     for m in report["members"]:
         warn = "" if m["same_data_as_training"] else "  (data differs from training data)"
         lines.append(f"  {m['model']:<18} acc {m['accuracy']:.4f}  [{m['checkpoint']}]{warn}")

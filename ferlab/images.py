@@ -10,6 +10,7 @@ composited over white. Bad input raises :class:`ImageError` naming the file.
 from __future__ import annotations
 
 import struct
+import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -218,9 +219,27 @@ def read_image(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS,
 
 
 # --------------------------------------------------------------------------- video
+def _check_capture(cap, name: str, not_open: str, max_pixels: int | None) -> None:
+    """ImageError naming ``name`` unless the cv2.VideoCapture ``cap`` is open with frames within ``max_pixels``."""
+    import cv2
+
+    if not cap.isOpened():
+        raise ImageError(f"{name}: {not_open}")
+    w, h = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
+    try:
+        check_pixels(w, h, max_pixels)
+    except ImageError as e:
+        raise ImageError(f"{name}: video frames: {e}") from None
+
+
 def read_video(path: str | Path, every: int = 1,
                max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Iterator[tuple[int, np.ndarray]]:
-    """Yield (frame index, (H, W, 3) uint8 BGR) for every ``every``-th frame (0, every, 2*every, ...)."""
+    """Yield (frame index, (H, W, 3) uint8 BGR) for every ``every``-th frame (0, every, 2*every, ...).
+
+    A video that ends before the frame count its container states, or has kept frames that do not decode (a
+    damaged or truncated file), raises :class:`ImageError` after yielding every frame it could decode, naming
+    where decoding stopped; the frames before it are the caller's to keep.
+    """
     import cv2
 
     if every < 1:
@@ -230,23 +249,52 @@ def read_video(path: str | Path, every: int = 1,
         raise FileNotFoundError(f"{p}: no such file")
     cap = cv2.VideoCapture(str(p))
     try:
-        if not cap.isOpened():
-            raise ImageError(f"{p}: cannot open as a video (corrupt or unsupported)")
-        w, h = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
-        try:
-            check_pixels(w, h, max_pixels)
-        except ImageError as e:
-            raise ImageError(f"{p}: video frames: {e}") from None
-        i, n_read = 0, 0
+        _check_capture(cap, f"{p}", "cannot open as a video (corrupt or unsupported)", max_pixels)
+        stated = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)  # 0 or less: the container states none
+        i, n_read, bad = 0, 0, []
         while cap.grab():  # grab every frame (cheap), decode only the kept ones
             if i % every == 0:
                 ok, frame = cap.retrieve()
                 if ok and frame is not None:
                     n_read += 1
                     yield i, to_bgr8(frame, "bgr")
+                else:
+                    bad.append(i)
             i += 1
         if n_read == 0:
             raise ImageError(f"{p}: no decodable video frames")
+        problems = []
+        if stated > 0 and i < stated - 1:  # one frame of slack: some containers round their count
+            problems.append(f"decoding stopped at frame {i} of the {stated} the file states (damaged or truncated)")
+        if bad:
+            problems.append(f"{len(bad)} frame(s) could not be decoded and were skipped (first: frame {bad[0]})")
+        if problems:
+            raise ImageError(f"{p}: " + "; ".join(problems) + f"; the {n_read} frame(s) decoded are kept")
+    finally:
+        cap.release()
+
+
+def read_camera(index: int, max_frames: int | None = None,
+                max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Iterator[tuple[int, float, np.ndarray]]:
+    """Yield (frame index, seconds since the first frame, (H, W, 3) uint8 BGR) from camera ``index`` until it stops
+    giving frames or ``max_frames`` have been read. A camera that stops mid-stream raises :class:`ImageError` after
+    the frames it gave (they are the caller's to keep)."""
+    import cv2
+
+    cap = cv2.VideoCapture(index)
+    try:
+        _check_capture(cap, f"camera {index}", "cannot open it (no such device, no permission, or in use)",
+                       max_pixels)
+        i, t0 = 0, None
+        while max_frames is None or i < max_frames:
+            ok, frame = cap.read()
+            if not ok or frame is None:
+                raise ImageError(f"camera {index}: " + ("gives no frames" if i == 0 else
+                                                        f"stopped giving frames after {i}; those are kept"))
+            now = time.monotonic()
+            t0 = now if t0 is None else t0
+            yield i, now - t0, to_bgr8(frame, "bgr")
+            i += 1
     finally:
         cap.release()
 

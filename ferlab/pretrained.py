@@ -92,6 +92,7 @@ def _manifest() -> dict[str, dict[str, Any]]:
                 raise ValueError(f"{path}: ensemble {name!r} names members that are not shipped single models: "
                                  f"{', '.join(map(str, bad))}")
         entry.setdefault("roles", [])
+        entry.setdefault("labels", "fer2013")  # what its stated accuracies are measured against (or "ferplus")
     return entries
 
 

@@ -18,6 +18,20 @@ TINY_SYNTHETIC = {"n_train": 512, "n_val": 128, "n_test": 128}
 LEARN_SYNTHETIC = {"n_train": 1500, "n_val": 300, "n_test": 300}
 
 
+# The slow tier (`pytest -m "not slow"` leaves it out; CI runs everything): tests that train beyond the one shared
+# tiny run, start servers or browsers, run the study or a benchmark script, or read the real FER2013.
+SLOW_MODULES = {"test_study", "test_serve", "test_serve_load", "test_distributed", "test_resume", "test_recipes",
+                "test_distill", "test_time_to_accuracy", "test_fast_path_accuracy", "test_ship_model"}
+SLOW_FIXTURES = {"trained_run", "server", "browser", "quick_study", "fer2013_path"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1] if getattr(item, "module", None) else ""
+        if module in SLOW_MODULES or SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 def tiny_config(**kw) -> TrainConfig:
     base = dict(model="fer-resnet-s", epochs=3, batch_size=64, synthetic=TINY_SYNTHETIC,
                 precision="fp32", augment="standard")

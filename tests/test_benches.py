@@ -27,6 +27,7 @@ def run_bench(script: str, *args: str, timeout: int = 600) -> subprocess.Complet
                           timeout=timeout, cwd=REPO)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists(JEMALLOC), reason=f"{JEMALLOC} not installed (apt-get install libjemalloc2)")
 def test_train_speed_ratio_and_gflops_follow_from_the_measured_images_per_second():
     res = run_bench("train_speed.py", "--models", "r000-cnn1", "--quick", "--no-threads", "--json")
@@ -98,3 +99,15 @@ def test_explain_speed_times_each_method_faithfulness_and_figures():
     secs = float(next(s for s in lines if s.split()[0] == "saliency").split()[1])
     per_face = float(re.search(r"\((\d+\.\d) ms/face\)", next(s for s in lines if s.split()[0] == "saliency"))[1])
     assert per_face == pytest.approx(1000 * secs / 2, abs=0.05 + 1000 * 0.005 / 2)  # from the printed seconds
+
+
+def test_video_speed_shares_add_up_and_frames_per_second_follow_from_the_time():
+    out = run_bench("video_speed.py", "--frames", "12", "--repeat", "1", "--threads", "1")
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    frames, faces, seconds = re.search(r": (\d+) frames, (\d+) faces in ([\d.]+) s", text).groups()
+    assert int(frames) == 12 and int(faces) >= 10  # the generated face is found in (almost) every frame
+    fps = float(re.search(r"frames/s: ([\d.]+)", text).group(1))
+    assert fps == pytest.approx(int(frames) / float(seconds), rel=0.02)
+    shares = [float(s) for s in re.findall(r"ms a frame\s+(-?[\d.]+)%", text)]
+    assert len(shares) == 6 and sum(shares) == pytest.approx(100, abs=0.6)

@@ -61,6 +61,7 @@ def test_the_loader_takes_every_kind_of_spec(shelf, trained_tiny_run):
         load_model("model.onnx")
 
 
+@pytest.mark.slow
 def test_recognizer_evaluate_and_the_loader_agree_on_an_ensemble_with_affine_tta(shelf, faces):
     from ferlab import Recognizer
     from ferlab.evaluate import evaluate_checkpoints
@@ -124,6 +125,7 @@ def test_serve_gives_the_ensembles_probabilities(shelf, faces):
             assert np.abs(got - rec.classify(x[i : i + 1])[0]).max() < 1e-5
 
 
+@pytest.mark.slow
 def test_an_ensemble_exports_as_one_onnx_graph_equal_to_pytorch(shelf, faces, tmp_path):
     from ferlab import Recognizer
     from ferlab.cli import main

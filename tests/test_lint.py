@@ -12,5 +12,5 @@ def test_ruff_clean():
     ruff = shutil.which("ruff", path=str(Path(sys.executable).parent)) or shutil.which("ruff")
     if ruff is None:
         pytest.skip("ruff is not installed (pip install -e '.[test]')")
-    res = subprocess.run([ruff, "check", "ferlab", "tests", "bench"], cwd=REPO, capture_output=True, text=True)
+    res = subprocess.run([ruff, "check", "ferlab", "tests", "bench", "tools"], cwd=REPO, capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr

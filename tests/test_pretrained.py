@@ -34,7 +34,7 @@ def test_valid_manifest_and_missing_manifest(weights):
     (weights / "x.safetensors").write_bytes(b"")
     (weights / "manifest.json").write_text(json.dumps({"x": {"file": "x.safetensors", "model": "fer-resnet-s"}}))
     assert pretrained.list_pretrained() == [{"name": "x", "file": "x.safetensors", "model": "fer-resnet-s",
-                                             "kind": "single", "roles": []}]
+                                             "kind": "single", "roles": [], "labels": "fer2013"}]
     assert pretrained.pretrained_path("x") == weights / "x.safetensors"
 
 
@@ -101,7 +101,7 @@ def test_shipped_accuracy_reproduces_on_real_fer2013(name, fer2013_path, monkeyp
     """The manifest's PublicTest and PrivateTest figures (plain and flip TTA), measured again on the real file.
 
     Within 0.2 points (7 of 3,589 images): bfloat16 arithmetic differs slightly between CPUs, and a CPU without
-    bf16 instructions evaluates in fp32 (RESULTS.md). One pass over the flip pair per split gives both figures:
+    bf16 instructions evaluates in fp32 (docs/results/accuracy.md). One pass over the flip pair per split gives both:
     its first view is the plain image (``ferlab evaluate --tta`` averages the two, without it the first alone).
     """
     import torch

@@ -1,4 +1,4 @@
-"""Real photos: safe image reading, Haar detection, cropping, the Recognizer API and `ferlab predict`."""
+"""Real photos: safe image reading, face detection, cropping, the Recognizer API and `ferlab predict`."""
 
 from __future__ import annotations
 
@@ -171,7 +171,7 @@ def test_crop_is_exact_inside_and_replicates_edges_outside():
 
 
 # --------------------------------------------------------------------------- Recognizer
-def test_haar_finds_the_astronaut_and_probabilities_are_consistent(rec):
+def test_the_default_detector_finds_the_astronaut_and_probabilities_are_consistent(rec):
     faces = rec.predict(skdata.astronaut())
     assert len(faces) >= 1
     f = faces[0]

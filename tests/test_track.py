@@ -1,7 +1,7 @@
 """Face tracks in videos: stable ids when faces move, cross and leave; timestamps; smoothing; timeline and summary.
 
 The video test pastes two copies of a real face (scikit-image's astronaut, a NASA photo in the public domain) into
-moving frames, finds them with the default Haar detector and checks the ids against the known paths.
+moving frames, finds them with the default detector and checks the ids against the known paths.
 """
 
 from __future__ import annotations
@@ -145,3 +145,54 @@ def test_predict_writes_track_columns_summary_and_timeline(two_face_video, tmp_p
     cv2.imwrite(str(still), np.full((64, 64), 100, np.uint8))
     assert main(["predict", str(still), "--timeline", str(timeline)]) == 2
     assert "--timeline draws or sums up the faces of videos, and none is among the inputs" in capsys.readouterr().err
+
+
+def test_a_video_that_stops_decoding_mid_file_keeps_the_frames_before_it(two_face_video, tmp_path, capsys):
+    """A truncated file: every frame before the damage is answered, and the message names where decoding stopped."""
+    from ferlab import Recognizer
+    from ferlab.cli import main
+    from ferlab.images import ImageError
+
+    path, _ = two_face_video
+    cut = tmp_path / "cut.avi"
+    raw = path.read_bytes()
+    cut.write_bytes(raw[: int(len(raw) * 0.6)])
+    got = []
+    with pytest.raises(ImageError, match=r"decoding stopped at frame (\d+) of the 40"):
+        for r in Recognizer(batch_size=128).track(cut):  # one batch: the frames must be answered before the error
+            got.append(r)
+    assert 10 <= len(got) < 40 and [r.frame for r in got] == list(range(len(got)))
+    assert sum(len(r.faces) for r in got) >= len(got)
+    out = tmp_path / "cut.csv"
+    assert main(["predict", str(cut), str(path), "--out", str(out), "--no-progress"]) == 0  # the batch goes on
+    rows = list(csv.DictReader(out.open()))
+    frames_cut = {int(r["frame"]) for r in rows if r["file"] == str(cut)}
+    assert frames_cut == {r.frame for r in got if r.faces}
+    assert {int(r["frame"]) for r in rows if r["file"] == str(path)} >= set(range(30))
+    err = capsys.readouterr().err
+    assert f"{cut}: decoding stopped at frame {len(got)} of the 40" in err and "are kept" in err
+
+
+def test_webcam_mode_answers_each_frame_with_tracks_until_max_frames(two_face_video, tmp_path, monkeypatch, capsys):
+    """A camera is read with cv2.VideoCapture(index); here index 0 plays the generated video."""
+    import cv2
+
+    from ferlab import Recognizer
+    from ferlab.cli import main
+
+    path, _ = two_face_video
+    real = cv2.VideoCapture
+    monkeypatch.setattr(cv2, "VideoCapture", lambda src, *a: real(str(path)) if src == 0 else real(src, *a))
+    got = []
+    for r in Recognizer().camera(0, max_frames=12):
+        got.append(r)
+        assert r.faces and all(f.track is not None for f in r.faces)  # answered frame by frame, tracked
+    assert [r.frame for r in got] == list(range(12)) and got[0].time == 0.0 and got[-1].time >= got[1].time
+    out = tmp_path / "cam.csv"
+    assert main(["predict", "--webcam", "--max-frames", "8", "--out", str(out), "--no-progress"]) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert {r["file"] for r in rows} == {"camera:0"} and {int(r["frame"]) for r in rows} == set(range(8))
+    assert all(r["track"] for r in rows)
+    assert "camera 0: 8 image(s)/frame(s) read" in capsys.readouterr().err
+    assert main(["predict", "--webcam", "3", "--no-progress"]) == 2  # no such camera: a clear error
+    assert "camera 3: cannot open it" in capsys.readouterr().err

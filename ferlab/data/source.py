@@ -24,16 +24,30 @@ def open_data(
     return load_data(path, skip_bad=skip_bad, progress=progress)
 
 
-def data_for(meta: dict[str, Any], data_path: str | None, progress: bool = True) -> FerData:
-    """The data to evaluate on: ``data_path`` if given, else the data the checkpoint was trained on."""
-    if data_path is not None:
-        return open_data(data_path, progress=progress)
+def label_source(meta: dict[str, Any], labels: str | None = None) -> str:
+    """The label source to judge a checkpoint by: ``labels`` if given, else the one it was trained on ("fer2013":
+    the data's own; FER+: the votes file it recorded if still there, else "ferplus", found beside the data)."""
+    if labels is not None:
+        return labels
+    rec = meta.get("labels")
+    if not rec:
+        return "fer2013"
+    return rec["file"] if Path(rec["file"]).is_file() else "ferplus"
+
+
+def data_for(meta: dict[str, Any], data_path: str | None, progress: bool = True, labels: str | None = None
+             ) -> FerData:
+    """The data to evaluate on: ``data_path`` if given, else the data the checkpoint was trained on; labelled by
+    :func:`label_source`."""
+    from ferlab.data.ferplus import apply_labels
+
     d = meta["data"]
-    if d["path"] is None:
+    if data_path is None and d["path"] is None:
         return open_data(None, synthetic=d.get("synthetic") or {})
-    if not Path(d["path"]).exists():
+    path = data_path if data_path is not None else d["path"]
+    if data_path is None and not Path(path).exists():
         raise FileNotFoundError(f"the training data {d['path']} is not there any more; pass --data PATH")
-    return open_data(d["path"], progress=progress)
+    return apply_labels(open_data(path, progress=progress), label_source(meta, labels), path)[0]
 
 
 def split_rows(data: FerData, meta: dict[str, Any], split: str) -> np.ndarray:

@@ -24,6 +24,7 @@ class FerData:
     labels: (N,) int64 class ids in 0..6; -1 where a row has no label (e.g. a Kaggle test.csv).
     split:  (N,) str, one of ``SPLITS``; the split the source itself assigns ("train" when it assigns none).
     ids:    (N,) int64 row ids (the ``id`` column where the source has one, else the row index).
+    targets: (N, K) float32 label distributions (e.g. FER+ crowd votes; rows sum to 1), or None: hard labels only.
     """
 
     images: np.ndarray
@@ -36,6 +37,7 @@ class FerData:
     class_names: tuple[str, ...] = CLASS_NAMES
     n_skipped: int = 0
     notes: list[str] = field(default_factory=list)
+    targets: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n = len(self.images)
@@ -44,6 +46,8 @@ class FerData:
         for name in ("labels", "split", "ids"):
             if len(getattr(self, name)) != n:
                 raise ValueError(f"{name} has {len(getattr(self, name))} entries for {n} images")
+        if self.targets is not None and self.targets.shape != (n, len(self.class_names)):
+            raise ValueError(f"targets must be (N, {len(self.class_names)}), got {self.targets.shape}")
 
     def __len__(self) -> int:
         return len(self.images)
@@ -57,4 +61,5 @@ class FerData:
         return FerData(
             self.images[idx], self.labels[idx], self.split[idx], self.ids[idx],
             self.source, self.layout, self.fingerprint, self.class_names, 0, list(self.notes),
+            None if self.targets is None else self.targets[idx],
         )

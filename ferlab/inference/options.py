@@ -32,7 +32,8 @@ def _tta_help(_weights_dir: str) -> str:
         modes = [(m, acc[k]) for m, k in (("none", "plain"), ("flip", "tta"), ("affine", "affine")) if k in acc]
         if len(modes) > 1 and set(e.get("roles", [])) - {"ensemble-member"}:  # the shelf's named roles
             n = len(e.get("members", [])) or 1
-            gains.append(f"{e['name']} ({n} net{'s' if n > 1 else ''}): "
+            on = ", FER+ labels" if e.get("labels") == "ferplus" else ""
+            gains.append(f"{e['name']} ({n} net{'s' if n > 1 else ''}{on}): "
                          + ", ".join(f"{m} {v:.2%}".replace("%", "%%") for m, v in modes))
     if gains:
         text += "; PrivateTest accuracy by mode (selected on PublicTest): " + "; ".join(gains)

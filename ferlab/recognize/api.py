@@ -26,13 +26,24 @@ from ferlab.images import (
     decode_image,
     is_video,
     one_line,
+    read_camera,
     read_image,
     read_video,
     to_bgr8,
     video_fps,
 )
 from ferlab.inference.backends import Backend, ModelSpec, default_model, open_backend
-from ferlab.recognize.detect import WholeImage, create_detector, crop_faces
+from ferlab.recognize.detect import (
+    DEFAULT_ALIGN,
+    DEFAULT_DETECTOR,
+    FALLBACK_MARGIN,
+    WholeImage,
+    aligned_crops,
+    create_detector,
+    crop_faces,
+    fer2013_framing,
+    framed_boxes,
+)
 from ferlab.recognize.track import FaceTracker
 
 ImageInput = str | Path | bytes | np.ndarray
@@ -53,11 +64,15 @@ class Face:
     track: int | None = None  # videos: the same number while the same person stays in view
     time: float | None = None  # videos: seconds from the start (frame / the video's frame rate)
     smoothed: dict[str, float] | None = None  # videos: the track's probabilities smoothed over time
+    # detectors with landmarks (mtcnn): left eye, right eye, nose, left and right mouth corner (x, y), as seen
+    landmarks: list[tuple[float, float]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         x, y, w, h = self.box
         d = {"file": self.file, "frame": self.frame, "face": self.index, "x": x, "y": y, "w": w, "h": h,
              "label": self.label, "score": self.score, "probabilities": dict(self.probabilities)}
+        if self.landmarks is not None:
+            d["landmarks"] = [list(p) for p in self.landmarks]
         if self.track is not None:
             d |= {"track": self.track, "time": self.time, "smoothed": self.smoothed}
         return d
@@ -113,8 +128,12 @@ class Recognizer:
     model: run directory, .safetensors checkpoint, shipped model or ensemble name (``ferlab models --pretrained``)
     or exported .onnx file (default: the shipped default model). backend: ``torch`` or ``onnx`` (default: onnx for
     an .onnx file, else torch), or a ready :class:`~ferlab.inference.backends.Backend`. detector: a name in
-    ``detect.DETECTORS`` (``haar``). margin: fraction of the face box added on each side before cropping (0.1
-    matches FER2013's framing). tta: test-time augmentation, ``none``, ``flip`` (or True), ``shift`` or ``affine``
+    ``detect.DETECTORS`` (``haar``, ``mtcnn``). margin: fraction of the face box added on each side before
+    cropping; None (default): cut each box the way FER2013 frames the boxes this detector finds in FER2013's own
+    faces (``bench/framing.py``; 0.1 for a detector not measured). align: rotate and scale each face so that its
+    five landmarks fall where FER2013's do on average (eyes level; needs a detector with landmarks, ``mtcnn``);
+    None (default): align when the detector gives landmarks and no margin is given.
+    tta: test-time augmentation, ``none``, ``flip`` (or True), ``shift`` or ``affine``
     (1, 2, 10 or 18 views per face, each a forward pass of every member; None: an .onnx file's own mode, else
     none). min_face: smallest face side in pixels.
     batch_size: faces per forward pass. max_pixels: larger images are refused (decompression bombs).
@@ -134,13 +153,14 @@ class Recognizer:
             print(r.file, r.frame, r.status, [f.label for f in r.faces])
     """
 
-    def __init__(self, model: ModelSpec | None = None, backend: str | Backend | None = None, detector: str = "haar",
-                 margin: float = 0.1, tta: bool | str | None = None, min_face: int = 24, batch_size: int = 128,
+    def __init__(self, model: ModelSpec | None = None, backend: str | Backend | None = None,
+                 detector: str = DEFAULT_DETECTOR, margin: float | None = None, align: bool | None = DEFAULT_ALIGN,
+                 tta: bool | str | None = None, min_face: int = 24, batch_size: int = 128,
                  max_pixels: int | None = DEFAULT_MAX_PIXELS, precision: str | None = None,
                  threads: int | None = None, smooth: float = 0.5, track_iou: float = 0.3) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if margin < 0:
+        if margin is not None and margin < 0:
             raise ValueError(f"margin must be >= 0, got {margin}")
         if backend is not None and not isinstance(backend, str):
             if model is not None:
@@ -150,10 +170,21 @@ class Recognizer:
             self.backend = open_backend(model if model is not None else default_model(), backend, tta=tta,
                                         precision=precision, threads=threads or None)
         self.detector = create_detector(detector, min_face=min_face)
+        self.detector_name = detector
+        framing = fer2013_framing(detector)
+        # margin None: cut each box the way FER2013 frames the boxes this detector finds in its faces, when measured
+        self._box48 = framing["box"] if margin is None and framing else None
+        can_align = bool(hasattr(self.detector, "detect") and framing and "landmarks" in framing)
+        if align and not can_align:
+            raise ValueError(f"align=True needs a detector with landmarks and a measured FER2013 framing "
+                             f"(mtcnn); {detector!r} has none")
+        self.align = bool(align) if align is not None else (can_align and margin is None)
+        self._template = np.asarray(framing["landmarks"]) if self.align else None
         self._whole = WholeImage()
         # threads not set: follow the cores other processes leave free during long predictions (torch and OpenCV)
         self._governor = _thread_governor() if not threads else None
-        self.margin, self.batch_size, self.max_pixels = margin, batch_size, max_pixels
+        self.margin = margin if margin is not None else (None if self._box48 else FALLBACK_MARGIN)
+        self.batch_size, self.max_pixels = batch_size, max_pixels
         FaceTracker(track_iou, smooth_s=smooth)  # checks the settings now
         self.smooth, self.track_iou = smooth, track_iou
         self._tracker: tuple[int, FaceTracker] | None = None  # (video pass, its tracker): one video at a time
@@ -185,8 +216,9 @@ class Recognizer:
         return str(getattr(self.backend, "weights", None) or f"{self.meta['model']['name']} (in memory)")
 
     def __repr__(self) -> str:
-        return (f"Recognizer(model={self.model_name!r}, weights={self.weights!r}, "
-                f"backend={self.backend.name!r}, margin={self.margin}, tta={self.tta})")
+        framing = "fer2013" if self.margin is None else self.margin
+        return (f"Recognizer(model={self.model_name!r}, weights={self.weights!r}, backend={self.backend.name!r}, "
+                f"detector={self.detector_name!r}, framing={framing!r}, align={self.align}, tta={self.tta})")
 
     # ------------------------------------------------------------------ classification of ready crops
     def classify(self, pixels: np.ndarray) -> np.ndarray:
@@ -263,6 +295,21 @@ class Recognizer:
         number while the person stays in view, with ``time`` in seconds and ``smoothed`` probabilities."""
         yield from self._run(self._video_frames(Path(video), every), crops, keep_images=False)
 
+    def camera(self, index: int = 0, every: int = 1, max_frames: int | None = None) -> Iterator[Result]:
+        """Stream tracked faces from camera ``index`` (every ``every``-th frame, ``max_frames`` read at most), each
+        frame answered as soon as it is read; ``time`` is seconds since the first frame."""
+        if every < 1:
+            raise ValueError(f"every must be >= 1, got {every}")
+        self._video_passes += 1
+        run = self._video_passes
+
+        def frames() -> Iterator[tuple[Result, np.ndarray]]:
+            for i, t, bgr in read_camera(index, max_frames, self.max_pixels):
+                if i % every == 0:
+                    yield Result(f"camera:{index}", frame=i, time=t, video_pass=run), bgr
+
+        yield from self._run(frames(), crops=False, keep_images=False, live=True)
+
     def _track(self, res: Result, boxes: np.ndarray, probs: np.ndarray) -> tuple[list[int], np.ndarray]:
         """Track ids and smoothed probabilities of a video frame's faces (a new tracker for each video)."""
         if self._tracker is None or self._tracker[0] != res.video_pass:
@@ -271,43 +318,72 @@ class Recognizer:
         return self._tracker[1].update(boxes, probs, time)
 
     def _run(self, frames: Iterator[tuple[Result, np.ndarray | None]], crops: bool,
-             keep_images: bool) -> Iterator[Result]:
-        import cv2
-
-        pending: list[tuple[Result, np.ndarray, np.ndarray]] = []
+             keep_images: bool, live: bool = False) -> Iterator[Result]:
+        """Detect, batch and classify; ``live``: answer every frame as soon as it is read (a camera)."""
+        pending: list[tuple[Result, np.ndarray, np.ndarray, np.ndarray | None]] = []
         n_faces, kept_bytes = 0, 0
-        for res, bgr in frames:
-            if self._governor is not None:
-                self._governor.step()
-            if bgr is None:
-                boxes, pix = np.empty((0, 4), np.int64), np.empty((0, 1, *self.backend.input_size), np.uint8)
-            else:
-                try:
-                    gray = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
-                    boxes = (self._whole if crops else self.detector)(gray)  # (F, 4)
-                    margin = 0.0 if crops else self.margin
-                    pix = crop_faces(gray, boxes, margin, self.backend.input_size)  # (F, 1, H, W)
-                except (cv2.error, ValueError) as e:  # one odd image fails alone; the batch's other results stay
-                    res.error = f"face detection failed on this {bgr.shape[1]}x{bgr.shape[0]} image: {one_line(e)}"
-                    boxes, pix = np.empty((0, 4), np.int64), np.empty((0, 1, *self.backend.input_size), np.uint8)
-                else:
-                    res.image = bgr if keep_images else None
-                    kept_bytes += bgr.nbytes if keep_images else 0
-            pending.append((res, boxes, pix))
-            n_faces += len(pix)
-            # flush on a full batch, or before many faceless images / kept images pile up
-            if n_faces >= self.batch_size or len(pending) >= 4 * self.batch_size or kept_bytes > KEEP_BYTES:
-                yield from self._classify_pending(pending)
-                pending, n_faces, kept_bytes = [], 0, 0
+        try:
+            for res, bgr in frames:
+                if self._governor is not None:
+                    self._governor.step()
+                boxes, marks, pix = self._detect(res, bgr, crops)
+                if keep_images and res.error is None and bgr is not None:
+                    res.image = bgr
+                    kept_bytes += bgr.nbytes
+                pending.append((res, boxes, pix, marks))
+                n_faces += len(pix)
+                # flush on a full batch, or before many faceless images / kept images pile up
+                if (live or n_faces >= self.batch_size or len(pending) >= 4 * self.batch_size
+                        or kept_bytes > KEEP_BYTES):
+                    yield from self._classify_pending(pending)
+                    pending, n_faces, kept_bytes = [], 0, 0
+        except Exception:  # e.g. a video that stops decoding mid-file: the frames read before it are still answered
+            yield from self._classify_pending(pending)
+            raise
         yield from self._classify_pending(pending)
 
-    def _classify_pending(self, pending: list[tuple[Result, np.ndarray, np.ndarray]]) -> Iterator[Result]:
+    def _detect(self, res: Result, bgr: np.ndarray | None, crops: bool
+                ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+        """The face boxes (F, 4) of one image, their landmarks (F, 5, 2) or None, and the model inputs
+        (F, 1, H, W) uint8; no faces (and ``res.error`` set) where detection fails on it."""
+        import cv2
+
+        none = np.empty((0, 4), np.int64), None, np.empty((0, 1, *self.backend.input_size), np.uint8)
+        if bgr is None:
+            return none
+        try:
+            gray = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
+            if crops:
+                boxes = self._whole(gray)
+                return boxes, None, crop_faces(gray, boxes, 0.0, self.backend.input_size)
+            image = bgr if getattr(self.detector, "wants_color", False) else gray
+            if hasattr(self.detector, "detect"):
+                boxes, marks, _ = self.detector.detect(image)  # (F, 4), (F, 5, 2)
+            else:
+                boxes, marks = self.detector(image), None
+            return boxes, marks, self.crops(gray, boxes, marks)
+        except (cv2.error, ValueError) as e:  # one odd image fails alone; the batch's other results stay
+            res.error = f"face detection failed on this {bgr.shape[1]}x{bgr.shape[0]} image: {one_line(e)}"
+            return none
+
+    def crops(self, gray: np.ndarray, boxes: np.ndarray, landmarks: np.ndarray | None = None) -> np.ndarray:
+        """The model inputs (F, 1, H, W) uint8 of detected faces in gray (H, W) uint8: aligned on their landmarks
+        (``align``), or each box cut with the detector's FER2013 framing or with ``margin``."""
+        size = self.backend.input_size
+        if self.align and landmarks is not None:
+            return aligned_crops(gray, landmarks, self._template, size)
+        if self._box48 is not None:
+            return crop_faces(gray, framed_boxes(boxes, self._box48, size[1]), 0.0, size)
+        return crop_faces(gray, boxes, self.margin, size)
+
+    def _classify_pending(self, pending: list[tuple[Result, np.ndarray, np.ndarray, np.ndarray | None]]
+                          ) -> Iterator[Result]:
         if not pending:
             return
-        pix = np.concatenate([p for _, _, p in pending])  # (F, 1, H, W)
+        pix = np.concatenate([p for _, _, p, _ in pending])  # (F, 1, H, W)
         probs = self.classify(pix) if len(pix) else np.empty((0, len(self.class_names)), np.float32)
         names, j = self.class_names, 0
-        for res, boxes, _ in pending:
+        for res, boxes, _, marks in pending:
             mine = probs[j : j + len(boxes)]  # (F, K)
             ids, smooth = self._track(res, boxes, mine) if res.frame is not None else (None, None)
             for k, box in enumerate(boxes.tolist()):
@@ -318,6 +394,8 @@ class Recognizer:
                                       file=res.file, frame=res.frame, index=k,
                                       track=None if ids is None else ids[k], time=res.time,
                                       smoothed=None if smooth is None else
-                                      {c: float(v) for c, v in zip(names, smooth[k], strict=True)}))
+                                      {c: float(v) for c, v in zip(names, smooth[k], strict=True)},
+                                      landmarks=None if marks is None else
+                                      [(round(float(px), 1), round(float(py), 1)) for px, py in marks[k]]))
             j += len(boxes)
             yield res

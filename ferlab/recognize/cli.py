@@ -15,6 +15,7 @@ from typing import IO, Any
 
 from ferlab.images import DEFAULT_MAX_PIXELS, pixel_count
 from ferlab.inference.options import PER_FILE_TTA, tta_argument
+from ferlab.recognize.detect import DEFAULT_ALIGN, DEFAULT_DETECTOR, DETECTORS
 
 PROG = "ferlab predict"
 
@@ -108,6 +109,18 @@ class Annotator:
 
 
 # --------------------------------------------------------------------------- predict
+def _camera_results(rec: Any, args: argparse.Namespace, note: Any) -> Any:
+    """The camera's results until it stops, ``--max-frames`` or Ctrl-C (which ends the stream, not the command)."""
+    from ferlab.images import ImageError
+
+    try:
+        yield from rec.camera(args.webcam, every=args.every, max_frames=args.max_frames)
+    except KeyboardInterrupt:
+        note(f"camera {args.webcam}: stopped (Ctrl-C)")
+    except ImageError as e:
+        note(str(e))
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
@@ -122,15 +135,20 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise ValueError(f"--json and --format {args.format} contradict each other; give one")
     fmt = "json" if args.json else args.format or ("json" if args.out and args.out.lower().endswith(".json")
                                                    else "csv")
-    rec = Recognizer(args.model, backend=args.backend, detector=args.detector, margin=args.margin, tta=args.tta,
+    rec = Recognizer(args.model, backend=args.backend, detector=args.detector, margin=args.margin, align=args.align,
+                     tta=args.tta,
                      min_face=args.min_face, batch_size=args.batch_size, max_pixels=args.max_pixels,
                      precision=args.precision, threads=args.threads, smooth=args.smooth)
+    if args.webcam is not None and args.paths:
+        raise ValueError("give input PATHs or --webcam, not both")
+    if args.webcam is None and not args.paths:
+        raise ValueError("name the photos, folders or videos to read, or --webcam [INDEX] for a camera")
     files = collect_inputs(args.paths)
-    if not files:
+    if not files and args.webcam is None:
         raise FileNotFoundError(f"no images or videos found in {', '.join(args.paths)} "
                                 f"(looked for .jpg .jpeg .png .webp .bmp .mp4 .avi .mov .mkv)")
     annotator = Annotator(Path(args.annotate), files) if args.annotate else None
-    videos = any(is_video(f) for f in files)
+    videos = args.webcam is not None or any(is_video(f) for f in files)
     for flag in ("timeline", "tracks"):
         if getattr(args, flag) and not videos:
             raise ValueError(f"--{flag} draws or sums up the faces of videos, and none is among the inputs")
@@ -148,8 +166,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     writer = None
     try:
         writer = WRITERS[fmt](out_f, rec.class_names, weights=rec.weights, videos=videos)
-        for r in rec.predict_many(files, crops=args.crops, every=args.every, progress=not args.no_progress,
-                                  keep_images=annotator is not None):
+        results = (rec.predict_many(files, crops=args.crops, every=args.every, progress=not args.no_progress,
+                                    keep_images=annotator is not None) if args.webcam is None
+                   else _camera_results(rec, args, note))
+        for r in results:
             counts[r.status] += 1
             counts["faces"] += len(r.faces)
             if r.frame is not None:
@@ -183,7 +203,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if empty:
             note(f"{video}: no face in {empty} of {n} frames read")
     processed = counts["ok"] + counts["no_face"]
-    summary = (f"{len(files)} file(s): {processed} image(s)/frame(s) read, {counts['faces']} face(s), "
+    source = f"camera {args.webcam}" if args.webcam is not None else f"{len(files)} file(s)"
+    summary = (f"{source}: {processed} image(s)/frame(s) read, {counts['faces']} face(s), "
                f"{counts['no_face']} without a face, {counts['error']} unreadable"
                + (f"; wrote {args.out}" if args.out else "") + (f"; annotated images in {args.annotate}"
                                                                  if args.annotate else "")
@@ -192,7 +213,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     print(f"{PROG}: {summary}; model {rec.model_name}, weights {rec.weights}, TTA {rec.tta} ({passes} forward "
           f"pass{'es' if passes > 1 else ''} a face)", file=sys.stderr)
     if processed == 0:
-        raise ValueError(f"none of the {len(files)} input file(s) could be read (see the messages above)")
+        raise ValueError(f"none of the {len(files)} input file(s) could be read (see the messages above)"
+                         if args.webcam is None else f"camera {args.webcam} gave no frames (see the messages above)")
     return 0
 
 
@@ -257,16 +279,26 @@ def cmd_export(args: argparse.Namespace) -> int:
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Add this package's sub-commands to the ferlab parser."""
     p = sub.add_parser("predict", help="detect faces in photos, folders and videos and classify their expressions",
-                       description="Detect faces (OpenCV Haar cascade), crop them with a margin, and classify them "
+                       description="Detect faces, crop them the way FER2013 frames faces, and classify them "
                        "in batches. Writes one CSV row / JSON entry per face. A file that cannot be read, or has "
                        "no face, gets a message on stderr and the rest go on.")
-    p.add_argument("paths", nargs="+", metavar="PATH", help="images (jpg png webp bmp), videos (mp4 avi mov mkv) "
+    p.add_argument("paths", nargs="*", metavar="PATH", help="images (jpg png webp bmp), videos (mp4 avi mov mkv) "
                    "or folders (searched recursively)")
+    p.add_argument("--webcam", nargs="?", type=int, const=0, default=None, metavar="INDEX",
+                   help="read a camera instead of files (INDEX: the camera's number, default 0): each frame is "
+                        "answered as it is read, with tracks; Ctrl-C (or --max-frames) ends it and writes the outputs")
+    p.add_argument("--max-frames", type=int, default=None, metavar="N", help="--webcam: stop after N frames")
     p.add_argument("--model", default=None, help="run directory, .safetensors checkpoint, shipped model or ensemble "
                    "name (`ferlab models --pretrained`) or exported .onnx file (default: the shipped default model)")
     p.add_argument("--backend", choices=("torch", "onnx"), default=None,
                    help="inference backend (default: onnx for an .onnx model, else torch)")
-    p.add_argument("--detector", default="haar", help="face detector (haar, haar-alt2, none)")
+    p.add_argument("--detector", default=DEFAULT_DETECTOR,
+                   help=f"face detector: {', '.join(sorted(DETECTORS))} (default {DEFAULT_DETECTOR}; mtcnn also "
+                        "gives five landmarks)")
+    p.add_argument("--align", action=argparse.BooleanOptionalAction, default=DEFAULT_ALIGN,
+                   help="rotate and scale each face so that its landmarks fall where FER2013's do (eyes level; "
+                        "needs a detector with landmarks, mtcnn; default: on when the detector gives them and no "
+                        "--margin is set)")
     p.add_argument("--crops", action="store_true", help="every image is already a face crop (no detection)")
     p.add_argument("--every", type=int, default=1, metavar="N", help="videos: classify every N-th frame (default 1)")
     p.add_argument("--format", choices=tuple(WRITERS), default=None,
@@ -275,8 +307,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, metavar="FILE", help="output file (default: standard output)")
     p.add_argument("--annotate", default=None, metavar="DIR", help="write the images with boxes and labels here")
     p.add_argument("--batch-size", type=int, default=128, help="faces per forward pass (default 128)")
-    p.add_argument("--margin", type=float, default=0.1,
-                   help="fraction of the face box added on each side (default 0.1)")
+    p.add_argument("--margin", type=float, default=None,
+                   help="fraction of the face box added on each side (default: cut each box the way FER2013 frames "
+                        "the boxes the detector finds in its faces, measured by bench/framing.py)")
     p.add_argument("--min-face", type=int, default=24, metavar="PIXELS",
                    help="smallest face side to detect (default 24); photos are searched at 1280 pixels on "
                         "their longest side, so on larger ones the floor is 20 x side / 1280 (62 at 4000)")

@@ -1,13 +1,16 @@
 """Face detection and cropping: a registry of detectors (name -> factory), boxes (x, y, w, h), and the crop that
 turns a box into a model input (gray, margin, resized to 48 x 48 with INTER_AREA).
 
-The default detector is OpenCV's Haar cascade (``haarcascade_frontalface_default.xml``, shipped in the
-opencv-python wheels up to 4.x; OpenCV 5 moved the cascades out of the main package). Add a better one with
-:func:`register_detector`: any callable mapping a gray (H, W) uint8 image to an (N, 4) int array of boxes.
+Detectors: OpenCV's Haar cascade (``haar``: ``haarcascade_frontalface_default.xml``, shipped in the opencv-python
+wheels up to 4.x; OpenCV 5 moved the cascades out of the main package) and MTCNN (``mtcnn``, with five landmarks;
+its weights ship with ferlab, see :mod:`ferlab.recognize.mtcnn`). Add another with :func:`register_detector`: any
+callable mapping a gray (H, W) uint8 image to an (N, 4) int array of boxes.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -16,12 +19,22 @@ from typing import Protocol
 import numpy as np
 
 Box = tuple[int, int, int, int]  # x, y, w, h in pixels of the original image
+# How FER2013 frames a face as each detector sees it (bench/framing.py --write): the median detected box and the mean
+# landmarks, in pixels of the 48x48 face
+FRAMING_FILE = Path(__file__).with_name("framing.json")
+# Chosen by the rules in docs/results/detectors.md: the detector with the best recall on labelled photos that keeps
+# 25 frames/s on 640x480 video with the fast model; alignment on landmarks, best on PublicTest's upright and turned
+# faces
+DEFAULT_DETECTOR = "mtcnn"
+DEFAULT_ALIGN: bool | None = None  # None: align when the detector gives landmarks and no margin is set
+FALLBACK_MARGIN = 0.1  # the margin of a detector whose FER2013 framing was not measured
 
 
 class Detector(Protocol):
-    def __call__(self, gray: np.ndarray) -> np.ndarray:
-        """gray (H, W) uint8 -> boxes (N, 4) int (x, y, w, h), largest first."""
-        ...
+    """gray (H, W) uint8 -> boxes (N, 4) int (x, y, w, h), largest first. A detector with a true ``wants_color``
+    attribute is given the (H, W, 3) BGR image instead."""
+
+    def __call__(self, gray: np.ndarray) -> np.ndarray: ...
 
 
 class HaarDetector:
@@ -85,8 +98,15 @@ class WholeImage:
         return np.array([[0, 0, w, h]], np.int64)
 
 
+def _mtcnn(**kw) -> Detector:
+    from ferlab.recognize.mtcnn import MTCNN
+
+    return MTCNN(**kw)
+
+
 DETECTORS: dict[str, Callable[..., Detector]] = {
     "haar": HaarDetector,
+    "mtcnn": _mtcnn,
     "haar-alt2": lambda **kw: HaarDetector(cascade="haarcascade_frontalface_alt2.xml", **kw),
     "none": lambda **kw: WholeImage(),
 }
@@ -130,4 +150,44 @@ def crop_faces(gray: np.ndarray, boxes: np.ndarray, margin: float = 0.1,
             crop = cv2.copyMakeBorder(crop, y0 - y, y + bh - y1, x0 - x, x + bw - x1, cv2.BORDER_REPLICATE)
         interp = cv2.INTER_AREA if bw >= size[1] else cv2.INTER_LINEAR
         out[i, 0] = cv2.resize(crop, (size[1], size[0]), interpolation=interp)
+    return out
+
+
+@functools.cache
+def fer2013_framing(detector: str) -> dict | None:
+    """The measured FER2013 framing of ``detector`` (``box``: median x, y, w, h and, with landmarks, ``landmarks``:
+    five mean x, y, in pixels of the 48x48 face), or None when it was not measured."""
+    if not FRAMING_FILE.is_file():
+        return None
+    return json.loads(FRAMING_FILE.read_text())["detectors"].get(detector)
+
+
+def framed_boxes(boxes: np.ndarray, box48: tuple[float, float, float, float], size: int = 48) -> np.ndarray:
+    """The crops (N, 4) x, y, w, h that frame detected (N, 4) boxes the way a size x size FER2013 face frames its
+    own detected box ``box48`` (x, y, w, h in its pixels)."""
+    b = np.asarray(boxes, np.float64).reshape(-1, 4)
+    bx, by, bw, bh = box48
+    sx, sy = b[:, 2] / bw, b[:, 3] / bh  # image pixels per FER2013 pixel
+    out = np.stack([b[:, 0] - bx * sx, b[:, 1] - by * sy, size * sx, size * sy], 1)
+    return np.round(out).astype(np.int64)
+
+
+def aligned_crops(gray: np.ndarray, landmarks: np.ndarray, template: np.ndarray,
+                  size: tuple[int, int] = (48, 48)) -> np.ndarray:
+    """Faces cut so that their five landmarks (N, 5, 2) land on ``template`` (5, 2), given in pixels of the 48x48
+    FER2013 face: a rotation, scale and shift (eyes level), fitted by least squares. -> (N, 1, *size) uint8.
+
+    The warp goes to 3x the output size, then down with INTER_AREA, so that large faces are not aliased."""
+    import cv2
+
+    up = 3
+    target = np.asarray(template, np.float32) * (size[1] / 48.0) * up
+    out = np.empty((len(landmarks), 1, *size), np.uint8)
+    for i, pts in enumerate(np.asarray(landmarks, np.float32).reshape(-1, 5, 2)):
+        m, _ = cv2.estimateAffinePartial2D(pts, target, method=cv2.LMEDS)
+        if m is None:
+            raise ValueError(f"cannot align face {i}: its landmarks are degenerate")
+        big = cv2.warpAffine(gray, m, (size[1] * up, size[0] * up), flags=cv2.INTER_LINEAR,
+                             borderMode=cv2.BORDER_REPLICATE)
+        out[i, 0] = cv2.resize(big, (size[1], size[0]), interpolation=cv2.INTER_AREA)
     return out

@@ -86,14 +86,14 @@ class FaceService:
         import torch
 
         from ferlab.explain import attribute
-        from ferlab.recognize.detect import crop_faces
         from ferlab.serve.overlay import heat_overlay, png_data_url
 
         rec = self.recognizer
         model, normalizer = self._explain_model
         gray = cv2.cvtColor(image_bgr, cv2.COLOR_BGR2GRAY)  # (H, W), as Recognizer does
         boxes = np.array([f.box for f in faces], np.int64).reshape(-1, 4)  # (F, 4)
-        pix = crop_faces(gray, boxes, rec.margin, rec.backend.input_size)  # (F, 1, 48, 48) uint8: the model input
+        marks = np.array([f.landmarks for f in faces]) if faces and faces[0].landmarks is not None else None
+        pix = rec.crops(gray, boxes, marks)  # (F, 1, 48, 48) uint8: the model input
         x = normalizer(torch.from_numpy(pix).float() / 255.0)  # (F, 1, 48, 48)
         target = torch.tensor([self.class_names.index(f.label) for f in faces])  # (F,) explain the shown label
         heat = attribute(model, x, method=self.explain_method, target=target)  # (F, 48, 48) in [0, 1]

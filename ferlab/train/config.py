@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ferlab import hardware
+from ferlab.data.ferplus import LABEL_MODES
 from ferlab.hardware import PRECISIONS
 from ferlab.transforms import AUGMENT_PRESETS, NORMALIZE_MODES, PROGRESSIVE_MULTIPLE, TTA_MODES, AugmentConfig
 
@@ -22,6 +23,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "normalize": NORMALIZE_MODES,
     "precision": PRECISIONS,
     "monitor": ("val_acc", "val_loss"),
+    "label_mode": LABEL_MODES,
 }
 
 # Options that do not change what a run learns: where the data file lives (its content is checked by its
@@ -43,6 +45,8 @@ class TrainConfig:
     val_fraction: float = 0.1  # carved from train (stratified) when the source has no validation split
     split_seed: int = 0
     synthetic: dict[str, Any] = field(default_factory=dict)  # make_synthetic() arguments
+    labels: str = "fer2013"  # the data's own labels; "ferplus" (or a fer2013new.csv path): FER+ crowd labels
+    label_mode: str = "majority"  # FER+ targets: majority, probability (a label drawn per batch), crossentropy (soft)
     # preprocessing
     normalize: str = "dataset"
     augment: str | dict[str, Any] = "standard"  # a preset name (see transforms.AUGMENT_PRESETS) or options
@@ -115,6 +119,8 @@ class TrainConfig:
         if self.size_start and not 1 <= self.size_ramp_epochs <= self.epochs:
             raise ValueError(f"size_ramp_epochs must be in [1, epochs={self.epochs}] with size_start set, "
                              f"got {self.size_ramp_epochs}")
+        if self.label_mode != "majority" and self.labels in ("", "fer2013"):
+            raise ValueError(f"label_mode {self.label_mode!r} needs vote distributions: use it with labels = 'ferplus'")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
 
@@ -164,6 +170,10 @@ FIELD_HELP: dict[str, str] = {
     "split_seed": "seed of that carving",
     "synthetic": "options of the embedded synthetic data as JSON, e.g. '{\"n_train\": 2000, \"seed\": 1}' (used "
                  "when there is no data path)",
+    "labels": "label source: fer2013 (the data's own labels) or ferplus (FER+ crowd votes, 8 classes; a "
+              "fer2013new.csv beside the data or in a sibling ferplus/ folder, or give its path)",
+    "label_mode": "how FER+ votes train: majority (the top emotion), probability (a label drawn from the votes per "
+                  "batch) or crossentropy (the vote distribution as a soft target)",
     "normalize": "input normalisation: none (0..255), unit ([0, 1]), image (per-image standardisation), dataset "
                  "(the training split's mean and std)",
     "augment": "online augmentation: a preset (none, flip, keras, standard) or JSON options "

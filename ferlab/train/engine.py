@@ -80,12 +80,16 @@ def train_one_epoch(
     precision: str = "bf16",
     channels_last: bool = True,
     on_step: Callable[[], None] | None = None,
+    sample_labels: bool = False,
     progress: bool = True,
     desc: str = "train",
     rank: int = 0,
     world_size: int = 1,
 ) -> dict[str, float]:
     """One pass over (images (N, 1, H, W) uint8, labels (N,) int64) on the model's device.
+
+    ``labels`` may instead be (N, K) float label distributions (FER+ votes): they are soft cross-entropy targets, or,
+    with ``sample_labels``, each batch draws a hard label per image from them; accuracy counts their argmax.
 
     ``size`` trains on images resized to size x size after augmentation (progressive resizing; None or their own
     size: as they are). ``batch_size`` is the global batch; with ``world_size`` > 1 (a DDP-wrapped model) this rank
@@ -106,7 +110,9 @@ def train_one_epoch(
     aug_g = g if world_size == 1 else torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=g)) + rank)
     bar = tqdm(local_batches, desc=desc, disable=not progress, leave=False, mininterval=1.0, dynamic_ncols=True)
     for step, idx in enumerate(bar):
-        y = labels[idx]  # (b,)
+        y = labels[idx]  # (b,) class ids or (b, K) distributions
+        if y.ndim == 2 and sample_labels:
+            y = torch.multinomial(y, 1, generator=aug_g).squeeze(1)  # (b,) drawn from each image's votes
         x01 = augment(to_unit(images[idx]), aug, aug_g)  # (b, 1, H, W) in [0, 1]
         if size is not None:
             x01 = resize(x01, size)  # (b, 1, size, size)
@@ -132,7 +138,8 @@ def train_one_epoch(
             on_step()
         loss_sum += loss.item() * len(y)
         pred = logits.argmax(1)
-        correct += lam * (pred == y).sum().item() + (1.0 - lam) * (pred == y_mix).sum().item()
+        y_top, y_mix_top = (y, y_mix) if y.ndim == 1 else (y.argmax(1), y_mix.argmax(1))
+        correct += lam * (pred == y_top).sum().item() + (1.0 - lam) * (pred == y_mix_top).sum().item()
         seen += len(y)
         bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}", refresh=False)
     bar.close()

@@ -32,6 +32,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 import ferlab
 from ferlab import hardware
 from ferlab.checkpoint import BEST, LAST_STATE, CheckpointError, save_checkpoint
+from ferlab.data.ferplus import apply_labels
 from ferlab.data.source import open_data
 from ferlab.data.splits import train_val_test
 from ferlab.data.types import FerData
@@ -66,11 +67,13 @@ def init_weights(model: nn.Module, scheme: str) -> None:
 
 @dataclass
 class Prepared:
-    """The data of a run, as tensors: images (N, 1, 48, 48) uint8 and labels (N,) int64 per split."""
+    """The data of a run, as tensors: images (N, 1, 48, 48) uint8 and labels (N,) int64 per split (the training
+    split's labels are (N, K) float vote distributions in the FER+ probability and crossentropy modes)."""
 
     data: FerData
     splits: dict[str, np.ndarray]
     tensors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    labels: dict[str, str] | None = None  # where the labels came from when not the data's own (FER+)
 
 
 def split_protocol(data: FerData, cfg: TrainConfig, splits: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -83,6 +86,8 @@ def split_protocol(data: FerData, cfg: TrainConfig, splits: dict[str, np.ndarray
                 f"(seed {cfg.split_seed}); select on val; test used only to report")
     else:
         text = "train on train; select on val (the source's own split); test used only to report"
+    if cfg.labels not in ("", "fer2013"):
+        text += "; FER+ labels (selected and scored on the majority vote)"
     return {
         "text": text,
         "val_carved": carved,
@@ -95,6 +100,7 @@ def split_protocol(data: FerData, cfg: TrainConfig, splits: dict[str, np.ndarray
 def prepare(cfg: TrainConfig, progress: bool = True) -> Prepared:
     """Load the data named by the config and split it by the protocol."""
     data = open_data(cfg.data, skip_bad=cfg.skip_bad, synthetic=cfg.synthetic, progress=progress)
+    data, label_info = apply_labels(data, cfg.labels, cfg.data)
     splits = train_val_test(data, val_fraction=cfg.val_fraction, seed=cfg.split_seed)
     if not len(splits["train"]) or not len(splits["val"]):
         raise ValueError(f"{data.source}: need labelled train and val rows, got sizes "
@@ -103,7 +109,9 @@ def prepare(cfg: TrainConfig, progress: bool = True) -> Prepared:
         name: (torch.from_numpy(data.images[idx]).unsqueeze(1), torch.from_numpy(data.labels[idx]).long())
         for name, idx in splits.items()
     }
-    return Prepared(data, splits, tensors)
+    if cfg.label_mode != "majority":  # train on the vote distributions (N, K); val and test keep majority labels
+        tensors["train"] = (tensors["train"][0], torch.from_numpy(data.targets[splits["train"]]).float())
+    return Prepared(data, splits, tensors, label_info)
 
 
 def build_meta(cfg: TrainConfig, model: nn.Module, normalizer: Normalizer, prep: Prepared) -> dict[str, Any]:
@@ -123,6 +131,7 @@ def build_meta(cfg: TrainConfig, model: nn.Module, normalizer: Normalizer, prep:
             "synthetic": cfg.synthetic if cfg.data is None else None,
         },
         "split": split_protocol(d, cfg, prep.splits),
+        **({"labels": prep.labels} if prep.labels else {}),
         "train": cfg.to_dict(),
     }
 
@@ -291,6 +300,8 @@ def _training_data(cfg: TrainConfig, prep: Prepared, ddp: distributed.Session
     x_val, y_val = prep.tensors["val"]
     normalizer = Normalizer.fit(cfg.normalize, x_train.numpy())
     if cfg.offline_copies:
+        if y_train.ndim != 1:
+            raise ValueError(f"offline_copies needs hard labels; label_mode {cfg.label_mode!r} trains on distributions")
         xi, yi = expand_offline(x_train.squeeze(1).numpy(), y_train.numpy(), cfg.offline_copies,
                                 cfg.augment_config(), seed=cfg.seed)
         x_train, y_train = torch.from_numpy(xi).unsqueeze(1), torch.from_numpy(yi).long()
@@ -454,7 +465,8 @@ def _epochs(run: Run, ddp: distributed.Session, governor: hardware.ThreadGoverno
             normalizer=run.normalizer, g=seeds.epoch_generator(cfg.seed, epoch), label_smoothing=cfg.label_smoothing,
             size=side, mixup=cfg.mixup, cutmix=cfg.cutmix, teacher=run.teacher, distill_weight=cfg.distill_weight,
             precision=cfg.precision, channels_last=cfg.channels_last, on_step=on_step,
-            progress=progress, desc=f"epoch {epoch + 1}/{cfg.epochs}", rank=ddp.rank, world_size=ddp.world_size,
+            sample_labels=cfg.label_mode == "probability", progress=progress, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            rank=ddp.rank, world_size=ddp.world_size,
         )
         ddp.broadcast_buffers(net)  # rank 0's BatchNorm statistics everywhere, as in the saved model
         if ema is not None:
