@@ -16,6 +16,7 @@ CLASS_NAMES: tuple[str, ...] = ("Angry", "Disgust", "Fear", "Happy", "Sad", "Sur
 _LAZY: dict[str, str] = {
     "Recognizer": "ferlab.recognize.api",
     "Face": "ferlab.recognize.api",
+    "to_dataframe": "ferlab.recognize.api",
     "load_model": "ferlab.inference.loader",
 }
 

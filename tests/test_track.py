@@ -196,3 +196,15 @@ def test_webcam_mode_answers_each_frame_with_tracks_until_max_frames(two_face_vi
     assert "camera 0: 8 image(s)/frame(s) read" in capsys.readouterr().err
     assert main(["predict", "--webcam", "3", "--no-progress"]) == 2  # no such camera: a clear error
     assert "camera 3: cannot open it" in capsys.readouterr().err
+
+
+def test_to_dataframe_has_a_row_per_tracked_face(two_face_video):
+    from ferlab import Recognizer, to_dataframe
+
+    path, _ = two_face_video
+    results = list(Recognizer().track(path, every=4))
+    df = to_dataframe(results)
+    assert len(df) == sum(len(r.faces) for r in results) > 0
+    assert {"file", "frame", "time", "track", "label", "p_Happy", "s_Happy"} <= set(df.columns)
+    assert (df["time"] == df["frame"] / FPS).all()
+    assert len(to_dataframe(results[0].faces)) == len(results[0].faces)

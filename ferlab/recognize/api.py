@@ -96,6 +96,24 @@ class Result:
         return "error" if self.error else "ok" if self.faces else "no_face"
 
 
+def to_dataframe(items: Iterable[Result | Face]) -> Any:
+    """A pandas DataFrame with one row per face of ``items`` (Results, as ``predict_many``, ``track`` and ``camera``
+    yield, or Faces, as ``predict`` returns): file, frame, time, track, face, x, y, w, h, label, score, the
+    probabilities ``p_<class>`` and, for tracked faces, the smoothed ``s_<class>``."""
+    import pandas as pd
+
+    rows = []
+    for item in items:
+        for f in item.faces if isinstance(item, Result) else [item]:
+            x, y, w, h = f.box
+            row = {"file": f.file, "frame": f.frame, "time": f.time, "track": f.track, "face": f.index, "x": x,
+                   "y": y, "w": w, "h": h, "label": f.label, "score": f.score}
+            row |= {f"p_{c}": v for c, v in f.probabilities.items()}
+            row |= {f"s_{c}": v for c, v in (f.smoothed or {}).items()}
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def load_image(image: ImageInput, color: str = "rgb", max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """A path, encoded bytes or array -> (H, W, 3) uint8 BGR. Arrays are RGB unless ``color='bgr'`` (OpenCV)."""
     if isinstance(image, str | Path):

@@ -31,7 +31,8 @@ NOT_HASHED = NOT_LEARNED  # TrainConfig fields that do not change what a run lea
 # their defaults, which reproduce the old behaviour exactly) keep their hashes.
 HASHED_WHEN_SET: dict[str, object] = {"mixup": 0.0, "cutmix": 0.0, "ema_decay": 0.0, "teachers": [],
                                       "distill_weight": 0.5, "distill_temperature": 4.0, "size_start": 0,
-                                      "size_ramp_epochs": 0, "distill_offline": ""}
+                                      "size_ramp_epochs": 0, "distill_offline": "", "labels": "fer2013",
+                                      "label_mode": "majority"}
 STATUSES = ("trained", "resumed", "reused")
 
 
