@@ -106,10 +106,8 @@ def evaluate_checkpoints(
     for m in loaded:
         probs = m.probabilities(x, tta=tta, batch_size=batch_size, progress=progress, desc=Path(m.source).name,
                                 precision=precision)
-        if list(m.class_names) != list(loaded[0].class_names):
-            raise ValueError(f"{m.source} predicts {', '.join(m.class_names)}; {loaded[0].source} predicts "
-                             f"{', '.join(loaded[0].class_names)}: an ensemble needs the same classes")
-        probs = probs[:, :keep_outputs] / probs[:, :keep_outputs].sum(1, keepdims=True)
+        if keep_outputs < probs.shape[1]:  # members share their classes (load_members checks)
+            probs = probs[:, :keep_outputs] / probs[:, :keep_outputs].sum(1, keepdims=True)
         probs_all.append(probs)
         fp_ok = m.meta["data"]["fingerprint"] == data.fingerprint  # also without --data: the file may have changed
         result = m.meta.get("result", {})
