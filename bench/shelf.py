@@ -33,14 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--page-only", action="store_true", help="only rewrite the page from the manifest")
     args = ap.parse_args(argv)
 
-    import numpy as np
     import torch
 
     from ferlab.checkpoint import atomic_write
-    from ferlab.data.ferplus import apply_labels
-    from ferlab.data.source import label_source, open_data
-    from ferlab.evaluate import split_rows
-    from ferlab.inference.loader import load_model
+    from ferlab.data.source import open_data
     from ferlab.inference.predict import combine
     from ferlab.pretrained import list_pretrained, manifest_path
 
@@ -50,24 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     entries = {e["name"]: e for e in list_pretrained()}
     wanted = args.names or list(entries)
     singles = sorted({m for n in wanted for m in (entries[n].get("members") or [n])})
-    data = open_data(args.data)
-    probs: dict[tuple[str, str, str], np.ndarray] = {}  # (name, split, mode) -> (N, K)
-    labels: dict[tuple[str, str], np.ndarray] = {}  # (label source, split) -> (N,)
-    by_source = {}  # label source (fer2013, or FER+ for a model trained on it) -> the data under those labels
-    source_of = {}
-    for name in singles:
-        model = load_model(name)
-        src = source_of[name] = label_source(model.meta)
-        if src not in by_source:
-            by_source[src] = apply_labels(data, src, args.data)[0]
-        d = by_source[src]
-        for split in SPLITS:
-            idx = split_rows(d, model.meta, split)
-            labels[src, split] = d.labels[idx]
-            x = torch.from_numpy(d.images[idx]).unsqueeze(1)  # (N, 1, 48, 48) uint8
-            views = model.view_logits(x, tta="affine", progress=True, desc=f"{name} {split}")  # (18, N, K)
-            for mode, v in MODES.items():
-                probs[name, split, mode] = views[:v].mean(0).softmax(1).numpy()
+    logits, labels, source_of = mode_logits(singles, open_data(args.data), args.data, MODES)
+    probs = {k: torch.from_numpy(z).softmax(1).numpy() for k, z in logits.items()}  # (name, split, mode) -> (N, K)
     manifest = json.loads(manifest_path().read_text())
     print(f"{'name':<28} " + " ".join(f"{s + ' ' + m:>12}" for s in SPLITS for m in MODES))
     for name in wanted:
@@ -84,6 +64,36 @@ def main(argv: list[str] | None = None) -> int:
         write_page(Path(args.page))
         print(f"updated {manifest_path()} and {args.page}")
     return 0
+
+
+def mode_logits(names: list[str], data, data_path: str, modes: dict[str, int]) -> tuple[dict, dict, dict]:
+    """Each shipped single model's mean logits (N, K) per split and TTA mode (the modes' views are nested, so the
+    18 affine views are predicted once), scored faces' labels under the model's own label source, and that source.
+
+    Returns ``logits[name, split, mode]``, ``labels[source, split]`` and ``source_of[name]``.
+    """
+    import torch
+
+    from ferlab.data.ferplus import apply_labels
+    from ferlab.data.source import label_source
+    from ferlab.evaluate import split_rows
+    from ferlab.inference.loader import load_model
+
+    logits, labels, source_of, by_source = {}, {}, {}, {}
+    for name in names:
+        model = load_model(name)
+        src = source_of[name] = label_source(model.meta)
+        if src not in by_source:  # fer2013, or FER+ for a model trained on it: the data under those labels
+            by_source[src] = apply_labels(data, src, data_path)[0]
+        d = by_source[src]
+        for split in SPLITS:
+            idx = split_rows(d, model.meta, split)
+            labels[src, split] = d.labels[idx]
+            x = torch.from_numpy(d.images[idx]).unsqueeze(1)  # (N, 1, 48, 48) uint8
+            views = model.view_logits(x, tta="affine", progress=True, desc=f"{name} {split}")  # (18, N, K)
+            for mode, v in modes.items():
+                logits[name, split, mode] = views[:v].mean(0).numpy()
+    return logits, labels, source_of
 
 
 def write_page(path: Path) -> None:
@@ -123,9 +133,11 @@ Weights shipped together: {total:.1f} MB.
 |---|---|---|---|---:|{'---:|' * (len(SPLITS) * len(MODES))}
 """ + "\n".join(rows) + """
 
-Roles: `default` is what `ferlab predict`, `ferlab serve` and `Recognizer()` use without a model name: the
-single net with the highest PublicTest accuracy without TTA (their default mode); `most-accurate` is the
-ensemble; `fast` the smallest net; `ensemble-member` marks the nets the ensemble averages. Test-time
+Roles: `default` is what `ferlab predict`, `ferlab serve` and `Recognizer()` use without a model name, chosen by
+a written rule that weighs FER+ agreement and the corruption benchmark on PublicTest
+([results/robustness.md](results/robustness.md#the-default-model)); `best-single` is the FER2013 net with the
+highest PublicTest accuracy without TTA; `most-accurate` is the ensemble; `fast` the smallest net;
+`ensemble-member` marks the nets the ensemble averages. Test-time
 augmentation: `flip` is 2 views per face, `shift` 10, `affine` 18, each one forward pass of every member.
 Labels: the accuracies of a `fer2013` model are against FER2013's labels; those of a `ferplus` model (8 classes,
 role `ferplus`) against the FER+ majority vote on the faces FER+ keeps, selected on FER+ PublicTest

@@ -94,7 +94,7 @@ def _shelf_rows() -> list[dict[str, Any]]:
 
 def _print_pretrained(as_json: bool) -> int:
     """The shipped models and ensembles with roles, stated accuracies (measured on the shipped files) and sizes."""
-    from ferlab.pretrained import manifest_path
+    from ferlab.pretrained import DEFAULT_RULE, default_rule_score, manifest_path
 
     rows = _shelf_rows()
     if as_json:
@@ -106,23 +106,36 @@ def _print_pretrained(as_json: bool) -> int:
     nw = max(24, *(len(r["name"]) for r in rows))
     rw = max(5, *(len(",".join(r["roles"])) for r in rows))
     head = (f"{'name':<{nw}} {'roles':<{rw}} {'nets':>4} {'labels':<7} {'MFLOPs':>7} {'speed':<8} {'MB':>5}  "
-            f"{'PublicTest':>10} {'flip':>7} {'affine':>7}  {'PrivateTest':>11} {'flip':>7} {'affine':>7}")
+            f"{'PublicTest':>10} {'flip':>7} {'affine':>7}  {'PrivateTest':>11} {'flip':>7} {'affine':>7}  "
+            f"{'FER+ val':>8} {'mCA val':>7} {'rule':>7} {'ECE':>6}")
     print(head)
     print("-" * len(head))
     for r in rows:
+        rob = r.get("robustness", {}).get("val", {})
+        score = default_rule_score(r)
+        ece = r.get("calibration", {}).get("ece", {}).get("test", {}).get("none", {}).get("after")
         print(f"{r['name']:<{nw}} {','.join(r['roles']) or '-':<{rw}} {len(r.get('members', [])) or 1:>4} "
               f"{r.get('labels', 'fer2013'):<7} "
               f"{r.get('mflops', float('nan')):>7.0f} {r.get('speed', '?'):<8} {r.get('size_bytes', 0) / 1e6:>5.1f}  "
               f"{_pct(r, 'val', 'plain'):>10} {_pct(r, 'val', 'tta'):>7} {_pct(r, 'val', 'affine'):>7}  "
-              f"{_pct(r, 'test', 'plain'):>11} {_pct(r, 'test', 'tta'):>7} {_pct(r, 'test', 'affine'):>7}")
-    print("\nRoles: default = what predict and serve use when no --model is given (the single net with the "
-          "highest PublicTest accuracy without TTA); most-accurate = the ensemble; fast = the smallest, for slow "
-          "machines; ferplus = the best model trained on FER+ labels (8 classes), its accuracies against FER+ majority "
-          "votes. Accuracies measured "
+              f"{_pct(r, 'test', 'plain'):>11} {_pct(r, 'test', 'tta'):>7} {_pct(r, 'test', 'affine'):>7}  "
+              f"{_fmt(rob.get('ferplus_agreement')):>8} {_fmt(rob.get('ferplus', {}).get('mean_corruption')):>7} "
+              f"{_fmt(score):>7} {_fmt(ece):>6}")
+    print("\nRoles: default = what predict and serve use when no --model is given, chosen by the rule below; "
+          "most-accurate = the ensemble; fast = the smallest, for slow machines; ferplus = the best model trained on "
+          "FER+ labels (8 classes), its accuracies against FER+ majority votes. Accuracies measured "
           "on the shipped files with `ferlab evaluate --pretrained NAME --data fer2013.csv --split val|test "
           "[--tta flip|affine]` (bench/shelf.py): trained on Training, chosen on PublicTest, PrivateTest only "
-          "reported. MFLOPs per face without TTA; --tta flip doubles it, affine multiplies it by 18.")
+          "reported. MFLOPs per face without TTA; --tta flip doubles it, affine multiplies it by 18. "
+          "FER+ val: agreement with the FER+ majority on PublicTest (7 classes); mCA val: mean accuracy against it "
+          "on the PublicTest corruption benchmark (bench/robustness.py); rule: their mean; ECE: expected "
+          "calibration error on PrivateTest without TTA, after the shipped temperature (bench/calibration.py).\n")
+    print("Default rule: " + DEFAULT_RULE)
     return 0
+
+
+def _fmt(v: float | None) -> str:
+    return f"{v:.1%}" if v is not None else "-"
 
 
 # --------------------------------------------------------------------------- train
@@ -284,6 +297,20 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- robustness
+def cmd_robustness(args: argparse.Namespace) -> int:
+    from ferlab.robustness import format_robustness, robustness
+
+    specs = list(args.checkpoints) + list(args.pretrained or [])
+    if not specs:
+        raise ValueError("name the model to measure: a run directory, a .safetensors file or --pretrained NAME")
+    report = robustness(specs, split=args.split, data_path=args.data, faces=None if args.faces == 0 else args.faces,
+                        seed=args.seed, corruptions=args.corruptions, tta=args.tta, labels=args.labels,
+                        progress=not (args.json or args.no_progress))
+    print(json.dumps(report, indent=2) if args.json else format_robustness(report))
+    return 0
+
+
 # --------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     from ferlab import __version__
@@ -339,6 +366,28 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print JSON")
     e.add_argument("--no-progress", action="store_true", help="no progress bars (for logs; --json implies it)")
     e.set_defaults(func=cmd_evaluate)
+
+    from ferlab.corruptions import CORRUPTIONS, DEFAULT_FACES, DEFAULT_SEED
+
+    rb = sub.add_parser("robustness", help="the corruption benchmark: accuracy on 13 corruptions x 5 severities")
+    rb.add_argument("checkpoints", nargs="*", metavar="RUN_OR_CKPT",
+                    help="run directories, .safetensors checkpoints or shipped names (several: their ensemble)")
+    rb.add_argument("--pretrained", action="append", metavar="NAME", help="a shipped model; repeatable")
+    rb.add_argument("--split", default="val", choices=("val", "test"),
+                    help="val (default; PublicTest, to choose on) or test (PrivateTest, to report)")
+    rb.add_argument("--data", help="data path (default: the data the model was trained on)")
+    rb.add_argument("--faces", type=int, default=DEFAULT_FACES,
+                    help=f"a seeded sample of this many faces of the split (default {DEFAULT_FACES}; 0: all)")
+    rb.add_argument("--seed", type=int, default=DEFAULT_SEED,
+                    help=f"seeds the sample and every corruption (default {DEFAULT_SEED})")
+    rb.add_argument("--corruptions", nargs="+", choices=list(CORRUPTIONS), metavar="NAME",
+                    help="only these (default: all): " + ", ".join(CORRUPTIONS))
+    rb.add_argument("--tta", **tta_argument())
+    rb.add_argument("--labels", help="score against fer2013 or ferplus (default: the labels the model was "
+                                     "trained on)")
+    rb.add_argument("--json", action="store_true", help="print JSON")
+    rb.add_argument("--no-progress", action="store_true", help="no progress bars (--json implies it)")
+    rb.set_defaults(func=cmd_robustness)
 
     pc = sub.add_parser("predict-csv", help="write a Kaggle-style submission (id,label) for an unlabelled CSV")
     pc.add_argument("checkpoint", metavar="RUN_OR_CKPT", help="run directory, .safetensors checkpoint or shipped name")

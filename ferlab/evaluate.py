@@ -11,9 +11,9 @@ import numpy as np
 import torch
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
-from ferlab.data.source import data_for, split_rows  # noqa: F401 (part of this module's API)
-from ferlab.data.types import FerData
+from ferlab.data.source import data_for, shared_classes, split_rows  # noqa: F401 (part of this module's API)
 from ferlab.inference import loader
+from ferlab.inference.calibration import ece, scaled_probabilities
 from ferlab.inference.loader import load_members
 from ferlab.inference.predict import combine
 from ferlab.transforms import tta_mode
@@ -45,24 +45,6 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray, class_names: S
     }
 
 
-def _shared_classes(data: FerData, idx: np.ndarray, model_classes: Sequence[str]) -> tuple[np.ndarray, int, str]:
-    """Rows ``idx`` scored on the classes the model and the labels share: (rows, model outputs kept, a note).
-
-    The labels' classes and the model's must be equal or one a prefix of the other (FER2013's 7, FER+'s 8)."""
-    model_classes, label_classes = list(model_classes), list(data.class_names)
-    k = min(len(model_classes), len(label_classes))
-    if model_classes[:k] != label_classes[:k]:
-        raise ValueError(f"the model predicts {', '.join(model_classes)} but {data.source} is labelled "
-                         f"{', '.join(label_classes)}")
-    if len(label_classes) > k:  # e.g. a FER2013 model against FER+ labels: leave out the faces of extra classes
-        kept = idx[data.labels[idx] < k]
-        extra = ", ".join(label_classes[k:])
-        return kept, k, f"{len(idx) - len(kept)} faces labelled {extra} left out: the model has no such class"
-    if len(model_classes) > k:
-        return idx, k, f"the model's {', '.join(model_classes[k:])} output dropped: the labels have no such class"
-    return idx, k, ""
-
-
 def checkpoint_precision(meta: dict[str, Any], requested: str = "auto") -> str:
     """The precision to run a checkpoint (its metadata ``meta``) in; see
     :func:`ferlab.inference.loader.checkpoint_precision`."""
@@ -92,20 +74,22 @@ def evaluate_checkpoints(
     Writes metrics.json and confusion.png (counts and row-normalised) to ``out_dir``.
     """
     tta = tta_mode(tta)
-    loaded = load_members(list(paths)).members  # an ensemble's name contributes its members
+    model = load_members(list(paths))
+    loaded = model.members  # an ensemble's name contributes its members
     first_meta = loaded[0].meta
     data = data_for(first_meta, data_path, progress, labels=labels)
     idx = split_rows(data, first_meta, split)
     class_names = loaded[0].class_names
-    idx, keep_outputs, label_note = _shared_classes(data, idx, class_names)
+    idx, keep_outputs, label_note = shared_classes(data, idx, class_names)
     x = torch.from_numpy(data.images[idx]).unsqueeze(1)  # (N, 1, 48, 48) uint8
     y = data.labels[idx]
     class_names = class_names[:keep_outputs]
 
     members, probs_all = [], []
     for m in loaded:
+        # an ensemble averages its members' uncalibrated probabilities, then applies its own temperature (below)
         probs = m.probabilities(x, tta=tta, batch_size=batch_size, progress=progress, desc=Path(m.source).name,
-                                precision=precision)
+                                precision=precision, calibrated=len(loaded) == 1)
         if keep_outputs < probs.shape[1]:  # members share their classes (load_members checks)
             probs = probs[:, :keep_outputs] / probs[:, :keep_outputs].sum(1, keepdims=True)
         probs_all.append(probs)
@@ -117,7 +101,10 @@ def evaluate_checkpoints(
             "same_data_as_training": fp_ok, "precision": m.run_precision(precision),
         })
     probs = combine(probs_all)
+    if len(loaded) > 1 and model.temperature(tta) != 1.0:  # a shipped ensemble's calibration
+        probs = scaled_probabilities(np.log(np.maximum(probs, 1e-12)), model.temperature(tta))
     metrics = classification_metrics(y, probs, class_names)
+    metrics["ece"] = ece(probs, y) if len(y) else float("nan")  # calibration of the probabilities scored
     report = {
         "split": split, "data": data.source, "data_fingerprint": data.fingerprint, "tta": tta,
         "labels": "ferplus" if data.targets is not None else "source", "label_note": label_note,
@@ -148,7 +135,8 @@ def format_report(report: dict[str, Any]) -> str:
         warn = "" if m["same_data_as_training"] else "  (data differs from training data)"
         lines.append(f"  {m['model']:<18} acc {m['accuracy']:.4f}  [{m['checkpoint']}]{warn}")
     label = f"ensemble of {len(report['members'])}" if report["ensemble"] else "accuracy"
-    lines.append(f"{label}: {report['accuracy']:.4f}   macro-F1 {report['macro_f1']:.4f}"
+    lines.append(f"{label}: {report['accuracy']:.4f}   macro-F1 {report['macro_f1']:.4f}   "
+                 f"ECE {report.get('ece', float('nan')):.4f}"
                  + (f"   ({report['tta']} TTA)" if report["tta"] not in (False, "none") else ""))
     lines.append(f"  {'class':<10} {'precision':>9} {'recall':>7} {'f1':>6} {'support':>8}")
     for name, c in report["per_class"].items():

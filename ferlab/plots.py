@@ -64,3 +64,32 @@ def plot_confusion(cm: np.ndarray, class_names: Sequence[str], path: str | Path,
         fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def plot_reliability(panels: Sequence[tuple[str, object, object]], path: str | Path, title: str = "") -> None:
+    """Reliability diagrams, one panel per model: accuracy against mean confidence per confidence bin, before
+    and after calibration. panels: (name, before, after), each a :class:`ferlab.inference.calibration.Reliability`.
+    """
+    cols = min(4, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig = _figure(4.2 * cols, 4.2 * rows + 0.4)
+    axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
+    for ax in axes[len(panels):]:
+        ax.axis("off")
+    for ax, (name, before, after) in zip(axes, panels, strict=False):
+        ax.plot([0, 1], [0, 1], ":", color="0.5", label="perfect calibration")
+        for rel, label, style in ((before, "uncalibrated", "o--"), (after, "temperature-scaled", "s-")):
+            keep = rel.count > 0
+            ax.plot(rel.confidence[keep], rel.accuracy[keep], style, ms=4,
+                    label=f"{label} (ECE {rel.ece:.1%})")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("confidence (top probability)")
+        ax.set_ylabel("accuracy")
+        ax.set_title(name, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="upper left")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)

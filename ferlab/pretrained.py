@@ -159,3 +159,41 @@ def default_name() -> str:
         raise ValueError("no pretrained model is shipped in this build: pass a run directory or a .safetensors "
                          "checkpoint, e.g. Recognizer('runs/fer-resnet-s') or --model runs/fer-resnet-s")
     return next((e["name"] for e in shipped if "default" in e["roles"] or e.get("default")), shipped[0]["name"])
+
+
+DEFAULT_RULE = (
+    "The default model (what `ferlab predict`, `ferlab serve` and `Recognizer()` use without a model name) is the "
+    "shipped single net with the highest score (A + C) / 2, where A is its agreement with the FER+ majority vote "
+    "on PublicTest (every face whose majority is one of FER2013's 7 classes, predicted without TTA) and C its "
+    "mean accuracy against the same FER+ labels over the 65 sets of the PublicTest corruption benchmark "
+    "(`bench/robustness.py`). FER2013-label accuracy does not enter: it rewards fitting FER2013's noisy labels, "
+    "which is what makes a model fail on other faces. Ensembles are not candidates (they cost one forward pass "
+    "per member and stay opt-in); an 8-class FER+ net is one, scored with all its outputs (a Contempt answer on "
+    "these faces counts as a miss, as it would in use). A score within 0.3 points of the best goes to the net "
+    "with fewer parameters. Nothing measured on PrivateTest enters the rule."
+)
+RULE_TIE = 0.003
+
+
+def default_rule_score(entry: dict[str, Any]) -> float | None:
+    """The default rule's score of a manifest entry (see :data:`DEFAULT_RULE`); None when it is no candidate or
+    has not been measured (``bench/robustness.py --write`` measures it)."""
+    val = entry.get("robustness", {}).get("val")
+    if entry.get("kind", "single") != "single" or not val:
+        return None
+    return (val["ferplus_agreement"] + val["ferplus"]["mean_corruption"]) / 2
+
+
+def apply_default_rule(manifest: dict[str, dict[str, Any]]) -> tuple[str, dict[str, float]]:
+    """Give the ``default`` role to the entry :data:`DEFAULT_RULE` picks (in place); returns it and the scores."""
+    scores = {n: s for n, e in manifest.items() if (s := default_rule_score(e)) is not None}
+    if not scores:
+        raise ValueError("no shipped single model has been measured for the default rule (bench/robustness.py)")
+    best = max(scores.values())
+    close = [n for n, s in scores.items() if s >= best - RULE_TIE]
+    chosen = min(close, key=lambda n: (manifest[n].get("params", 0), -scores[n]))
+    for name, entry in manifest.items():
+        roles = [r for r in entry.get("roles", []) if r != "default"]
+        entry["roles"] = (["default"] + roles) if name == chosen else roles
+        entry.pop("default", None)  # the legacy flag
+    return chosen, scores

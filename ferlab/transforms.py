@@ -67,6 +67,11 @@ class AugmentConfig:
     zoom: max relative zoom (0.1 -> scale in [0.9, 1.1]); hflip: flip half the images;
     crop_pad: random crop of the image padded by this many pixels; erase_p: probability
     of random erasing (area 2-20%); fill: ``nearest`` (Keras' default) or ``zeros``.
+
+    Photometric and camera changes, for faces from other cameras (each 0 = off): brightness: max shift of the
+    level (fraction of white); contrast: max relative change of the contrast; gamma: max tone-curve exponent
+    (x^g with log g uniform in [-log gamma, log gamma]); blur_p: probability of a Gaussian blur of random
+    strength (sigma up to 1.5 pixels); noise: max standard deviation of added Gaussian noise.
     """
 
     rotation: float = 0.0
@@ -77,14 +82,23 @@ class AugmentConfig:
     crop_pad: int = 0
     erase_p: float = 0.0
     fill: str = "nearest"
+    brightness: float = 0.0
+    contrast: float = 0.0
+    gamma: float = 0.0
+    blur_p: float = 0.0
+    noise: float = 0.0
 
     @property
     def has_affine(self) -> bool:
         return any(v != 0 for v in (self.rotation, self.shift, self.shear, self.zoom))
 
     @property
+    def has_photometric(self) -> bool:
+        return any(v != 0 for v in (self.brightness, self.contrast, self.gamma, self.blur_p, self.noise))
+
+    @property
     def is_identity(self) -> bool:
-        return not (self.has_affine or self.hflip or self.crop_pad or self.erase_p)
+        return not (self.has_affine or self.hflip or self.crop_pad or self.erase_p or self.has_photometric)
 
     @classmethod
     def from_dict(cls, d: dict | None) -> AugmentConfig:
@@ -272,6 +286,42 @@ def random_erase(x: torch.Tensor, p: float, g: torch.Generator, area=(0.02, 0.2)
     return torch.where(mask, noise, x)
 
 
+BLUR_MAX_SIGMA = 1.5  # the strongest training blur (pixels); the kernel below is its Gaussian
+
+
+def _blur_kernel(sigma: float, dtype: torch.dtype) -> torch.Tensor:
+    """A normalised 1-D Gaussian (K,) with radius 3 sigma."""
+    r = max(1, math.ceil(3 * sigma))
+    k = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=dtype) / sigma) ** 2)
+    return k / k.sum()
+
+
+def photometric(x: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> torch.Tensor:
+    """Random brightness, contrast, gamma, blur and noise per image of x (B, C, H, W) in [0, 1]; same shape."""
+    b = x.shape[0]
+    if cfg.gamma:
+        log_g = _uniform(b, math.log(cfg.gamma), g).to(x.dtype).view(b, 1, 1, 1)
+        x = x.clamp(1e-6, 1.0).pow(torch.exp(log_g))
+    if cfg.contrast:
+        mean = x.mean((1, 2, 3), keepdim=True)  # (B, 1, 1, 1)
+        x = (x - mean) * (1 + _uniform(b, cfg.contrast, g).to(x.dtype).view(b, 1, 1, 1)) + mean
+    if cfg.brightness:
+        x = x + _uniform(b, cfg.brightness, g).to(x.dtype).view(b, 1, 1, 1)
+    if cfg.blur_p:
+        # a blur of random strength: each image mixes with its sigma-1.5 blur by a random weight (0: sharp)
+        k = _blur_kernel(BLUR_MAX_SIGMA, x.dtype)
+        c, r = x.shape[1], (len(k) - 1) // 2
+        blurred = F.conv2d(F.pad(x, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
+        blurred = F.conv2d(F.pad(blurred, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1).repeat(c, 1, 1, 1),
+                           groups=c)  # (B, C, H, W)
+        w = torch.rand(b, generator=g).to(x.dtype) * (torch.rand(b, generator=g) < cfg.blur_p).to(x.dtype)
+        x = torch.lerp(x, blurred, w.view(b, 1, 1, 1))
+    if cfg.noise:
+        sigma = (torch.rand(b, generator=g) * cfg.noise).to(x.dtype).view(b, 1, 1, 1)
+        x = x + sigma * torch.randn(x.shape, generator=g, dtype=x.dtype)
+    return x.clamp(0.0, 1.0)
+
+
 def augment(x01: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> torch.Tensor:
     """Apply ``cfg`` to x01 (B, C, H, W) float in [0, 1]; returns the same shape, still in [0, 1]."""
     if cfg.is_identity:
@@ -288,6 +338,8 @@ def augment(x01: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> torch.
         x = torch.where(flip, hflip(x), x)
     if cfg.crop_pad:
         x = random_crop(x, cfg.crop_pad, g)
+    if cfg.has_photometric:
+        x = photometric(x, cfg, g)
     if cfg.erase_p:
         x = random_erase(x, cfg.erase_p, g)
     return x.clamp_(0.0, 1.0)

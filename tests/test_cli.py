@@ -200,7 +200,8 @@ def test_pretrained_table_columns_stay_aligned_with_long_names(monkeypatch, caps
     col = head.index("roles")
     for line, r in zip(lines, rows, strict=True):
         assert line[col:].startswith(",".join(r["roles"]) + " "), line  # the roles column starts where its header does
-        assert line.rstrip().endswith("54.00%") and line.index("52.00%") == lines[0].index("52.00%")
+        assert "54.00%" in line and line.index("52.00%") == lines[0].index("52.00%")
+        assert line.split()[-4:] == ["-"] * 4  # FER+ agreement, mCA, rule score, ECE: not measured here
     assert "fast " in lines[0] and "standard " in lines[1]  # speed classes from the MFLOPs (33 and 284)
 
 

@@ -18,9 +18,10 @@ ROOT = Path(ferlab.__file__).resolve().parent
 # siblings of its own layer only where SIDEWAYS allows
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("ferlab", "ferlab.hardware", "ferlab.images", "ferlab.transforms", "ferlab.plots", "ferlab.data",
-     "ferlab.models", "ferlab.pretrained", "ferlab.checkpoint", "ferlab.ensemble"),  # foundation
+     "ferlab.models", "ferlab.pretrained", "ferlab.checkpoint", "ferlab.ensemble", "ferlab.corruptions"),  # foundation
     ("ferlab.inference",),
-    ("ferlab.train", "ferlab.evaluate", "ferlab.explain", "ferlab.recognize", "ferlab.predict_csv"),  # tasks
+    ("ferlab.train", "ferlab.evaluate", "ferlab.explain", "ferlab.recognize", "ferlab.predict_csv",
+     "ferlab.robustness"),  # tasks
     ("ferlab.study", "ferlab.serve"),  # applications built on the tasks
     ("ferlab.cli",),
     ("ferlab.__main__",),

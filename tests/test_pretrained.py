@@ -120,3 +120,57 @@ def test_shipped_accuracy_reproduces_on_real_fer2013(name, fer2013_path, monkeyp
         for mode, logits in (("plain", views[0]), ("tta", views.mean(0))):
             got = float((logits.argmax(1).numpy() == y).mean())
             assert abs(got - stated[split][mode]) <= 0.002, (name, split, mode, got, stated[split][mode])
+
+
+def _measured(agreement: float, mca: float, params: int = 1000, kind: str = "single") -> dict:
+    entry = {"kind": kind, "params": params, "roles": [],
+             "robustness": {"val": {"ferplus_agreement": agreement, "ferplus": {"mean_corruption": mca}}}}
+    if kind == "ensemble":
+        entry["members"] = ["a"]
+    return entry
+
+
+def test_default_rule_weighs_ferplus_agreement_and_corruptions_and_moves_the_role():
+    manifest = {
+        "a": {**_measured(0.70, 0.50), "roles": ["default", "best-single"]},  # score 0.600
+        "b": _measured(0.66, 0.58),  # 0.620: the best
+        "c": _measured(0.80, 0.80, kind="ensemble"),  # ensembles are no candidates
+        "d": {"kind": "single", "roles": ["fast"]},  # not measured: no candidate
+    }
+    chosen, scores = pretrained.apply_default_rule(manifest)
+    assert chosen == "b" and scores == pytest.approx({"a": 0.60, "b": 0.62})
+    assert manifest["b"]["roles"] == ["default"] and manifest["a"]["roles"] == ["best-single"]
+    assert pretrained.default_rule_score(manifest["c"]) is None
+
+
+def test_default_rule_gives_a_near_tie_to_the_smaller_net():
+    manifest = {"big": _measured(0.700, 0.600, params=5_000_000), "small": _measured(0.698, 0.600, params=600_000)}
+    chosen, _ = pretrained.apply_default_rule(manifest)
+    assert chosen == "small"  # 0.1 points behind, within the rule's 0.3
+    manifest["small"] = _measured(0.690, 0.600, params=600_000)  # 0.5 points behind
+    assert pretrained.apply_default_rule(manifest)[0] == "big"
+    with pytest.raises(ValueError, match="no shipped single model has been measured"):
+        pretrained.apply_default_rule({"x": {"kind": "single", "roles": []}})
+
+
+def test_shipped_default_follows_the_rule():
+    """The shelf's default role is where the written rule puts it, given the measurements in the manifest."""
+    import copy
+
+    manifest = json.loads(pretrained.PACKAGE_WEIGHTS_DIR.joinpath("manifest.json").read_text())
+    if not any("robustness" in e for e in manifest.values()):
+        pytest.skip("this build's manifest has no robustness measurements")
+    chosen, _ = pretrained.apply_default_rule(copy.deepcopy(manifest))
+    assert "default" in manifest[chosen]["roles"]
+
+
+def test_every_shipped_model_carries_its_calibration(monkeypatch):
+    monkeypatch.delenv("FERLAB_WEIGHTS_DIR", raising=False)
+    from ferlab.transforms import TTA_MODES
+
+    for e in pretrained.list_pretrained():
+        cal = e.get("calibration")
+        assert cal and cal["fit_on"] == "val", f"{e['name']} has no calibration fitted on PublicTest"
+        assert set(cal["temperature"]) == set(TTA_MODES)
+        assert all(0.2 < t < 5 for t in cal["temperature"].values())
+        assert cal["ece"]["val"]["none"]["after"] <= cal["ece"]["val"]["none"]["before"] + 0.01

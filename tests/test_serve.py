@@ -580,8 +580,71 @@ def test_browser_webcam_capture(browser, recognizer, tmp_path):
             assert page.locator(".face-box .face-label").first.get_attribute("data-label") in CLASSES
             assert page.locator(".face-card").first.locator(".bar").count() == 7
             assert page.eval_on_selector("#photo", "i => i.naturalWidth") == 512  # the captured frame
+            # live tracking: frames go one after another; the face keeps its track id across them
+            page.click("#webcam-live")
+            page.wait_for_function("() => /Live: 1 face/.test(document.getElementById('status').textContent)",
+                                   timeout=30_000)
+            page.wait_for_function("() => { const m = document.getElementById('status').textContent"
+                                   ".match(/Live: .*?([0-9.]+) frames/); return m && document.querySelector("
+                                   "'.face-box[data-track]'); }", timeout=30_000)
+            first = page.locator(".face-box").first.get_attribute("data-track")
+            page.wait_for_timeout(1500)  # more frames
+            assert page.locator(".face-box").first.get_attribute("data-track") == first == "1"
+            assert page.locator(".face-card .face-title").first.inner_text().startswith("Person #1")
+            assert page.locator("#webcam-capture").is_disabled()
+            page.click("#webcam-live")  # stop
+            assert page.locator("#webcam-live").get_attribute("aria-pressed") == "false"
             page.click("#webcam-stop")
             assert page.locator("#webcam-panel").is_hidden()
             assert errors == []
     finally:
         cam.close()
+
+
+def test_live_stream_frames_keep_their_track_ids(recognizer):
+    """POST /predict?stream=ID: the service tracks a stream's faces across calls with the recognizer's tracker."""
+    import cv2
+
+    from ferlab.serve.service import MAX_STREAMS, FaceService, StreamError
+
+    service = FaceService(recognizer)
+    bgr = np.ascontiguousarray(astronaut()[..., ::-1])  # (512, 512, 3)
+    moved = np.ascontiguousarray(np.roll(bgr, 6, axis=1))  # the face 6 px to the right
+    a = service.analyse(bgr, stream="cam-1", t=0.0, explain=False)
+    b = service.analyse(moved, stream="cam-1", t=0.1, explain=False)
+    assert len(a["faces"]) == len(b["faces"]) == 1
+    assert a["faces"][0]["track"] == b["faces"][0]["track"] == 1
+    assert a["faces"][0]["gradcam"] is None and a["stream"] == "cam-1" and b["t"] == 0.1
+    fb = b["faces"][0]
+    assert set(fb["smoothed"]) == set(fb["probabilities"]) and fb["label"] == max(fb["smoothed"],
+                                                                                   key=fb["smoothed"].get)
+    assert abs(sum(fb["smoothed"].values()) - 1) < 1e-5
+    # another stream starts its own tracks; a photo without a stream has no track
+    assert service.analyse(bgr, stream="cam-2", t=0.0, explain=False)["faces"][0]["track"] == 1
+    assert "track" not in service.analyse(bgr)["faces"][0]
+    far = np.zeros_like(bgr)
+    far[:, :256] = cv2.resize(bgr, (256, 512))  # a different box: a new track in the same stream
+    assert service.analyse(far, stream="cam-1", t=0.2, explain=False)["faces"][0]["track"] == 2
+    for i in range(MAX_STREAMS + 3):
+        service.analyse(far[:64, :64], stream=f"s{i}", t=0.0, explain=False)
+    assert len(service._streams) == MAX_STREAMS and "cam-1" not in service._streams  # the oldest forgotten
+    for bad, t in (("has space", 0.0), ("x" * 65, 0.0), ("ok", float("nan")), ("ok", -1.0)):
+        with pytest.raises(StreamError):
+            service.analyse(bgr, stream=bad, t=t)
+
+
+@pytest.mark.parametrize("query,message", [("stream=a%20b", "stream must be"),
+                                           ("stream=a&t=soon", "t must be a number"),
+                                           ("stream=a&t=-2", "t must be a finite")])
+def test_bad_live_parameters_are_400(server, query, message):
+    status, _, body = server.request("POST", f"/predict?{query}", encode(astronaut(), ".png"),
+                                     {"Content-Type": "image/png"})
+    assert status == 400 and message in json.loads(body)["error"]
+
+
+def test_live_predict_over_http(server):
+    png = encode(astronaut(), ".png")
+    answers = [json.loads(server.request("POST", f"/predict?stream=http-1&t={t}&explain=0", png,
+                                         {"Content-Type": "image/png"})[2]) for t in (0, 0.2)]
+    assert [a["faces"][0]["track"] for a in answers] == [1, 1]
+    assert answers[1]["faces"][0]["gradcam"] is None

@@ -238,3 +238,45 @@ def test_resize_shape_constant_and_identity():
     assert resize(x, 32).shape == (4, 1, 32, 32)
     grey = torch.full((2, 1, 48, 48), 0.25)
     assert torch.allclose(resize(grey, 40), torch.full((2, 1, 40, 40), 0.25))
+
+
+def _photo_batch() -> torch.Tensor:
+    return 0.25 + 0.5 * torch.rand(32, 1, 48, 48, generator=torch.Generator().manual_seed(5))  # away from 0 and 1
+
+
+def test_brightness_shifts_each_image_by_one_constant():
+    from ferlab.transforms import AugmentConfig, photometric
+
+    x = _photo_batch()
+    y = photometric(x, AugmentConfig(brightness=0.2), torch.Generator().manual_seed(0))
+    d = (y - x).flatten(1)  # (32, H*W): one shift per image, within the bound
+    assert torch.allclose(d, d[:, :1].expand_as(d), atol=1e-6)
+    assert d[:, 0].abs().max() <= 0.2 + 1e-6 and d[:, 0].std() > 0.02
+
+
+def test_contrast_keeps_the_mean_and_gamma_keeps_the_order():
+    from ferlab.transforms import AugmentConfig, photometric
+
+    x = _photo_batch()
+    y = photometric(x, AugmentConfig(contrast=0.4), torch.Generator().manual_seed(0))
+    assert torch.allclose(y.mean((1, 2, 3)), x.mean((1, 2, 3)), atol=1e-5)
+    ratio = (y - y.mean((2, 3), keepdim=True)).std((1, 2, 3)) / (x - x.mean((2, 3), keepdim=True)).std((1, 2, 3))
+    assert ratio.min() >= 0.6 - 1e-4 and ratio.max() <= 1.4 + 1e-4
+    g = photometric(x, AugmentConfig(gamma=1.8), torch.Generator().manual_seed(0))
+    flat_x, flat_g = x.flatten(1), g.flatten(1)
+    in_x_order = flat_g.gather(1, flat_x.argsort(1))  # (32, H*W): each image's outputs in its inputs' order
+    assert (in_x_order.diff(dim=1) >= -1e-6).all()  # a monotone tone curve per image
+    assert (g - x).abs().mean() > 0.01
+
+
+def test_blur_and_noise_are_seeded_and_bounded():
+    from ferlab.transforms import AugmentConfig, augment
+
+    cfg = AugmentConfig(blur_p=1.0, noise=0.05)
+    assert not cfg.is_identity and cfg.has_photometric
+    x = _photo_batch()
+    a = augment(x, cfg, torch.Generator().manual_seed(1))
+    assert torch.equal(a, augment(x, cfg, torch.Generator().manual_seed(1)))
+    assert a.shape == x.shape and 0 <= a.min() and a.max() <= 1
+    blur_only = augment(x, AugmentConfig(blur_p=1.0), torch.Generator().manual_seed(1))
+    assert blur_only.std() < x.std()  # blurring smooths the noise-like test images

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -59,3 +60,21 @@ def split_rows(data: FerData, meta: dict[str, Any], split: str) -> np.ndarray:
         raise ValueError(f"{data.source}: split {split!r} has no labelled rows"
                          + ("; try --split val" if split == "test" else ""))
     return idx
+
+
+def shared_classes(data: FerData, idx: np.ndarray, model_classes: Sequence[str]) -> tuple[np.ndarray, int, str]:
+    """Rows ``idx`` scored on the classes the model and the labels share: (rows, model outputs kept, a note).
+
+    The labels' classes and the model's must be equal or one a prefix of the other (FER2013's 7, FER+'s 8)."""
+    model_classes, label_classes = list(model_classes), list(data.class_names)
+    k = min(len(model_classes), len(label_classes))
+    if model_classes[:k] != label_classes[:k]:
+        raise ValueError(f"the model predicts {', '.join(model_classes)} but {data.source} is labelled "
+                         f"{', '.join(label_classes)}")
+    if len(label_classes) > k:  # e.g. a FER2013 model against FER+ labels: leave out the faces of extra classes
+        kept = idx[data.labels[idx] < k]
+        extra = ", ".join(label_classes[k:])
+        return kept, k, f"{len(idx) - len(kept)} faces labelled {extra} left out: the model has no such class"
+    if len(model_classes) > k:
+        return idx, k, f"the model's {', '.join(model_classes[k:])} output dropped: the labels have no such class"
+    return idx, k, ""

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from ferlab.inference.calibration import scaled_probabilities
 from ferlab.inference.loader import Ensemble, LoadedModel, ModelSpec, load_model
 from ferlab.inference.predict import combine
 from ferlab.transforms import tta_mode, tta_view_count
@@ -35,8 +36,9 @@ class Backend(Protocol):
         ...
 
     def logits(self, pixels: np.ndarray) -> np.ndarray:
-        """(B, 1, H, W) uint8 -> (B, K) float32: a single model's logits (mean over the TTA views); for an
-        ensemble the log of its probabilities."""
+        """(B, 1, H, W) uint8 -> (B, K) float32 scores with softmax(scores) = probabilities: a single model's
+        logits (mean over the TTA views), or an ensemble's log-probabilities, divided by the calibration
+        temperature of a shipped model (1.0 otherwise)."""
         ...
 
 
@@ -71,6 +73,7 @@ class TorchBackend:
         self.class_names = list(loaded.class_names)
         self.input_size = tuple(loaded.input_size)
         self.weights = weights or loaded.source  # which weights: shipped name or path
+        self.temperature = loaded.temperature(self.tta)  # the shelf's calibration for this TTA mode (1.0: none)
 
     @classmethod
     def from_module(cls, model: Any, meta: dict[str, Any], **kw: Any) -> TorchBackend:
@@ -98,12 +101,14 @@ class TorchBackend:
                               channels_last=self.channels_last) for m in self.members]  # each (V, B, K)
 
     def probabilities(self, pixels: np.ndarray) -> np.ndarray:
-        return combine([v.mean(0).softmax(1).numpy() for v in self._views(pixels)])  # members' (B, K) -> (B, K)
+        return scaled_probabilities(self.logits(pixels), 1.0)  # (B, K)
 
     def logits(self, pixels: np.ndarray) -> np.ndarray:
+        views = self._views(pixels)  # members x (V, B, K)
         if self.n_members == 1:
-            return self._views(pixels)[0].mean(0).numpy()  # (B, K)
-        return np.log(np.maximum(self.probabilities(pixels), 1e-12))
+            return views[0].mean(0).numpy() / self.temperature  # (B, K)
+        p = combine([v.mean(0).softmax(1).numpy() for v in views])  # members' (B, K) -> (B, K)
+        return np.log(np.maximum(p, 1e-12)) / self.temperature
 
 
 class OnnxBackend:

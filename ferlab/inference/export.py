@@ -64,7 +64,8 @@ def export_onnx(model: nn.Module | LoadedModel | Ensemble, meta: dict[str, Any] 
     mode = tta_mode(tta)
     h, w = loaded.input_size
     members = loaded.members
-    graph = PixelsToProbabilities([(m.module, m.normalizer) for m in members], mode, (h, w)).eval()
+    temperature = loaded.temperature(mode)  # a shipped model's calibration, baked into the graph
+    graph = PixelsToProbabilities([(m.module, m.normalizer) for m in members], mode, (h, w), temperature).eval()
     example = torch.zeros(2, 1, h, w, dtype=torch.uint8)
     buf = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():
@@ -78,11 +79,14 @@ def export_onnx(model: nn.Module | LoadedModel | Ensemble, meta: dict[str, Any] 
     proto = onnx.load_from_string(buf.getvalue())
     meta_out = dict(loaded.meta)
     meta_out["inference"] = {"tta": mode, "members": [m.source for m in members],
-                             "name": loaded.source, "kind": "ensemble" if len(members) > 1 else "single"}
+                             "name": loaded.source, "kind": "ensemble" if len(members) > 1 else "single",
+                             "temperature": temperature}
     props = {"ferlab": json.dumps(meta_out), "class_names": json.dumps(list(loaded.class_names)),
              "input": f"{INPUT_NAME}: uint8 gray faces (batch, 1, {h}, {w}); normalisation is part of the graph",
-             "outputs": ("logits (batch, classes); probabilities = softmax(logits)" if len(members) == 1 else
-                         "probabilities (batch, classes): the mean of the members'; logits = log(probabilities)"),
+             "outputs": (f"logits (batch, classes) divided by the calibration temperature {temperature:g}; "
+                         "probabilities = softmax(logits)" if len(members) == 1 else
+                         "probabilities (batch, classes): the mean of the members', recalibrated with temperature "
+                         f"{temperature:g}; logits = log(probabilities)"),
              "tta": mode}
     for k, v in props.items():
         entry = proto.metadata_props.add()

@@ -18,8 +18,9 @@ from torch import nn
 from ferlab import pretrained
 from ferlab.checkpoint import load_checkpoint, normalizer_from_meta
 from ferlab.hardware import resolve_precision
+from ferlab.inference.calibration import scaled_probabilities, temperature_for
 from ferlab.inference.predict import combine, predict_view_logits
-from ferlab.transforms import Normalizer
+from ferlab.transforms import Normalizer, tta_mode
 
 ModelSpec = str | Path
 
@@ -44,6 +45,7 @@ class LoadedModel:
     meta: dict[str, Any]  # the checkpoint's full metadata (training config, data, split protocol, result)
     source: str  # what was asked for: a shipped name, a run directory or a file
     path: Path | None = None  # the weights file read
+    calibration: dict[str, Any] = field(default_factory=dict)  # a shipped model's fitted temperatures, by TTA mode
 
     @classmethod
     def from_checkpoint(cls, module: nn.Module, meta: dict[str, Any], source: str,
@@ -79,10 +81,16 @@ class LoadedModel:
                                    precision=self.run_precision(precision), channels_last=channels_last, tta=tta,
                                    progress=progress, desc=desc or self.source)
 
-    def probabilities(self, images: torch.Tensor, **kw: Any) -> np.ndarray:
-        """Softmax probabilities (N, K) of the mean logits over the test-time views. Keywords as
+    def temperature(self, tta: bool | str | None = "none") -> float:
+        """The calibration temperature for TTA mode ``tta`` (1.0 for a model that has none)."""
+        return temperature_for(self.calibration, tta_mode(tta))
+
+    def probabilities(self, images: torch.Tensor, calibrated: bool = True, **kw: Any) -> np.ndarray:
+        """Softmax probabilities (N, K) of the mean logits over the test-time views, divided by the model's
+        temperature for that mode when ``calibrated`` (the argmax is the same either way). Keywords as
         :meth:`view_logits`."""
-        return self.view_logits(images, **kw).mean(0).softmax(1).numpy()
+        z = self.view_logits(images, **kw).mean(0).numpy()  # (N, K)
+        return scaled_probabilities(z, self.temperature(kw.get("tta", False)) if calibrated else 1.0)
 
 
 @dataclass
@@ -117,9 +125,17 @@ class Ensemble:
     def architecture(self) -> str:
         return "ensemble of " + ", ".join(m.architecture for m in self.members)
 
-    def probabilities(self, images: torch.Tensor, **kw: Any) -> np.ndarray:
-        """The mean of the members' probabilities (N, K); keywords as :meth:`LoadedModel.view_logits`."""
-        return combine([m.probabilities(images, **kw) for m in self.members])
+    def temperature(self, tta: bool | str | None = "none") -> float:
+        """The ensemble's own calibration temperature for TTA mode ``tta`` (1.0 when it has none)."""
+        return temperature_for(self.entry.get("calibration"), tta_mode(tta))
+
+    def probabilities(self, images: torch.Tensor, calibrated: bool = True, **kw: Any) -> np.ndarray:
+        """The mean of the members' uncalibrated probabilities (N, K), then, when ``calibrated``, the ensemble's
+        own temperature applied to its log (so the argmax, and every stated accuracy, is the mean's); keywords as
+        :meth:`LoadedModel.view_logits`."""
+        p = combine([m.probabilities(images, calibrated=False, **kw) for m in self.members])  # (N, K)
+        t = self.temperature(kw.get("tta", False)) if calibrated else 1.0
+        return p if t == 1.0 else scaled_probabilities(np.log(np.maximum(p, 1e-12)), t)
 
 
 def check_compatible(members: list[LoadedModel]) -> None:
@@ -152,16 +168,18 @@ def load_model(spec: ModelSpec | LoadedModel | Ensemble) -> LoadedModel | Ensemb
         entry = pretrained.pretrained_entry(text)  # warns for a renamed model; refuses a removed one
         if entry.get("kind") == "ensemble":
             return Ensemble([_load_single(m) for m in entry["members"]], entry["name"], entry)
-        return _load_single(entry["name"])
+        return _load_single(entry["name"], entry.get("calibration"))
     return _load_single(text)
 
 
-def _load_single(spec: str) -> LoadedModel:
+def _load_single(spec: str, calibration: dict[str, Any] | None = None) -> LoadedModel:
     from ferlab.checkpoint import resolve
 
     path = resolve(spec)
     module, meta = load_checkpoint(path)
-    return LoadedModel.from_checkpoint(module, meta, source=spec, path=path)
+    loaded = LoadedModel.from_checkpoint(module, meta, source=spec, path=path)
+    loaded.calibration = dict(calibration or {})
+    return loaded
 
 
 def load_members(specs: list[ModelSpec] | tuple[ModelSpec, ...]) -> Ensemble | LoadedModel:

@@ -98,14 +98,18 @@ class PixelsToProbabilities(nn.Module):
 
     members: (model, normaliser) pairs. One member: logits are the mean over the views, probabilities their
     softmax. Several: probabilities are the mean of the members' probabilities and logits their log (so that
-    softmax(logits) = probabilities). The views run as one batch of V x B images per member.
+    softmax(logits) = probabilities). ``temperature`` (calibration) divides those logits before the softmax.
+    The views run as one batch of V x B images per member.
     """
 
     def __init__(self, members: Sequence[tuple[nn.Module, Normalizer]], tta: str = "none",
-                 input_size: tuple[int, int] = (48, 48)) -> None:
+                 input_size: tuple[int, int] = (48, 48), temperature: float = 1.0) -> None:
         super().__init__()
         if not members:
             raise ValueError("no model to run")
+        if not temperature > 0:
+            raise ValueError(f"a temperature must be > 0, got {temperature}")
+        self.temperature = float(temperature)
         self.models = nn.ModuleList([m.eval() for m, _ in members])
         self.normalizers = [n for _, n in members]
         self.views = TTAViews(tta_mode(tta), input_size)
@@ -118,6 +122,10 @@ class PixelsToProbabilities(nn.Module):
             z = model(norm(views))  # (V * B, K)
             member_logits.append(z.reshape(-1, b, z.shape[-1]).mean(0))  # (B, K)
         if len(member_logits) == 1:
-            return member_logits[0], member_logits[0].softmax(-1)
+            z = member_logits[0] / self.temperature if self.temperature != 1.0 else member_logits[0]
+            return z, z.softmax(-1)
         probs = torch.stack([z.softmax(-1) for z in member_logits]).mean(0)  # (B, K)
-        return probs.clamp_min(1e-12).log(), probs
+        if self.temperature == 1.0:
+            return probs.clamp_min(1e-12).log(), probs
+        z = probs.clamp_min(1e-12).log() / self.temperature  # (B, K)
+        return z, z.softmax(-1)

@@ -12,6 +12,7 @@ from ferlab.recognize.api import Face
 COLORS: dict[str, tuple[int, int, int]] = {
     "Angry": (40, 40, 220), "Disgust": (40, 140, 40), "Fear": (160, 60, 160), "Happy": (0, 200, 255),
     "Sad": (200, 120, 40), "Surprise": (0, 140, 255), "Neutral": (190, 190, 190),
+    "Contempt": (120, 90, 20),  # FER+'s eighth class
 }
 
 

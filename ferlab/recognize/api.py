@@ -45,6 +45,7 @@ from ferlab.recognize.detect import (
     framed_boxes,
 )
 from ferlab.recognize.track import FaceTracker
+from ferlab.transforms import tta_mode
 
 ImageInput = str | Path | bytes | np.ndarray
 KEEP_BYTES = 256 * 2**20  # with keep_images, classify early rather than hold more decoded images than this
@@ -184,6 +185,12 @@ class Recognizer:
             if model is not None:
                 raise ValueError("pass either a model spec or a ready backend, not both")
             self.backend: Backend = backend
+            if tta is not None and tta_mode(tta) != getattr(backend, "tta", "none"):
+                loaded = getattr(backend, "loaded", None)  # a torch backend: the same model with another TTA mode
+                if loaded is None:
+                    raise ValueError(f"this {backend.name} backend applies test-time augmentation "
+                                     f"{getattr(backend, 'tta', 'none')!r}; open one with tta={tta_mode(tta)!r}")
+                self.backend = open_backend(loaded, "torch", tta=tta, precision=getattr(backend, "precision", None))
         else:
             self.backend = open_backend(model if model is not None else default_model(), backend, tta=tta,
                                         precision=precision, threads=threads or None)

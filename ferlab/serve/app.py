@@ -26,7 +26,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
-from ferlab.serve.service import FaceService
+from ferlab.serve.service import STREAM_ID, FaceService
 from ferlab.serve.uploads import (
     DEFAULT_BODY_TIMEOUT,
     DEFAULT_MAX_ACTIVE,
@@ -146,12 +146,13 @@ def create_app(recognizer: Any, *, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
                                 headers={"Retry-After": str(RETRY_AFTER_S), "Connection": "close"})
         active[0] += 1
         try:
+            stream, t, explain = live_params(request)  # a bad parameter fails before the upload is read
             data, name = await read_upload(request, max_bytes, reader)
 
             def analyse() -> dict[str, Any]:  # CPU work, off the event loop
                 with decoding:  # bounds the memory of decoded images held at once
                     image = decode_image(data, max_pixels=max_pixels, name=name)  # (H, W, 3) BGR
-                    return service.analyse(image)
+                    return service.analyse(image, stream=stream, t=t, explain=explain)
 
             return await run_in_threadpool(analyse)
         finally:
@@ -159,6 +160,25 @@ def create_app(recognizer: Any, *, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app
+
+
+def live_params(request: Request) -> tuple[str | None, float | None, bool]:
+    """The query parameters of a live webcam frame: ``stream`` (an id that ties the frames of one page together,
+    so their faces are tracked), ``t`` (the frame's time in seconds) and ``explain`` (0 skips the heat maps)."""
+    q = request.query_params
+    stream = q.get("stream")
+    if stream is not None and not STREAM_ID.fullmatch(stream):
+        raise UploadError(f"stream must be 1-64 letters, digits, '-' or '_', got {stream[:80]!r}")
+    t = None
+    if q.get("t") is not None:
+        try:
+            t = float(q["t"])
+        except ValueError:
+            raise UploadError(f"t must be a number of seconds, got {q['t'][:40]!r}") from None
+        if not (t >= 0 and t < float("inf")):
+            raise UploadError(f"t must be a finite number of seconds >= 0, got {q['t'][:40]!r}")
+    explain = q.get("explain", "1").lower() not in ("0", "false", "no")
+    return stream, t, explain
 
 
 def _client(request: Request) -> str:

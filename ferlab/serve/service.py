@@ -5,14 +5,23 @@ Kept apart from the HTTP layer so it can be used and tested without a server.
 
 from __future__ import annotations
 
+import math
+import re
 import threading
 import time
+from collections import OrderedDict
 from typing import Any
 
 import numpy as np
 
 NO_FACE_MESSAGE = "no face found: try a larger, frontal, well-lit face"
 FALLBACK_METHOD = "saliency"  # for models without a spatial feature map (MLPs), where Grad-CAM is undefined
+MAX_STREAMS = 32  # live webcam streams tracked at once; the least recently seen is forgotten beyond
+STREAM_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+class StreamError(ValueError):
+    """A bad live-stream parameter (answered 400)."""
 
 
 class FaceService:
@@ -33,6 +42,7 @@ class FaceService:
         self.weights = str(getattr(recognizer, "weights", None) or self.model_name)  # shipped name or path
         self.backend_name = str(getattr(recognizer.backend, "name", "?"))
         self._lock = threading.Lock()
+        self._streams: OrderedDict[str, Any] = OrderedDict()  # live stream id -> its FaceTracker
         if explain_model is None and hasattr(recognizer.backend, "model"):
             explain_model = (recognizer.backend.model, recognizer.backend.normalizer)
         self._explain_model = explain_model if explain_method else None
@@ -56,18 +66,36 @@ class FaceService:
             return FALLBACK_METHOD
         return method
 
-    def analyse(self, image_bgr: np.ndarray) -> dict[str, Any]:
-        """(H, W, 3) uint8 BGR -> the JSON answer of ``POST /predict``."""
+    def analyse(self, image_bgr: np.ndarray, stream: str | None = None, t: float | None = None,
+                explain: bool = True) -> dict[str, Any]:
+        """(H, W, 3) uint8 BGR -> the JSON answer of ``POST /predict``.
+
+        stream: the id of a live stream (a webcam page): its frames' faces are tracked across calls by the
+        recognizer's tracker (:class:`ferlab.recognize.track.FaceTracker`, as for videos), each face gets its
+        ``track`` id and ``smoothed`` probabilities, and ``label``/``score`` follow the smoothed ones (the raw
+        ``probabilities`` are kept). t: the frame's time in seconds on the stream's clock (default: the server's).
+        explain: False skips the heat maps (live frames).
+        """
         t0 = time.perf_counter()
+        if stream is not None:
+            stream, t = self._check_stream(stream, t)
         with self._lock:
             faces = self.recognizer.predict(image_bgr, color="bgr")  # largest first
-            overlays = self._overlays(image_bgr, faces) if faces and self.explain_method else [None] * len(faces)
-        out: dict[str, Any] = {
-            "faces": [
-                {"box": [int(v) for v in f.box], "label": f.label, "score": float(f.score),
+            tracked = self._track(stream, faces, t) if stream is not None else None
+            explain = explain and bool(faces) and bool(self.explain_method)
+            overlays = self._overlays(image_bgr, faces) if explain else [None] * len(faces)
+        answers = []
+        for i, (f, ov) in enumerate(zip(faces, overlays, strict=True)):
+            a = {"box": [int(v) for v in f.box], "label": f.label, "score": float(f.score),
                  "probabilities": {c: float(f.probabilities[c]) for c in self.class_names}, "gradcam": ov}
-                for f, ov in zip(faces, overlays, strict=True)
-            ],
+            if tracked is not None:
+                ids, smoothed = tracked
+                k = int(np.argmax(smoothed[i]))
+                a.update(track=int(ids[i]), label=self.class_names[k], score=float(smoothed[i][k]),
+                         smoothed={c: float(v) for c, v in zip(self.class_names, smoothed[i], strict=True)})
+            answers.append(a)
+        out: dict[str, Any] = {
+            "faces": answers,
             "width": int(image_bgr.shape[1]),
             "height": int(image_bgr.shape[0]),
             "model": self.model_name,
@@ -76,9 +104,36 @@ class FaceService:
             "explain_method": self.explain_method,
             "seconds": round(time.perf_counter() - t0, 4),
         }
+        if stream is not None:
+            out["stream"], out["t"] = stream, t
         if not faces:
             out["message"] = NO_FACE_MESSAGE
         return out
+
+    def _check_stream(self, stream: str, t: float | None) -> tuple[str, float]:
+        if not STREAM_ID.fullmatch(stream):
+            raise StreamError(f"stream must be 1-64 letters, digits, '-' or '_', got {stream[:80]!r}")
+        if t is None:
+            t = time.monotonic()
+        if not (math.isfinite(t) and t >= 0):
+            raise StreamError(f"t must be a finite number of seconds >= 0, got {t}")
+        return stream, float(t)
+
+    def _track(self, stream: str, faces: list[Any], t: float) -> tuple[list[int], np.ndarray]:
+        """Track ids and smoothed probabilities of a live frame's faces; one tracker per stream (the
+        recognizer's settings), the least recently seen forgotten beyond MAX_STREAMS. Called under the lock."""
+        from ferlab.recognize.track import FaceTracker
+
+        tracker = self._streams.pop(stream, None)
+        if tracker is None:
+            rec = self.recognizer
+            tracker = FaceTracker(getattr(rec, "track_iou", 0.3), smooth_s=getattr(rec, "smooth", 0.5))
+        self._streams[stream] = tracker  # now the most recent
+        while len(self._streams) > MAX_STREAMS:
+            self._streams.popitem(last=False)
+        boxes = np.array([f.box for f in faces], np.float64).reshape(-1, 4)  # (F, 4)
+        probs = np.array([[f.probabilities[c] for c in self.class_names] for f in faces], np.float64)
+        return tracker.update(boxes, probs.reshape(len(faces), len(self.class_names)), t)
 
     def _overlays(self, image_bgr: np.ndarray, faces: list[Any]) -> list[str]:
         """A PNG data URL per face: its attribution map over the grey crop the model saw."""

@@ -1,4 +1,6 @@
 // ferlab serve: upload a photo or capture a webcam frame, POST it to /predict, draw the boxes, bars and overlays.
+// Live tracking sends webcam frames one after another with a stream id: the server tracks the faces across them
+// (the same tracker as for videos) and answers track ids and smoothed probabilities.
 "use strict";
 
 (() => {
@@ -6,11 +8,14 @@
   const els = {
     info: $("model-info"), limits: $("limits"), drop: $("drop-zone"), file: $("file-input"),
     camStart: $("webcam-start"), camPanel: $("webcam-panel"), video: $("webcam-video"),
-    camCapture: $("webcam-capture"), camStop: $("webcam-stop"),
+    camCapture: $("webcam-capture"), camStop: $("webcam-stop"), camLive: $("webcam-live"),
     error: $("error"), status: $("status"), results: $("results"), stage: $("stage"), photo: $("photo"),
     faces: $("faces"), template: $("face-template"),
   };
   const state = { info: null, photoUrl: null, stream: null, busy: false };
+  const live = { on: false, id: "", t0: 0, frames: 0 };
+  const LIVE_WIDTH = 640; // live frames are sent at most this wide: what the detector needs, and quick to upload
+  const BUSY_WAIT_MS = 1000;
 
   const pct = (p) => `${(100 * p).toFixed(1)}%`;
   const METHOD_NAMES = {
@@ -31,7 +36,7 @@
     state.busy = busy;
     document.body.classList.toggle("busy", busy);
     els.file.disabled = busy;
-    els.camCapture.disabled = busy;
+    els.camCapture.disabled = busy || live.on;
   }
 
   async function loadInfo() {
@@ -110,7 +115,7 @@
   function render(data) {
     clearResults();
     const n = data.faces.length;
-    setStatus(n ? `${n} face${n > 1 ? "s" : ""} found · model ${data.model} (weights ${data.weights})` : (data.message || "No face found."));
+    if (!live.on) setStatus(n ? `${n} face${n > 1 ? "s" : ""} found · model ${data.model} (weights ${data.weights})` : (data.message || "No face found."));
     const classes = (state.info && state.info.classes) || Object.keys(n ? data.faces[0].probabilities : {});
     data.faces.forEach((face, i) => {
       els.stage.appendChild(faceBox(face, i, data.width, data.height));
@@ -131,17 +136,20 @@
     const label = document.createElement("span");
     label.className = "face-label";
     label.dataset.label = face.label;
-    label.textContent = `${i + 1}. ${face.label} ${pct(face.score)}`;
+    const who = face.track ? `#${face.track}` : `${i + 1}.`;
+    label.textContent = `${who} ${face.label} ${pct(face.score)}`;
     box.appendChild(label);
+    if (face.track) box.dataset.track = String(face.track);
     box.setAttribute("role", "img");
-    box.setAttribute("aria-label", `Face ${i + 1}: ${face.label}, ${pct(face.score)}`);
+    box.setAttribute("aria-label", `${face.track ? `Person #${face.track}` : `Face ${i + 1}`}: ${face.label}, ${pct(face.score)}`);
     return box;
   }
 
   function faceCard(face, i, classes, data) {
     const card = els.template.content.firstElementChild.cloneNode(true);
     card.dataset.index = String(i);
-    card.querySelector(".face-title").textContent = `Face ${i + 1}: ${face.label} (${pct(face.score)})`;
+    const who = face.track ? `Person #${face.track}` : `Face ${i + 1}`;
+    card.querySelector(".face-title").textContent = `${who}: ${face.label} (${pct(face.score)})`;
     const cam = card.querySelector(".gradcam");
     const caption = card.querySelector("figcaption");
     if (face.gradcam) {
@@ -151,11 +159,12 @@
       caption.textContent = METHOD_NAMES[method] || method;
     } else {
       cam.remove();
-      caption.textContent = "No heat map for this model.";
+      caption.textContent = face.track ? "Smoothed over the last frames; no heat map while live." : "No heat map for this model.";
     }
     const bars = card.querySelector(".bars");
+    const shown = face.smoothed || face.probabilities; // live: the track's smoothed probabilities
     for (const name of classes) {
-      const p = face.probabilities[name] ?? 0;
+      const p = shown[name] ?? 0;
       const li = document.createElement("li");
       li.className = "bar" + (name === face.label ? " is-top" : "");
       li.dataset.class = name;
@@ -203,6 +212,7 @@
 
   // ---------------------------------------------------------------- webcam
   function stopWebcam() {
+    stopLive();
     if (state.stream) state.stream.getTracks().forEach((t) => t.stop());
     state.stream = null;
     els.video.srcObject = null;
@@ -229,20 +239,89 @@
 
   els.camStop.addEventListener("click", stopWebcam);
 
-  els.camCapture.addEventListener("click", () => {
+  // One webcam frame as a JPEG blob, at most maxWidth wide (null when the camera has no frame yet).
+  function grabFrame(maxWidth, quality) {
     const { videoWidth: w, videoHeight: h } = els.video;
-    if (!w || !h) {
+    if (!w || !h) return Promise.resolve(null);
+    const scale = Math.min(1, maxWidth / w);
+    const canvas = document.createElement("canvas");
+    canvas.width = Math.round(w * scale);
+    canvas.height = Math.round(h * scale);
+    canvas.getContext("2d").drawImage(els.video, 0, 0, canvas.width, canvas.height);
+    return new Promise((resolve) => canvas.toBlob(resolve, "image/jpeg", quality));
+  }
+
+  els.camCapture.addEventListener("click", async () => {
+    if (!els.video.videoWidth) {
       showError("The webcam has not delivered a frame yet; try again in a moment.");
       return;
     }
-    const canvas = document.createElement("canvas");
-    canvas.width = w;
-    canvas.height = h;
-    canvas.getContext("2d").drawImage(els.video, 0, 0, w, h);
-    canvas.toBlob((blob) => {
-      if (blob) analyse(blob, "webcam.jpg");
-      else showError("Could not capture a webcam frame.");
-    }, "image/jpeg", 0.92);
+    const blob = await grabFrame(Infinity, 0.92);
+    if (blob) analyse(blob, "webcam.jpg");
+    else showError("Could not capture a webcam frame.");
+  });
+
+  // ---------------------------------------------------------------- live tracking
+  function stopLive() {
+    live.on = false;
+    els.camLive.textContent = "Start live tracking";
+    els.camLive.setAttribute("aria-pressed", "false");
+    els.camCapture.disabled = state.busy;
+  }
+
+  const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+  async function liveLoop() {
+    const started = performance.now();
+    while (live.on && state.stream) {
+      const blob = await grabFrame(LIVE_WIDTH, 0.8);
+      if (!blob) {
+        await sleep(100); // the camera is still starting
+        continue;
+      }
+      try {
+        const body = new FormData();
+        body.append("file", blob, "frame.jpg");
+        const t = ((performance.now() - live.t0) / 1000).toFixed(3);
+        const res = await fetch(`/predict?stream=${live.id}&t=${t}&explain=0`, { method: "POST", body });
+        if (res.status === 503) { // the server is busy with other images: wait, then go on
+          await sleep(BUSY_WAIT_MS);
+          continue;
+        }
+        const data = await res.json().catch(() => null);
+        if (!res.ok) {
+          const detail = data && (data.error || data.detail);
+          throw new Error(`${detail || "the server could not analyse the frame"} (HTTP ${res.status})`);
+        }
+        if (!live.on) break;
+        live.frames += 1;
+        showPhoto(blob);
+        els.results.hidden = false;
+        render(data);
+        const fps = live.frames / ((performance.now() - started) / 1000);
+        const n = data.faces.length;
+        setStatus(`Live: ${n} face${n === 1 ? "" : "s"} · ${fps.toFixed(1)} frames/s · model ${data.model}`);
+      } catch (err) {
+        showError(`Live tracking stopped: ${err.message}`);
+        stopLive();
+      }
+    }
+  }
+
+  els.camLive.addEventListener("click", () => {
+    if (live.on) {
+      stopLive();
+      return;
+    }
+    showError("");
+    live.on = true;
+    live.id = `page-${Math.random().toString(36).slice(2, 12)}`; // a fresh stream: new track ids
+    live.t0 = performance.now();
+    live.frames = 0;
+    els.camLive.textContent = "Stop live tracking";
+    els.camLive.setAttribute("aria-pressed", "true");
+    els.camCapture.disabled = true;
+    liveLoop();
   });
 
   loadInfo();
