@@ -43,8 +43,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from ferlab.checkpoint import atomic_write
     from ferlab.data.source import open_data
-    from ferlab.inference.calibration import fit_temperature, nll, reliability, scaled_probabilities
-    from ferlab.inference.predict import combine
+    from ferlab.inference.calibration import ensemble_scores, fit_temperature, nll, reliability, scaled_probabilities
     from ferlab.pretrained import list_pretrained, manifest_path
 
     if args.threads:
@@ -63,10 +62,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def scores(name: str, split: str, mode: str) -> np.ndarray:
         members = entries[name].get("members")
-        if not members:
-            return logits[name, split, mode]
-        p = combine([scaled_probabilities(logits[m, split, mode], 1.0) for m in members])  # (N, K)
-        return np.log(np.maximum(p, 1e-12))
+        return ensemble_scores([logits[m, split, mode] for m in members]) if members else logits[name, split, mode]
 
     results: dict[str, dict] = {}
     print(f"{'name':<26} {'mode':<7} {'T':>6} " + " ".join(
@@ -104,32 +100,21 @@ def main(argv: list[str] | None = None) -> int:
 def test_curves(data, data_path: str) -> dict[str, tuple]:
     """(before, after) reliability on PrivateTest without TTA for every calibrated shipped entry, with the
     temperatures in the manifest."""
-    import numpy as np
-    import torch
+    from shelf import mode_logits
 
-    from ferlab.data.ferplus import apply_labels
-    from ferlab.data.source import label_source
-    from ferlab.evaluate import split_rows
-    from ferlab.inference.calibration import reliability, scaled_probabilities, temperature_for
-    from ferlab.inference.loader import load_model
-    from ferlab.inference.predict import combine
+    from ferlab.inference.calibration import ensemble_scores, reliability, scaled_probabilities, temperature_for
     from ferlab.pretrained import list_pretrained
 
     entries = {e["name"]: e for e in list_pretrained() if "calibration" in e}
-    logits, labels = {}, {}
-    for name in sorted({m for e in entries.values() for m in (e.get("members") or [e["name"]])}):
-        model = load_model(name)
-        d = apply_labels(data, label_source(model.meta), data_path)[0]
-        idx = split_rows(d, model.meta, "test")
-        labels[name] = d.labels[idx]
-        logits[name] = model.view_logits(torch.from_numpy(d.images[idx]).unsqueeze(1)).mean(0).numpy()  # (N, K)
+    singles = sorted({m for e in entries.values() for m in (e.get("members") or [e["name"]])})
+    logits, labels, source_of = mode_logits(singles, data, data_path, {"none": 1}, splits=("test",), tta="none")
     curves = {}
     for name, e in entries.items():
         members = e.get("members") or [name]
-        z = logits[name] if not e.get("members") else np.log(np.maximum(combine(
-            [scaled_probabilities(logits[m], 1.0) for m in members]), 1e-12))
+        z = ensemble_scores([logits[m, "test", "none"] for m in members]) if e.get("members") else \
+            logits[name, "test", "none"]
         t = temperature_for(e["calibration"], "none")
-        y = labels[members[0]]
+        y = labels[source_of[members[0]], "test"]
         curves[name] = (reliability(scaled_probabilities(z, 1.0), y), reliability(scaled_probabilities(z, t), y))
     return curves
 

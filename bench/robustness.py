@@ -145,23 +145,16 @@ def write_page(page: Path, manifest: dict, scores: dict[str, float], chosen: str
     def pct(v: float) -> str:
         return f"{v:.2%}"
 
-    lines = []
-    for n in names:
-        r = manifest[n]["robustness"]
-        cells = []
-        for split in SPLITS:
-            f = r[split]["fer2013"]
-            cells += [pct(f["clean"]), pct(f["mean_corruption"]), f"{f['relative_drop']:.1%}"]
-        lines.append(f"| `{n}` | " + " | ".join(cells) + " |")
-    main_table = "\n".join(lines)
-    fp_lines = []
-    for n in names:
-        r = manifest[n]["robustness"]
-        cells = []
-        for split in SPLITS:
-            f = r[split]["ferplus"]
-            cells += [pct(r[split]["ferplus_agreement"]), pct(f["clean"]), pct(f["mean_corruption"])]
-        fp_lines.append(f"| `{n}` | " + " | ".join(cells) + " |")
+    def rows(cells) -> str:
+        """A table row per model: ``cells(its figures on one split)`` for each split."""
+        return "\n".join(f"| `{n}` | " + " | ".join(c for split in SPLITS
+                                                     for c in cells(manifest[n]["robustness"][split])) + " |"
+                         for n in names)
+
+    main_table = rows(lambda r: [pct(r["fer2013"]["clean"]), pct(r["fer2013"]["mean_corruption"]),
+                                 f"{r['fer2013']['relative_drop']:.1%}"])
+    fp_table = rows(lambda r: [pct(r["ferplus_agreement"]), pct(r["ferplus"]["clean"]),
+                               pct(r["ferplus"]["mean_corruption"])])
     per = [f"| `{n}` | " + " | ".join(pct(manifest[n]["robustness"]["test"]["per_corruption"][c])
                                        for c in CORRUPTIONS) + " |" for n in names]
     rule_rows = []
@@ -214,7 +207,7 @@ Agreement: on every face of the split whose FER+ majority is one of the 7 classe
 faces that have one.
 
 {FP_HEAD}
-{chr(10).join(fp_lines)}
+{fp_table}
 
 ## Per corruption (PrivateTest, FER2013 labels, mean over the 5 severities)
 
@@ -232,8 +225,7 @@ faces that have one.
 
 `ferlab models --pretrained` shows these columns; the rule is applied by `bench/robustness.py --write`
 (`ferlab.pretrained.apply_default_rule`).
-
-""" + kept)
+""" + ("\n" + kept if kept else ""))
 
 
 def corruption_figure(photo: str | None, out: Path, seed: int) -> None:

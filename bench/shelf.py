@@ -66,9 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def mode_logits(names: list[str], data, data_path: str, modes: dict[str, int]) -> tuple[dict, dict, dict]:
+def mode_logits(names: list[str], data, data_path: str, modes: dict[str, int], splits: tuple[str, ...] = SPLITS,
+                tta: str = "affine") -> tuple[dict, dict, dict]:
     """Each shipped single model's mean logits (N, K) per split and TTA mode (the modes' views are nested, so the
-    18 affine views are predicted once), scored faces' labels under the model's own label source, and that source.
+    views of ``tta``, the largest mode, are predicted once), scored faces' labels under the model's own label
+    source, and that source.
 
     Returns ``logits[name, split, mode]``, ``labels[source, split]`` and ``source_of[name]``.
     """
@@ -86,11 +88,11 @@ def mode_logits(names: list[str], data, data_path: str, modes: dict[str, int]) -
         if src not in by_source:  # fer2013, or FER+ for a model trained on it: the data under those labels
             by_source[src] = apply_labels(data, src, data_path)[0]
         d = by_source[src]
-        for split in SPLITS:
+        for split in splits:
             idx = split_rows(d, model.meta, split)
             labels[src, split] = d.labels[idx]
             x = torch.from_numpy(d.images[idx]).unsqueeze(1)  # (N, 1, 48, 48) uint8
-            views = model.view_logits(x, tta="affine", progress=True, desc=f"{name} {split}")  # (18, N, K)
+            views = model.view_logits(x, tta=tta, progress=True, desc=f"{name} {split}")  # (V, N, K)
             for mode, v in modes.items():
                 logits[name, split, mode] = views[:v].mean(0).numpy()
     return logits, labels, source_of

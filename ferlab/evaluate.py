@@ -13,7 +13,7 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 from ferlab.data.source import data_for, shared_classes, split_rows  # noqa: F401 (part of this module's API)
 from ferlab.inference import loader
-from ferlab.inference.calibration import ece, scaled_probabilities
+from ferlab.inference.calibration import ece, log_probabilities, scaled_probabilities
 from ferlab.inference.loader import load_members
 from ferlab.inference.predict import combine
 from ferlab.transforms import tta_mode
@@ -101,8 +101,9 @@ def evaluate_checkpoints(
             "same_data_as_training": fp_ok, "precision": m.run_precision(precision),
         })
     probs = combine(probs_all)
-    if len(loaded) > 1 and model.temperature(tta) != 1.0:  # a shipped ensemble's calibration
-        probs = scaled_probabilities(np.log(np.maximum(probs, 1e-12)), model.temperature(tta))
+    t = model.temperature(tta) if len(loaded) > 1 else 1.0  # a shipped ensemble's calibration
+    if t != 1.0:
+        probs = scaled_probabilities(log_probabilities(probs), t)
     metrics = classification_metrics(y, probs, class_names)
     metrics["ece"] = ece(probs, y) if len(y) else float("nan")  # calibration of the probabilities scored
     report = {

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ferlab.inference.calibration import scaled_probabilities
+from ferlab.inference.calibration import log_probabilities, scaled_probabilities
 from ferlab.inference.loader import Ensemble, LoadedModel, ModelSpec, load_model
 from ferlab.inference.predict import combine
 from ferlab.transforms import tta_mode, tta_view_count
@@ -108,7 +108,7 @@ class TorchBackend:
         if self.n_members == 1:
             return views[0].mean(0).numpy() / self.temperature  # (B, K)
         p = combine([v.mean(0).softmax(1).numpy() for v in views])  # members' (B, K) -> (B, K)
-        return np.log(np.maximum(p, 1e-12)) / self.temperature
+        return log_probabilities(p) / self.temperature
 
 
 class OnnxBackend:

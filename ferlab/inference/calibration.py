@@ -28,6 +28,16 @@ def log_softmax(z: np.ndarray) -> np.ndarray:
     return z - np.log(np.exp(z).sum(1, keepdims=True))
 
 
+def log_probabilities(p: np.ndarray) -> np.ndarray:
+    """log p of probabilities (N, K), zeros clamped to 1e-12: an ensemble's scores, with softmax(scores) = p."""
+    return np.log(np.maximum(p, 1e-12))
+
+
+def ensemble_scores(member_logits: list[np.ndarray]) -> np.ndarray:
+    """An ensemble's scores (N, K) from its members' logits (each (N, K)): the log of the mean of their softmax."""
+    return log_probabilities(np.mean([scaled_probabilities(z, 1.0) for z in member_logits], axis=0))
+
+
 def scaled_probabilities(z: np.ndarray, temperature: float) -> np.ndarray:
     """softmax(z / T) (N, K) float32 for scores z (N, K): logits, or log-probabilities of an ensemble."""
     if not temperature > 0:

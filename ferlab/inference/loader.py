@@ -18,7 +18,7 @@ from torch import nn
 from ferlab import pretrained
 from ferlab.checkpoint import load_checkpoint, normalizer_from_meta
 from ferlab.hardware import resolve_precision
-from ferlab.inference.calibration import scaled_probabilities, temperature_for
+from ferlab.inference.calibration import log_probabilities, scaled_probabilities, temperature_for
 from ferlab.inference.predict import combine, predict_view_logits
 from ferlab.transforms import Normalizer, tta_mode
 
@@ -135,7 +135,7 @@ class Ensemble:
         :meth:`LoadedModel.view_logits`."""
         p = combine([m.probabilities(images, calibrated=False, **kw) for m in self.members])  # (N, K)
         t = self.temperature(kw.get("tta", False)) if calibrated else 1.0
-        return p if t == 1.0 else scaled_probabilities(np.log(np.maximum(p, 1e-12)), t)
+        return p if t == 1.0 else scaled_probabilities(log_probabilities(p), t)
 
 
 def check_compatible(members: list[LoadedModel]) -> None:

@@ -26,7 +26,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
-from ferlab.serve.service import STREAM_ID, FaceService
+from ferlab.serve.service import FaceService, StreamError, check_stream
 from ferlab.serve.uploads import (
     DEFAULT_BODY_TIMEOUT,
     DEFAULT_MAX_ACTIVE,
@@ -166,17 +166,17 @@ def live_params(request: Request) -> tuple[str | None, float | None, bool]:
     """The query parameters of a live webcam frame: ``stream`` (an id that ties the frames of one page together,
     so their faces are tracked), ``t`` (the frame's time in seconds) and ``explain`` (0 skips the heat maps)."""
     q = request.query_params
-    stream = q.get("stream")
-    if stream is not None and not STREAM_ID.fullmatch(stream):
-        raise UploadError(f"stream must be 1-64 letters, digits, '-' or '_', got {stream[:80]!r}")
-    t = None
+    stream, t = q.get("stream"), None
     if q.get("t") is not None:
         try:
             t = float(q["t"])
         except ValueError:
             raise UploadError(f"t must be a number of seconds, got {q['t'][:40]!r}") from None
-        if not (t >= 0 and t < float("inf")):
-            raise UploadError(f"t must be a finite number of seconds >= 0, got {q['t'][:40]!r}")
+    if stream is not None:
+        try:
+            check_stream(stream, t)
+        except StreamError as e:
+            raise UploadError(str(e)) from None
     explain = q.get("explain", "1").lower() not in ("0", "false", "no")
     return stream, t, explain
 

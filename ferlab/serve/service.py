@@ -24,6 +24,14 @@ class StreamError(ValueError):
     """A bad live-stream parameter (answered 400)."""
 
 
+def check_stream(stream: str, t: float | None) -> None:
+    """StreamError unless ``stream`` is a valid live-stream id and ``t`` (when given) a time in seconds >= 0."""
+    if not STREAM_ID.fullmatch(stream):
+        raise StreamError(f"stream must be 1-64 letters, digits, '-' or '_', got {stream[:80]!r}")
+    if t is not None and not (math.isfinite(t) and t >= 0):
+        raise StreamError(f"t must be a finite number of seconds >= 0, got {t}")
+
+
 class FaceService:
     """Detects and classifies faces with ``recognizer`` and renders an attribution overlay for each.
 
@@ -78,7 +86,8 @@ class FaceService:
         """
         t0 = time.perf_counter()
         if stream is not None:
-            stream, t = self._check_stream(stream, t)
+            check_stream(stream, t)
+            t = time.monotonic() if t is None else float(t)
         with self._lock:
             faces = self.recognizer.predict(image_bgr, color="bgr")  # largest first
             tracked = self._track(stream, faces, t) if stream is not None else None
@@ -109,15 +118,6 @@ class FaceService:
         if not faces:
             out["message"] = NO_FACE_MESSAGE
         return out
-
-    def _check_stream(self, stream: str, t: float | None) -> tuple[str, float]:
-        if not STREAM_ID.fullmatch(stream):
-            raise StreamError(f"stream must be 1-64 letters, digits, '-' or '_', got {stream[:80]!r}")
-        if t is None:
-            t = time.monotonic()
-        if not (math.isfinite(t) and t >= 0):
-            raise StreamError(f"t must be a finite number of seconds >= 0, got {t}")
-        return stream, float(t)
 
     def _track(self, stream: str, faces: list[Any], t: float) -> tuple[list[int], np.ndarray]:
         """Track ids and smoothed probabilities of a live frame's faces; one tracker per stream (the
