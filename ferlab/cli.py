@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import os
@@ -155,6 +156,10 @@ def _train_config(args: argparse.Namespace):
     return TrainConfig.from_dict(over)
 
 
+# training flags a resumed run takes (they change how this call runs, not what the run learns)
+RESUME_FLAGS: tuple[str, ...] = ("threads", "eval_batch_size", "time_limit")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from ferlab.train.config import TrainConfig
     from ferlab.train.distributed import is_main
@@ -163,7 +168,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         from ferlab.train.config import config_flags
 
-        given = [f.flag for f in config_flags() if getattr(args, f.field) is not None]
+        given = [f.flag for f in config_flags() if getattr(args, f.field) is not None and f.field not in RESUME_FLAGS]
         given += [f for f, on in (("--config", args.config), ("--out", args.out), ("--fp32", args.fp32)) if on]
         if given:
             raise ValueError(f"--resume continues a run exactly as it was configured; drop {', '.join(given)}")
@@ -177,6 +182,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
             raise ValueError(f"{cfg_path}: damaged run config ({type(e).__name__}: {e})") from e
         cfg = resume_data_path(cfg, saved)
+        # how this call runs, not what the run learns: the saved time limit was the earlier call's
+        cfg = dataclasses.replace(cfg, time_limit=args.time_limit or 0.0,
+                                  **{k: getattr(args, k) for k in ("threads", "eval_batch_size")
+                                     if getattr(args, k) is not None})
     else:
         cfg = _train_config(args)
         run_dir = Path(args.out) if args.out else default_run_dir(cfg)
@@ -208,8 +217,6 @@ def evaluate_hint(run_dir: Path) -> str:
 def resume_data_path(cfg: Any, saved: dict[str, Any]) -> Any:
     """``cfg`` whose data path, as typed when the run started (kept for display), is replaced by the absolute
     path saved beside it when the typed one does not exist from here (a resume from another directory)."""
-    import dataclasses
-
     data = saved.get("data")
     resolved = data.get("path") if isinstance(data, dict) else None
     if cfg.data and resolved and not Path(cfg.data).exists():
@@ -334,7 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
         flag.add_to(t)
     t.add_argument("--fp32", action="store_true", help="plain fp32 (same as --precision fp32)")
     t.add_argument("--out", help="run directory (default runs/MODEL-TIMESTAMP)")
-    t.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last completed epoch")
+    t.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue an interrupted run from its last completed epoch (of the training flags only "
+                   "--threads, --eval-batch-size and --time-limit may come with it)")
     t.add_argument("--no-progress", action="store_true", help="no progress bars (epoch lines only)")
     t.set_defaults(func=cmd_train)
 

@@ -256,11 +256,11 @@ def random_crop(x: torch.Tensor, pad: int, g: torch.Generator) -> torch.Tensor:
     """Pad (B, C, H, W) by ``pad`` zeros and crop a random H x W window per image."""
     b, c, h, w = x.shape
     xp = F.pad(x, (pad, pad, pad, pad))  # (B, C, H+2p, W+2p)
-    oy = torch.randint(0, 2 * pad + 1, (b,), generator=g)
-    ox = torch.randint(0, 2 * pad + 1, (b,), generator=g)
-    rows = (oy.view(b, 1) + torch.arange(h).view(1, h)).view(b, 1, h, 1).expand(b, c, h, w + 2 * pad)
+    oy = torch.randint(0, 2 * pad + 1, (b,), generator=g).to(x.device)
+    ox = torch.randint(0, 2 * pad + 1, (b,), generator=g).to(x.device)
+    rows = (oy.view(b, 1) + torch.arange(h, device=x.device).view(1, h)).view(b, 1, h, 1).expand(b, c, h, w + 2 * pad)
     xp = xp.gather(2, rows)  # (B, C, H, W+2p)
-    cols = (ox.view(b, 1) + torch.arange(w).view(1, w)).view(b, 1, 1, w).expand(b, c, h, w)
+    cols = (ox.view(b, 1) + torch.arange(w, device=x.device).view(1, w)).view(b, 1, 1, w).expand(b, c, h, w)
     return xp.gather(3, cols)  # (B, C, H, W)
 
 
@@ -283,7 +283,7 @@ def random_erase(x: torch.Tensor, p: float, g: torch.Generator, area=(0.02, 0.2)
         & apply.view(b, 1, 1)
     ).unsqueeze(1)  # (B, 1, H, W)
     noise = torch.rand(x.shape, generator=g, dtype=x.dtype)
-    return torch.where(mask, noise, x)
+    return torch.where(mask.to(x.device), noise.to(x.device), x)
 
 
 BLUR_MAX_SIGMA = 1.5  # the strongest training blur (pixels); the kernel below is its Gaussian
@@ -300,41 +300,44 @@ def photometric(x: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> torc
     """Random brightness, contrast, gamma, blur and noise per image of x (B, C, H, W) in [0, 1]; same shape."""
     b = x.shape[0]
     if cfg.gamma:
-        log_g = _uniform(b, math.log(cfg.gamma), g).to(x.dtype).view(b, 1, 1, 1)
+        log_g = _uniform(b, math.log(cfg.gamma), g).to(x.device, x.dtype).view(b, 1, 1, 1)
         x = x.clamp(1e-6, 1.0).pow(torch.exp(log_g))
     if cfg.contrast:
         mean = x.mean((1, 2, 3), keepdim=True)  # (B, 1, 1, 1)
-        x = (x - mean) * (1 + _uniform(b, cfg.contrast, g).to(x.dtype).view(b, 1, 1, 1)) + mean
+        x = (x - mean) * (1 + _uniform(b, cfg.contrast, g).to(x.device, x.dtype).view(b, 1, 1, 1)) + mean
     if cfg.brightness:
-        x = x + _uniform(b, cfg.brightness, g).to(x.dtype).view(b, 1, 1, 1)
+        x = x + _uniform(b, cfg.brightness, g).to(x.device, x.dtype).view(b, 1, 1, 1)
     if cfg.blur_p:
         # a blur of random strength: each image mixes with its sigma-1.5 blur by a random weight (0: sharp)
-        k = _blur_kernel(BLUR_MAX_SIGMA, x.dtype)
+        k = _blur_kernel(BLUR_MAX_SIGMA, x.dtype).to(x.device)
         c, r = x.shape[1], (len(k) - 1) // 2
         blurred = F.conv2d(F.pad(x, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
         blurred = F.conv2d(F.pad(blurred, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1).repeat(c, 1, 1, 1),
                            groups=c)  # (B, C, H, W)
-        w = torch.rand(b, generator=g).to(x.dtype) * (torch.rand(b, generator=g) < cfg.blur_p).to(x.dtype)
+        w = (torch.rand(b, generator=g) * (torch.rand(b, generator=g) < cfg.blur_p)).to(x.device, x.dtype)
         x = torch.lerp(x, blurred, w.view(b, 1, 1, 1))
     if cfg.noise:
-        sigma = (torch.rand(b, generator=g) * cfg.noise).to(x.dtype).view(b, 1, 1, 1)
-        x = x + sigma * torch.randn(x.shape, generator=g, dtype=x.dtype)
+        sigma = (torch.rand(b, generator=g) * cfg.noise).to(x.device, x.dtype).view(b, 1, 1, 1)
+        x = x + sigma * torch.randn(x.shape, generator=g, dtype=x.dtype).to(x.device)
     return x.clamp(0.0, 1.0)
 
 
 def augment(x01: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> torch.Tensor:
-    """Apply ``cfg`` to x01 (B, C, H, W) float in [0, 1]; returns the same shape, still in [0, 1]."""
+    """Apply ``cfg`` to x01 (B, C, H, W) float in [0, 1]; returns the same shape, still in [0, 1].
+
+    The random draws come from ``g`` (a CPU generator) and move to x01's device, so a batch on a GPU is augmented
+    there with the same draws as on the CPU."""
     if cfg.is_identity:
         return x01
     b = x01.shape[0]
     x = x01
     if cfg.has_affine:
-        theta = random_affine_matrices(b, cfg, g).to(x.dtype)
+        theta = random_affine_matrices(b, cfg, g).to(x.device, x.dtype)
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)  # (B, H, W, 2)
         pad_mode = "border" if cfg.fill == "nearest" else "zeros"
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode=pad_mode, align_corners=False)
     if cfg.hflip:
-        flip = (torch.rand(b, generator=g) < 0.5).view(b, 1, 1, 1)
+        flip = (torch.rand(b, generator=g) < 0.5).view(b, 1, 1, 1).to(x.device)
         x = torch.where(flip, hflip(x), x)
     if cfg.crop_pad:
         x = random_crop(x, cfg.crop_pad, g)

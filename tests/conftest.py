@@ -21,8 +21,44 @@ LEARN_SYNTHETIC = {"n_train": 1500, "n_val": 300, "n_test": 300}
 # The slow tier (`pytest -m "not slow"` leaves it out; CI runs everything): tests that train beyond the one shared
 # tiny run, start servers or browsers, run the study or a benchmark script, or read the real FER2013.
 SLOW_MODULES = {"test_study", "test_serve", "test_serve_load", "test_distributed", "test_resume", "test_recipes",
-                "test_distill", "test_time_to_accuracy", "test_fast_path_accuracy", "test_ship_model"}
+                "test_distill", "test_time_to_accuracy", "test_fast_path_accuracy", "test_ship_model",
+                "test_gpu_campaign"}
 SLOW_FIXTURES = {"trained_run", "server", "browser", "quick_study", "fer2013_path"}
+
+
+FER2013_USAGE = {"train": "Training", "val": "PublicTest", "test": "PrivateTest"}
+
+
+def write_fer_dirs(root: Path, sizes: tuple[int, int, int] = (300, 80, 80)) -> tuple[Path, Path]:
+    """Write ``ROOT/fer2013/fer2013.csv`` of synthetic faces (train, val, test ``sizes``) and
+    ``ROOT/ferplus/fer2013new.csv`` voting their labels with a stray vote or two, with row 1 voted not-a-face, row 2 a
+    tie between Fear and unknown, and row 3 voted Contempt; returns both paths."""
+    import numpy as np
+
+    from ferlab.data.ferplus import COLUMNS, TO_FERLAB
+    from ferlab.data.synthetic import make_synthetic
+
+    (root / "fer2013").mkdir(parents=True)
+    (root / "ferplus").mkdir()
+    d = make_synthetic(*sizes, seed=3)
+    rng = np.random.default_rng(0)
+    pix = [" ".join(map(str, img.ravel())) for img in d.images]
+    (root / "fer2013" / "fer2013.csv").write_text("emotion,pixels,Usage\n" + "".join(
+        f"{lab},{p},{FER2013_USAGE[s]}\n" for lab, p, s in zip(d.labels, pix, d.split, strict=True)))
+    votes = []
+    for lab in d.labels:  # ten votes whose majority is the row's label
+        v = [0] * len(COLUMNS)
+        v[TO_FERLAB.index(int(lab))] = 7
+        for _ in range(3):
+            v[int(rng.integers(0, 8))] += 1
+        votes.append(v)
+    votes[1] = [1, 0, 0, 0, 0, 0, 0, 0, 0, 9]
+    votes[2] = [0, 0, 0, 0, 0, 0, 5, 0, 5, 0]
+    votes[3] = [2, 0, 0, 0, 0, 0, 0, 8, 0, 0]
+    (root / "ferplus" / "fer2013new.csv").write_text("Usage,Image name," + ",".join(COLUMNS) + "\n" + "".join(
+        f"{FER2013_USAGE[s]},fer{i:07d}.png," + ",".join(map(str, v)) + "\n"
+        for i, (s, v) in enumerate(zip(d.split, votes, strict=True))))
+    return root / "fer2013" / "fer2013.csv", root / "ferplus" / "fer2013new.csv"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -7,10 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import FER2013, REPO
+from conftest import FER2013, REPO, write_fer_dirs
 
 from ferlab.data.ferplus import (
-    COLUMNS,
     FERPLUS_CLASS_NAMES,
     TO_FERLAB,
     apply_labels,
@@ -24,40 +23,13 @@ from ferlab.data.formats import load_data
 from ferlab.train.config import TrainConfig
 
 FERPLUS = FER2013.parent.parent / "ferplus" / "fer2013new.csv"
-USAGE = {"train": "Training", "val": "PublicTest", "test": "PrivateTest"}
-
-
-def _votes_row(label: int, rng: np.random.Generator) -> list[int]:
-    """Ten votes whose majority is ferlab class ``label`` (0..6), with a stray vote or two."""
-    v = [0] * len(COLUMNS)
-    v[TO_FERLAB.index(label)] = 7
-    for _ in range(3):
-        v[int(rng.integers(0, 8))] += 1
-    return v
 
 
 @pytest.fixture(scope="module")
 def fer_dirs(tmp_path_factory) -> tuple[Path, Path]:
-    """``data/fer2013/fer2013.csv`` of synthetic faces and ``data/ferplus/fer2013new.csv`` voting their labels, with
-    row 1 voted not-a-face, row 2 a tie between Fear and unknown, and row 3 voted Contempt."""
-    from ferlab.data.synthetic import make_synthetic
-
-    root = tmp_path_factory.mktemp("data")
-    (root / "fer2013").mkdir()
-    (root / "ferplus").mkdir()
-    d = make_synthetic(300, 80, 80, seed=3)
-    rng = np.random.default_rng(0)
-    pix = [" ".join(map(str, img.ravel())) for img in d.images]
-    (root / "fer2013" / "fer2013.csv").write_text("emotion,pixels,Usage\n" + "".join(
-        f"{lab},{p},{USAGE[s]}\n" for lab, p, s in zip(d.labels, pix, d.split, strict=True)))
-    votes = [_votes_row(int(lab), rng) for lab in d.labels]
-    votes[1] = [1, 0, 0, 0, 0, 0, 0, 0, 0, 9]
-    votes[2] = [0, 0, 0, 0, 0, 0, 5, 0, 5, 0]
-    votes[3] = [2, 0, 0, 0, 0, 0, 0, 8, 0, 0]
-    (root / "ferplus" / "fer2013new.csv").write_text("Usage,Image name," + ",".join(COLUMNS) + "\n" + "".join(
-        f"{USAGE[s]},fer{i:07d}.png," + ",".join(map(str, v)) + "\n"
-        for i, (s, v) in enumerate(zip(d.split, votes, strict=True))))
-    return root / "fer2013" / "fer2013.csv", root / "ferplus" / "fer2013new.csv"
+    """``data/fer2013/fer2013.csv`` of synthetic faces and ``data/ferplus/fer2013new.csv`` voting their labels (see
+    :func:`conftest.write_fer_dirs`)."""
+    return write_fer_dirs(tmp_path_factory.mktemp("data"))
 
 
 def test_majority_and_distribution_follow_the_written_rules():

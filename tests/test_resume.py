@@ -15,7 +15,7 @@ from conftest import TINY_SYNTHETIC, tiny_config
 from safetensors.torch import load_file
 
 from ferlab.checkpoint import LAST_STATE, CheckpointError, load_state
-from ferlab.train.fit import fit, format_eta
+from ferlab.train.fit import fit, format_eta, out_of_time
 
 
 def final_weights(run_dir) -> dict[str, torch.Tensor]:
@@ -94,3 +94,23 @@ def test_resuming_with_other_options_is_refused(tmp_path):
     # the thread count and the evaluation batch size change nothing a run learns
     assert fit(tiny_config(epochs=3, threads=1, eval_batch_size=256), tmp_path / "run", resume=True,
                progress=False, log=lambda s: None)["finished"]
+
+
+def test_out_of_time_judges_by_the_slowest_recent_epoch():
+    assert not out_of_time(0, 1e9, [1.0])  # 0: no limit
+    assert not out_of_time(10, 50, [])  # the first epoch of a call always runs
+    assert out_of_time(10, 8, [1, 3]) and not out_of_time(10, 6, [1, 3])
+    assert not out_of_time(10, 6, [9, 1, 1, 1])  # only the last three epochs count
+
+
+def test_time_limit_stops_cleanly_and_a_resume_takes_another(tmp_path):
+    from ferlab.cli import main
+
+    log: list[str] = []
+    s = fit(tiny_config(epochs=3, time_limit=1e-3), tmp_path / "r", progress=False, log=log.append)
+    assert s["out_of_time"] and not s["finished"] and s["epochs_run"] == 1
+    assert any(m.startswith("time limit:") and f"--resume {tmp_path / 'r'}" in m for m in log)
+    # how a call runs is not what the run learns: a resume may set its own limit (here none) and threads
+    assert main(["train", "--resume", str(tmp_path / "r"), "--no-progress", "--threads", "1"]) == 0
+    s = json.loads((tmp_path / "r/summary.json").read_text())
+    assert s["finished"] and s["epochs_run"] == 3 and not s["out_of_time"]

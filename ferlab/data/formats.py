@@ -7,6 +7,8 @@ Layouts (see :func:`detect_layout`):
 * ``course-csv``: ``train.csv`` (``label,feature``) + ``test.csv`` (``id,feature``, unlabelled).
 * ``image-folder``: ``<root>/<split>/<class>/*.png|jpg|jpeg|bmp|webp``.
 
+A ``*.ferpack`` file (:mod:`ferlab.data.pack`) loads as the rows of the source it was packed from.
+
 The layouts themselves live in :mod:`ferlab.data.csv_layouts`, :mod:`ferlab.data.csv_parse` and
 :mod:`ferlab.data.image_folder`; this module works out which one a path holds and loads it through the cache.
 """
@@ -38,6 +40,7 @@ from ferlab.data.image_folder import (
     _subdirs,
 )
 from ferlab.data.image_folder import MAX_IMAGE_PIXELS as MAX_IMAGE_PIXELS
+from ferlab.data.pack import is_pack, pack_info, read_pack
 from ferlab.data.types import IMAGE_SIZE, FerData
 
 __all__ = ["LAYOUTS", "DataError", "DataWarning", "detect_layout", "load_data"]
@@ -182,8 +185,10 @@ def detect_layout(path: str | os.PathLike[str]) -> str:
     """The layout of ``path``: "fer2013-csv", "icml-csv", "course-csv" or "image-folder".
 
     CSV layouts are told apart by their header (not by file name). Raises DataError if ``path`` is missing
-    or no layout fits.
+    or no layout fits. A ``*.ferpack`` (see :mod:`ferlab.data.pack`) has the layout of the source it was packed from.
     """
+    if is_pack(path):
+        return pack_info(path)["source"]["layout"]
     return _resolve(path).layout
 
 
@@ -216,6 +221,8 @@ def load_data(
     ``$XDG_CACHE_HOME/ferlab`` or ``~/.cache/ferlab``), keyed by size, mtime, content hash, ``skip_bad``
     and format version.
     """
+    if is_pack(path):  # checked on every load, never cached: decoding it is as fast as the cache
+        return read_pack(path)
     t0 = time.perf_counter()
     src = _resolve(path)
     items: list[_ImageItem] = []

@@ -27,8 +27,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 # Options that do not change what a run learns: where the data file lives (its content is checked by its
-# fingerprint), the thread count and the evaluation batch size.
-NOT_LEARNED: tuple[str, ...] = ("data", "threads", "eval_batch_size")
+# fingerprint), the thread count, the evaluation batch size and the wall-clock limit of one call.
+NOT_LEARNED: tuple[str, ...] = ("data", "threads", "eval_batch_size", "time_limit")
 
 
 @dataclass
@@ -87,6 +87,8 @@ class TrainConfig:
     channels_last: bool = True
     threads: int = 0  # 0 = auto: the cores not busy at start (see fit.auto_threads)
     eval_batch_size: int = 512
+    # stop this call cleanly (resumable) before an epoch that would end past this many seconds; 0 = no limit
+    time_limit: float = 0.0
 
     def __post_init__(self) -> None:
         for name, allowed in CHOICES.items():
@@ -121,6 +123,8 @@ class TrainConfig:
                              f"got {self.size_ramp_epochs}")
         if self.label_mode != "majority" and self.labels in ("", "fer2013"):
             raise ValueError(f"label_mode {self.label_mode!r} needs vote distributions: use it with labels = 'ferplus'")
+        if self.time_limit < 0:
+            raise ValueError(f"time_limit must be >= 0 seconds (0: none), got {self.time_limit}")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
 
@@ -212,6 +216,8 @@ FIELD_HELP: dict[str, str] = {
     "threads": "torch threads (0: auto, the cores not busy with other work at start, re-checked every 10 s as "
                "the run goes)",
     "eval_batch_size": "batch size of validation and prediction",
+    "time_limit": "seconds this call may train: it stops before an epoch that would end later (judged by the "
+                  "recent epochs), with the run resumable by --resume (0: no limit)",
 }
 # fields whose flag is not --FIELD-NAME
 FLAG_NAMES: dict[str, str] = {"model_args": "--model-arg", "teachers": "--teacher"}

@@ -24,6 +24,8 @@ from tqdm.auto import tqdm
 from ferlab.inference.predict import autocast, layout, model_device, predict_logits, to_unit
 from ferlab.transforms import AugmentConfig, Normalizer, augment, mix_batch, resize
 
+SYNC_STEPS = 50  # on a GPU, batches between reads of the running loss (each read waits for the GPU)
+
 if TYPE_CHECKING:
     from ferlab.train.distill import SoftTargets, Teacher
 
@@ -104,7 +106,13 @@ def train_one_epoch(
     model.train()
     device = model_device(model)
     t0 = time.perf_counter()
-    loss_sum, correct, seen = 0.0, 0, 0
+    # sums kept on the device: on a GPU reading a value waits for all queued work, so it is read every
+    # SYNC_STEPS batches (the loss checked, the progress bar updated); on the CPU after every batch
+    check_every = 1 if device.type == "cpu" else SYNC_STEPS
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.float64, device=device)
+    finite = torch.ones((), dtype=torch.bool, device=device)
+    seen = 0
     local_batches = epoch_batches(len(images), batch_size, g, rank, world_size)
     # one rank: augmentation continues g's stream (as always); several: each rank its own stream
     aug_g = g if world_size == 1 else torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=g)) + rank)
@@ -112,7 +120,7 @@ def train_one_epoch(
     for step, idx in enumerate(bar):
         y = labels[idx]  # (b,) class ids or (b, K) distributions
         if y.ndim == 2 and sample_labels:
-            y = torch.multinomial(y, 1, generator=aug_g).squeeze(1)  # (b,) drawn from each image's votes
+            y = torch.multinomial(y.cpu(), 1, generator=aug_g).squeeze(1).to(y.device)  # (b,) from each image's votes
         x01 = augment(to_unit(images[idx]), aug, aug_g)  # (b, 1, H, W) in [0, 1]
         if size is not None:
             x01 = resize(x01, size)  # (b, 1, size, size)
@@ -129,21 +137,27 @@ def train_one_epoch(
         if teacher is not None:
             loss = (1.0 - distill_weight) * loss + distill_weight * teacher.loss(logits, x01=x01, idx=idx, perm=perm,
                                                                                  lam=lam)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} at batch {step}; lower the learning rate")
+        finite &= torch.isfinite(loss.detach())
+        if (step + 1) % check_every == 0 and not finite:
+            where = f"batch {step}" if check_every == 1 else f"one of batches {step + 1 - check_every}-{step}"
+            raise FloatingPointError(f"loss is {loss.item()} at {where}; lower the learning rate")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         if on_step is not None:
             on_step()
-        loss_sum += loss.item() * len(y)
+        loss_sum += loss.detach() * len(y)
         pred = logits.argmax(1)
         y_top, y_mix_top = (y, y_mix) if y.ndim == 1 else (y.argmax(1), y_mix.argmax(1))
-        correct += lam * (pred == y_top).sum().item() + (1.0 - lam) * (pred == y_mix_top).sum().item()
+        correct += lam * (pred == y_top).sum() + (1.0 - lam) * (pred == y_mix_top).sum()
         seen += len(y)
-        bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}", refresh=False)
+        if progress and (step + 1) % check_every == 0:
+            bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.4f}", refresh=False)
     bar.close()
-    return {"loss": loss_sum / seen, "acc": correct / seen, "n": seen, "seconds": time.perf_counter() - t0}
+    if not finite:
+        raise FloatingPointError(f"loss is not finite in the last {check_every} batches; lower the learning rate")
+    return {"loss": loss_sum.item() / seen, "acc": correct.item() / seen, "n": seen,
+            "seconds": time.perf_counter() - t0}
 
 
 def evaluate(

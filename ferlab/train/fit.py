@@ -220,15 +220,19 @@ def fit(
 
     ``stop_after`` ends this call after that many epochs, as an interruption would (for tests).
     Returns the run summary (also written to RUN_DIR/summary.json). Under ``torchrun`` this trains with
-    DistributedDataParallel; the process group lives for this call only. torch's thread count is the caller's
-    again afterwards.
+    DistributedDataParallel; the process group lives for this call only. torch's thread count (and on a GPU,
+    cuDNN's benchmark mode) is the caller's again afterwards.
     """
     threads = torch.get_num_threads()  # the run sets its own (and the governor changes it): restored after
+    benchmark = torch.backends.cudnn.benchmark
     try:
         with distributed.session() as ddp:
+            if ddp.device.type == "cuda":  # the batches' shapes repeat: let cuDNN time and keep its fastest kernels
+                torch.backends.cudnn.benchmark = True
             return _fit(cfg, Path(run_dir), ddp, resume=resume, progress=progress, stop_after=stop_after, log=log)
     finally:
         torch.set_num_threads(threads)
+        torch.backends.cudnn.benchmark = benchmark
 
 
 def _quiet(_: str) -> None:
@@ -272,6 +276,7 @@ class Run:
     history: list[dict[str, float]]
     start: int = 0  # the first epoch (0-based) this call trains
     stopped_early: bool = False
+    out_of_time: bool = False  # this call stopped at its time_limit (the run can resume)
 
     @property
     def full_side(self) -> int:
@@ -346,6 +351,8 @@ def _build(cfg: TrainConfig, run_dir: Path, ddp: distributed.Session, progress: 
     """Data, model, optimiser, schedule, callbacks, teacher and metadata of a fresh run."""
     prep = prepare(cfg, progress)
     normalizer, x_train, y_train, x_val, y_val = _training_data(cfg, prep, ddp)
+    if ddp.device.type == "cuda":  # the uint8 images live on the GPU: batches are gathered and augmented there
+        x_train, y_train, x_val = x_train.to(ddp.device), y_train.to(ddp.device), x_val.to(ddp.device)
     full_side = int(x_train.shape[-1])
     net = _build_net(cfg, prep, ddp, full_side)
     optimizer = build_optimizer(net, cfg)
@@ -453,8 +460,14 @@ def _epochs(run: Run, ddp: distributed.Session, governor: hardware.ThreadGoverno
 
     tr = None
     epoch_seconds: list[float] = []  # wall time of each epoch of this call, for the remaining-time estimate
+    t_start = time.perf_counter()
     for epoch in range(run.start, cfg.epochs):
         if run.stopped_early or (stop_after is not None and len(epoch_seconds) >= stop_after):
+            break
+        if out_of_time(cfg.time_limit, time.perf_counter() - t_start, epoch_seconds):
+            run.out_of_time = True
+            log(f"time limit: {cfg.time_limit:g} s would be passed by epoch {epoch + 1}; stopping after epoch "
+                f"{epoch} of {cfg.epochs} (continue with --resume {run.run_dir})")
             break
         t_epoch = time.perf_counter()
         torch.manual_seed(seeds.epoch_torch_seed(cfg.seed, epoch, ddp.rank))  # dropout and the like
@@ -485,6 +498,12 @@ def _epochs(run: Run, ddp: distributed.Session, governor: hardware.ThreadGoverno
         if run.stopped_early:
             log(f"early stopping: {cfg.monitor} has not improved for {cfg.early_stopping} epochs")
     return tr
+
+
+def out_of_time(limit: float, elapsed: float, epoch_seconds: list[float]) -> bool:
+    """Whether another epoch would end past ``limit`` seconds (0: no limit), judged by the slowest of the last
+    three epochs; the first epoch of a call always runs."""
+    return bool(limit) and bool(epoch_seconds) and elapsed + max(epoch_seconds[-3:]) > limit
 
 
 def _end_epoch(run: Run, ddp: distributed.Session, epoch: int, lr: float, side: int, tr: dict[str, float],
@@ -521,7 +540,7 @@ def _finish(run: Run, ddp: distributed.Session, last_train: dict[str, float] | N
         "run_dir": str(run.run_dir), "model": cfg.model, "finished": done, "epochs_run": len(history),
         "best_epoch": run.best.best_epoch, f"best_{cfg.monitor}": run.best.best,
         "train_seconds_total": sum(h["seconds"] for h in history),
-        "this_call_seconds": seconds, "stopped_early": run.stopped_early,
+        "this_call_seconds": seconds, "stopped_early": run.stopped_early, "out_of_time": run.out_of_time,
         "protocol": run.meta["split"]["text"], "device": ddp.device.type, "world_size": ddp.world_size,
         "train_images_per_epoch": last_train["n"] if last_train is not None else None,  # summed over ranks
     }

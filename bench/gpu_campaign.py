@@ -1,0 +1,687 @@
+"""Turn a lent GPU window into trained nets: the data packed to travel, a CUDA smoke check with a throughput
+calibration, and one command that trains a plan of configs concurrently and packs the results to come back.
+
+Steps (docs/gpu.md is the runbook, with the exact device calls):
+
+    # here, once: FER2013's Training and PublicTest rows, packed losslessly in two parts (PrivateTest stays here)
+    python bench/gpu_campaign.py pack --data ../shared/data/fer2013/fer2013.csv.gz
+    # on the GPU machine, call 1 (carries .gpu/part1): keep part 1, smoke-check CUDA, time the plan's nets
+    python3 bench/gpu_campaign.py stage .gpu/part1 && python3 bench/gpu_campaign.py smoke --plan PLAN --out $OUT
+    # call 2 (carries .gpu/part2): assemble and verify the data, then train the plan inside the budget
+    python3 bench/gpu_campaign.py stage .gpu/part2 && python3 bench/gpu_campaign.py run --plan PLAN --out $OUT
+    # here again: unpack the returned runs, then evaluate and select them on PublicTest as usual
+    python bench/gpu_campaign.py unpack /work/.device/.../results.tar.gz.* --to runs/gpu
+
+``--dry-run`` (smoke and run) rehearses the same code on the CPU: tiny data, two epochs (tests/test_gpu_campaign.py).
+
+A plan (configs/gpu/*.toml) lists runs: a config, field overrides, and ``epochs = "fit"`` to size the epoch count
+from the calibration so that the run's whole schedule ends inside the budget (capped at ``max_epochs``). Every
+run also gets the budget as its ``time_limit``: it stops cleanly at an epoch's end rather than be cut off.
+Checkpoints are chosen on PublicTest (val) by the trainer; PrivateTest never goes to the GPU machine: ``stage``
+and ``run`` refuse data that holds it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # the GPU machine has the checkout, not an installed ferlab
+    sys.path.insert(0, str(REPO))
+PACK_NAME = "fer2013-trainval.ferpack"
+VOTES_NAME = "fer2013new.csv"
+MANIFEST = "manifest.json"
+DEFAULT_STORE = Path("/tmp/ferlab-gpu")  # on the GPU machine: outlives one call while the machine stays warm
+RESULTS = "results.tar.gz"
+FILE_LIMIT = 16 * 2**20 - 2**16  # what comes back: at most 8 files of 16 MiB (kept a little under), 64 MiB in all
+BACK_LIMIT = 64 * 2**20
+TREE_LIMIT = 64 * 2**20  # the working tree sent with each call
+FIT_SAFETY = 0.85  # share of the calibrated throughput a fitted schedule counts on
+START_SECONDS = 45.0  # a run's start (imports, data decoding, CUDA context) before its first epoch
+COLLECT_SECONDS = 40.0  # kept at the end of `run` for packing the results
+CALIBRATION = "calibration.json"
+MAX_CONCURRENCY = 8
+TRAIN_ROWS = 28709  # FER2013's Training split: the epoch size a fitted schedule is sized for
+
+
+def sha256_file(path: Path) -> str:
+    from ferlab.data.cache import sha256_file as digest
+
+    return digest(path)
+
+
+def tracked_bytes() -> int | None:
+    """The bytes of the repository's tracked files (what every device call sends), or None outside git."""
+    try:
+        out = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return sum((REPO / p).stat().st_size for p in out.decode().split("\0") if p and (REPO / p).is_file())
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# pack and stage: the data's way to the GPU machine
+
+
+def cmd_pack(args: argparse.Namespace) -> int:
+    from ferlab.data.ferplus import VOTES_FILE, find_votes
+    from ferlab.data.pack import write_pack
+    from ferlab.data.source import open_data
+
+    out = Path(args.out)
+    if out.exists():
+        shutil.rmtree(out)
+    data = open_data(args.data, progress=True)
+    if not {"train", "val"} <= set(data.split):
+        raise SystemExit(f"{args.data}: needs Training and PublicTest rows to pack")
+    t0 = time.perf_counter()
+    whole = out / PACK_NAME
+    header = write_pack(data, whole, splits=("train", "val"))
+    print(f"packed {header['rows']:,} rows ({', '.join(f'{k} {v:,}' for k, v in header['splits'].items())}) of "
+          f"{data.source} into {whole}: {whole.stat().st_size / 1e6:.1f} MB in {time.perf_counter() - t0:.0f} s")
+    try:
+        votes = find_votes(args.labels, args.data) if args.labels else None
+    except FileNotFoundError as e:
+        print(f"no FER+ votes travel ({e})")
+        votes = None
+    blob = whole.read_bytes()
+    size = math.ceil(len(blob) / args.parts)
+    parts = []
+    for i in range(args.parts):
+        name = f"{PACK_NAME}.{i + 1}"
+        chunk = blob[i * size : (i + 1) * size]
+        parts.append({"name": name, "bytes": len(chunk), "sha256": hashlib.sha256(chunk).hexdigest()})
+        (out / f"part{i + 1}").mkdir(parents=True)
+        (out / f"part{i + 1}" / name).write_bytes(chunk)
+    manifest = {"pack": PACK_NAME, "bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest(), "parts": parts,
+                "votes": None, "source_fingerprint": header["source"]["fingerprint"], "splits": header["splits"]}
+    if votes is not None:  # FER+ votes (MIT) ride with the last part, under the name the loader looks for
+        shutil.copyfile(votes, out / f"part{args.parts}" / VOTES_FILE)
+        manifest["votes"] = {"name": VOTES_FILE, "sha256": sha256_file(votes)}
+    for i in range(args.parts):
+        (out / f"part{i + 1}" / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    whole.unlink()
+    tree = tracked_bytes()
+    for i in range(args.parts):
+        folder = out / f"part{i + 1}"
+        n = sum(p.stat().st_size for p in folder.iterdir())
+        total = f"; with the tracked tree {(n + tree) / 2**20:.1f} MiB of {TREE_LIMIT / 2**20:.0f}" if tree else ""
+        print(f"{folder}: {n / 2**20:.1f} MiB{total}" + ("  TOO LARGE: pack with more --parts"
+                                                         if tree and n + tree > TREE_LIMIT else ""))
+    return 0
+
+
+def cmd_stage(args: argparse.Namespace) -> int:
+    """Check the parts in each folder against the manifest and keep them in the store; with every part there,
+    assemble the pack and check it whole (checksum, then a full decode)."""
+    store = Path(args.store)
+    store.mkdir(parents=True, exist_ok=True)
+    manifest: dict[str, Any] | None = None
+    for folder in map(Path, args.parts):
+        m = json.loads((folder / MANIFEST).read_text())
+        if manifest is not None and m["sha256"] != manifest["sha256"]:
+            raise SystemExit(f"{folder}: its manifest is for another pack than the other folders'")
+        manifest = m
+        for part in m["parts"]:
+            src = folder / part["name"]
+            if src.is_file():
+                if src.stat().st_size != part["bytes"] or sha256_file(src) != part["sha256"]:
+                    raise SystemExit(f"{src}: checksum mismatch (damaged in transfer?)")
+                shutil.copyfile(src, store / part["name"])
+                print(f"staged {src} ({part['bytes'] / 2**20:.1f} MiB, checksum ok)")
+        if m["votes"] and (folder / m["votes"]["name"]).is_file():
+            if sha256_file(folder / m["votes"]["name"]) != m["votes"]["sha256"]:
+                raise SystemExit(f"{folder / m['votes']['name']}: checksum mismatch")
+            shutil.copyfile(folder / m["votes"]["name"], store / m["votes"]["name"])
+        (store / MANIFEST).write_text(json.dumps(m, indent=1))
+    if manifest is None:
+        raise SystemExit("no part folder given")
+    missing = [p["name"] for p in manifest["parts"] if not (store / p["name"]).is_file()]
+    if missing:
+        print(f"waiting for {', '.join(missing)} (stage its folder in the next call, while this machine is warm)")
+        return 0
+    return assemble(store, manifest)
+
+
+def assemble(store: Path, manifest: dict[str, Any]) -> int:
+    from ferlab.data.pack import read_pack
+
+    whole = store / manifest["pack"]
+    with open(whole, "wb") as f:
+        for part in manifest["parts"]:
+            f.write((store / part["name"]).read_bytes())
+    if sha256_file(whole) != manifest["sha256"]:
+        raise SystemExit(f"{whole}: the assembled pack's checksum does not match the manifest")
+    t0 = time.perf_counter()
+    data = read_pack(whole)  # checks the payload and the decoded images against their checksums
+    if "test" in set(data.split):
+        raise SystemExit(f"{whole} holds PrivateTest rows; they never go to the GPU machine")
+    print(f"assembled {whole}: {len(data):,} rows, checksums ok, decoded in {time.perf_counter() - t0:.1f} s"
+          + (f"; FER+ votes {manifest['votes']['name']}" if manifest.get("votes") else ""))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# plans
+
+
+@dataclass
+class PlannedRun:
+    """One run of a plan: a config file, field overrides, and how many epochs ("fit": sized to the budget)."""
+
+    name: str
+    config: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+    epochs: int | str = "fit"
+    max_epochs: int = 300
+    min_epochs: int = 10
+
+    def train_config(self, **more: Any) -> Any:
+        from ferlab.train.config import TrainConfig
+
+        path = REPO / self.config if not Path(self.config).is_absolute() else Path(self.config)
+        return TrainConfig.from_file(path, **{**self.overrides, **more})
+
+
+def read_plan(path: str | Path) -> list[PlannedRun]:
+    """The runs of a plan file; every config is read and checked now, so a bad plan fails before any training."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise SystemExit(f"{path}: cannot read the plan ({e})") from None
+    runs = []
+    for i, r in enumerate(raw.get("run", [])):
+        unknown = set(r) - {"name", "config", "set", "epochs", "max_epochs", "min_epochs"}
+        if unknown or "name" not in r or "config" not in r:
+            raise SystemExit(f"{path}: run {i + 1} needs name and config (and knows set, epochs, max_epochs, "
+                             f"min_epochs){'; unknown: ' + ', '.join(sorted(unknown)) if unknown else ''}")
+        run = PlannedRun(r["name"], r["config"], dict(r.get("set", {})), r.get("epochs", "fit"),
+                         int(r.get("max_epochs", 300)), int(r.get("min_epochs", 10)))
+        if run.epochs != "fit" and not (isinstance(run.epochs, int) and run.epochs > 0):
+            raise SystemExit(f"{path}: run {run.name}: epochs must be a positive integer or \"fit\"")
+        try:
+            run.train_config()
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"{path}: run {run.name}: {e}") from None
+        runs.append(run)
+    names = [r.name for r in runs]
+    if not runs or len(set(names)) != len(names):
+        raise SystemExit(f"{path}: a plan needs one or more runs with distinct names")
+    return runs
+
+
+def fitted_epochs(run: PlannedRun, images_per_s: float | None, seconds: float, rows: int = TRAIN_ROWS) -> int:
+    """The epochs of ``run``: a fixed count as it is; "fit": as many as end inside ``seconds`` at
+    ``images_per_s`` (its calibrated throughput), at most max_epochs; 0 when fewer than min_epochs would (a
+    one-cycle schedule cut short is wasted). Without a calibration, min_epochs (the time limit guards it)."""
+    if isinstance(run.epochs, int):
+        return run.epochs
+    if not images_per_s:
+        return run.min_epochs
+    n = min(run.max_epochs, int(FIT_SAFETY * max(0.0, seconds - START_SECONDS) * images_per_s / rows))
+    return n if n >= run.min_epochs else 0
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# launching runs
+
+
+def child_env(dry_run: bool) -> dict[str, str]:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+               PYTHONUNBUFFERED="1", FERLAB_JEMALLOC="0")
+    if dry_run:
+        env["CUDA_VISIBLE_DEVICES"] = ""  # the rehearsal runs the same code on the CPU
+    return env
+
+
+@dataclass
+class Launched:
+    name: str
+    run_dir: Path
+    proc: subprocess.Popen
+    started: float
+    log: Any
+
+
+def launch(name: str, cfg: Any, run_dir: Path, *, data: str | None, threads: int, time_limit: float,
+           dry_run: bool, resume: bool = False) -> Launched:
+    """Start ``ferlab train`` for ``cfg`` (a TrainConfig; with ``resume``, continue RUN_DIR instead) in its own
+    process, logging to NAME.log beside RUN_DIR. ``time_limit``: seconds of training (0: none)."""
+    import dataclasses
+
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    limit = ["--time-limit", f"{max(1.0, time_limit):.0f}"] if time_limit else []
+    common = ["--no-progress", "--threads", str(threads), *limit]
+    if resume:
+        cmd = [sys.executable, "-m", "ferlab", "train", "--resume", str(run_dir), *common]
+    else:
+        cfg_file = run_dir.parent / f"{name}.train.json"
+        cfg_file.write_text(json.dumps(dataclasses.replace(cfg, data=None).to_dict(), indent=1))
+        cmd = [sys.executable, "-m", "ferlab", "train", "--config", str(cfg_file), "--out", str(run_dir), *common,
+               *(["--data", data] if data else [])]
+    log = open(run_dir.parent / f"{name}.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env(dry_run), cwd=REPO)
+    return Launched(name, run_dir, proc, time.perf_counter(), log)
+
+
+def last_epoch(run_dir: Path) -> dict[str, float] | None:
+    from ferlab.train.fit import read_history
+
+    rows = read_history(run_dir)
+    return rows[-1] if rows else None
+
+
+def wait_all(launched: list[Launched], deadline: float, report_every: float = 30.0) -> None:
+    """Wait for every process; report progress now and then; stop any still running at ``deadline``."""
+    next_report = time.perf_counter() + report_every
+    while any(p.proc.poll() is None for p in launched):
+        now = time.perf_counter()
+        if now > deadline:
+            for p in launched:
+                if p.proc.poll() is None:
+                    print(f"{p.name}: past the deadline, stopped (its best checkpoint so far is kept)")
+                    stop(p.proc)
+            break
+        if now >= next_report:
+            next_report = now + report_every
+            print(" | ".join(progress_line(p) for p in launched), flush=True)
+        time.sleep(1.0)
+    for p in launched:
+        p.log.close()
+
+
+def progress_line(p: Launched) -> str:
+    row = last_epoch(p.run_dir)
+    state = "done" if p.proc.poll() is not None else "running"
+    if row is None:
+        return f"{p.name}: {state}, starting"
+    return f"{p.name}: epoch {int(row['epoch'])} val {row['val_acc']:.4f} ({row['images_per_s']:.0f} img/s)"
+
+
+def threads_each(concurrency: int) -> int:
+    return max(1, min(4, ((os.cpu_count() or 2) - 1) // max(1, concurrency)))
+
+
+def device_name(dry_run: bool) -> str:
+    import torch
+
+    if dry_run or not torch.cuda.is_available():
+        from ferlab.hardware import cpu_name
+
+        return f"CPU ({cpu_name()})"
+    return torch.cuda.get_device_name(0)
+
+
+def require_gpu(dry_run: bool) -> None:
+    import torch
+
+    if not dry_run and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device here: this command is for the GPU machine (rehearse it with --dry-run)")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# smoke: the CUDA path of the trainer, evaluation and resume, and the plan's throughput
+
+
+def cmd_smoke(args: argparse.Namespace) -> int:
+    """Check augmentation on the device against the CPU's; train two epochs on synthetic faces (the first stopped by
+    a time limit, the second by a resume) and check the device's validation accuracy against the CPU's on the same
+    checkpoint; then time the plan's first net alone and all its nets together on a FER2013-sized synthetic set,
+    and keep their images/s for `run` to size its schedules."""
+    require_gpu(args.dry_run)
+    out, store = Path(args.out), Path(args.store)
+    out.mkdir(parents=True, exist_ok=True)
+    work = store / "smoke"  # not under OUT: only a few files may come back
+    shutil.rmtree(work, ignore_errors=True)
+    t0 = time.perf_counter()
+    report: dict[str, Any] = {"device": device_name(args.dry_run), "checks": {}}
+    print(f"smoke check on {report['device']}")
+    report["checks"] = smoke_checks(work / "check", args.dry_run)
+    runs = read_plan(args.plan)
+    conc = min(args.concurrency or len(runs), len(runs))
+    # the first net alone, then the plan's nets together: how much running them at once costs each
+    alone = calibrate(runs[:1], work / "alone", 1, args)
+    speeds = calibrate(runs[:conc], work / "together", conc, args)
+    report.update(concurrency=conc, images_per_s=speeds, alone={runs[0].name: alone[runs[0].name]},
+                  together=round(sum(speeds.values())), seconds=round(time.perf_counter() - t0, 1))
+    (store / CALIBRATION).write_text(json.dumps(report, indent=1))
+    (out / CALIBRATION).write_text(json.dumps(report, indent=1))
+    share = speeds[runs[0].name] / alone[runs[0].name]
+    print(f"calibration: {report['together']:,} images/s with {conc} nets at once; {runs[0].name} keeps {share:.0%} "
+          f"of its speed alone; saved to {store / CALIBRATION}; smoke + calibration {report['seconds']:.0f} s")
+    return 0
+
+
+def calibrate(runs: list[PlannedRun], work: Path, conc: int, args: argparse.Namespace) -> dict[str, float]:
+    """Train ``runs`` together for a few epochs on a FER2013-sized synthetic set; each one's images/s in its last
+    epoch (the first one pays for cuDNN's kernel search)."""
+    rows = 600 if args.dry_run else TRAIN_ROWS
+    synthetic = {"n_train": rows, "n_val": 256, "n_test": 16, "seed": 0}
+    launched = []
+    for r in runs:
+        cfg = r.train_config(epochs=args.calibration_epochs, labels="fer2013", label_mode="majority",
+                             early_stopping=0, synthetic=synthetic)
+        launched.append(launch(r.name, cfg, work / r.name, data=None, threads=threads_each(conc),
+                               time_limit=args.calibration_seconds, dry_run=args.dry_run))
+    wait_all(launched, time.perf_counter() + args.calibration_seconds + 60)
+    speeds: dict[str, float] = {}
+    for p in launched:
+        row = last_epoch(p.run_dir)
+        if p.proc.returncode != 0 or row is None:
+            raise SystemExit(f"calibration run {p.name} failed:\n{tail(work / f'{p.name}.log')}")
+        speeds[p.name] = float(row["images_per_s"])
+        print(f"{p.name}: {speeds[p.name]:,.0f} training images/s with {len(runs)} net(s) at once", flush=True)
+    return speeds
+
+
+def smoke_checks(work: Path, dry_run: bool) -> dict[str, Any]:
+    """Trainer, resume and evaluation on the device: raises SystemExit naming the step that failed."""
+    synthetic = {"n_train": 512, "n_val": 256, "n_test": 64, "seed": 1}
+    from ferlab.train.config import TrainConfig
+
+    cfg = TrainConfig(model="fer-resnet-s", epochs=2, batch_size=64, synthetic=synthetic, augment=EVERY_AUGMENTATION,
+                      mixup=0.2, cutmix=1.0, ema_decay=0.99, precision="auto", seed=0)
+    checks: dict[str, Any] = {"augmentation": same_augmentation(dry_run)}
+    print(f"ok: augmentation on the device matches the CPU's (largest difference {checks['augmentation']:.2g})")
+    run_dir = work / "run"
+    steps = [("train (stopped after epoch 1 by its time limit)",
+              lambda: launch("train", cfg, run_dir, data=None, threads=2, time_limit=1, dry_run=dry_run)),
+             ("resume (epoch 2)", lambda: launch("resume", cfg, run_dir, data=None, threads=2, time_limit=0,
+                                                 dry_run=dry_run, resume=True))]
+    for what, start in steps:
+        p = start()
+        wait_all([p], time.perf_counter() + 300)
+        if p.proc.returncode != 0:
+            raise SystemExit(f"smoke check failed at {what}:\n{tail(work / f'{p.name}.log')}")
+        checks[what] = f"epochs done: {int(last_epoch(run_dir)['epoch'])}"  # type: ignore[index]
+        print(f"ok: {what}")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    if not summary["finished"] or summary["epochs_run"] != 2:
+        raise SystemExit(f"smoke check failed: resume did not finish the run ({summary})")
+    gpu_val = float(summary["best_val_acc"])  # the checkpoint's, as validated on the device
+    ev = subprocess.run([sys.executable, "-m", "ferlab", "evaluate", str(run_dir), "--split", "val", "--json",
+                         "--no-progress"], capture_output=True, text=True, env=child_env(True), cwd=REPO)
+    if ev.returncode != 0:
+        raise SystemExit(f"smoke check failed at evaluation:\n{ev.stderr[-3000:]}")
+    cpu_val = float(json.loads(ev.stdout)["accuracy"])
+    checks["evaluation"] = {"val_acc_on_device": gpu_val, "val_acc_on_cpu": cpu_val}
+    print(f"ok: evaluation: val accuracy {gpu_val:.4f} on the device, {cpu_val:.4f} by `ferlab evaluate` on the CPU")
+    if abs(gpu_val - cpu_val) > 0.03:  # the same weights; bf16 rounding moves a few borderline images at most
+        raise SystemExit("smoke check failed: the device's validation accuracy differs from the CPU's")
+    return checks
+
+
+# every training augmentation at once, so that the smoke check runs each on the device
+EVERY_AUGMENTATION = {"rotation": 10, "shift": 0.05, "shear": 5, "zoom": 0.1, "hflip": True, "crop_pad": 4,
+                      "erase_p": 0.25, "brightness": 0.2, "contrast": 0.3, "gamma": 1.4, "blur_p": 0.3, "noise": 0.03}
+
+
+def same_augmentation(dry_run: bool) -> float:
+    """The largest difference between a batch augmented on the device and on the CPU from the same draws."""
+    import torch
+
+    from ferlab.transforms import AugmentConfig, augment
+
+    device = torch.device("cpu" if dry_run else "cuda")
+    x = torch.rand(64, 1, 48, 48, generator=torch.Generator().manual_seed(0))
+    cfg = AugmentConfig(**EVERY_AUGMENTATION)
+    on_cpu = augment(x.clone(), cfg, torch.Generator().manual_seed(1))
+    on_device = augment(x.to(device), cfg, torch.Generator().manual_seed(1)).cpu()
+    diff = float((on_cpu - on_device).abs().max())
+    if diff > 1e-3:  # float rounding differs between devices; a wrong draw moves pixels by far more
+        raise SystemExit(f"smoke check failed: augmentation on {device} differs from the CPU's by {diff:.3g}")
+    return diff
+
+
+def tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return f"({path} unreadable)"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# run: the plan inside the budget, and its results packed to come back
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    t_start = time.perf_counter()
+    require_gpu(args.dry_run)
+    runs = read_plan(args.plan)
+    out, store = Path(args.out), Path(args.store)
+    out.mkdir(parents=True, exist_ok=True)
+    data = args.data or (str(store / PACK_NAME) if (store / PACK_NAME).is_file() else None)
+    if data is None and not args.dry_run:
+        raise SystemExit(f"no data: stage the pack first (it goes to {store / PACK_NAME}) or pass --data")
+    if data is not None:
+        check_no_test_rows(data)
+    calib_path = store / CALIBRATION
+    calibration = json.loads(calib_path.read_text()) if calib_path.is_file() else {}
+    speeds = calibration.get("images_per_s", {})
+    conc = min(args.concurrency or len(runs), len(runs), MAX_CONCURRENCY)
+    budget = args.budget - COLLECT_SECONDS  # the training's share of the command
+    work = store / "runs" / time.strftime("%Y%m%d-%H%M%S")  # not under OUT: only the packed results come back
+    campaign: dict[str, Any] = {"device": device_name(args.dry_run), "plan": str(args.plan), "budget_s": args.budget,
+                                "concurrency": conc, "data": Path(data).name if data else "synthetic",
+                                "calibration": calibration or None, "runs": {}}
+    print(f"{len(runs)} run(s) on {campaign['device']}, {conc} at a time, {budget:.0f} s of training"
+          + ("" if speeds else "; no calibration: fitted schedules use their min_epochs"))
+    pending, active = list(runs), []
+    while pending or active:
+        while pending and len(active) < conc:
+            r = pending.pop(0)
+            left = budget - (time.perf_counter() - t_start)
+            if left < START_SECONDS + 30:
+                print(f"{r.name}: not started, {left:.0f} s left")
+                campaign["runs"][r.name] = {"started": False}
+                continue
+            epochs = 2 if args.dry_run else fitted_epochs(r, speeds.get(r.name), left)
+            if not epochs:
+                print(f"{r.name}: not started, fewer than its {r.min_epochs} epochs fit in {left:.0f} s")
+                campaign["runs"][r.name] = {"started": False}
+                continue
+            more: dict[str, Any] = {"epochs": epochs}
+            if data is None:
+                more["synthetic"] = {"n_train": 400, "n_val": 128, "n_test": 16, "seed": 0}
+            cfg = r.train_config(**more)
+            campaign["runs"][r.name] = {"started": True, "epochs": epochs, "config": r.config,
+                                        "overrides": r.overrides, "model": cfg.model}
+            how = "rehearsal" if args.dry_run else "fitted" if r.epochs == "fit" else "fixed"
+            print(f"{r.name}: {cfg.model}, {epochs} epochs ({how}) from {r.config}", flush=True)
+            active.append(launch(r.name, cfg, work / r.name, data=data, threads=threads_each(conc),
+                                 time_limit=left - START_SECONDS, dry_run=args.dry_run))
+        wait_any(active, t_start + budget)
+        for p in [p for p in active if p.proc.poll() is not None or time.perf_counter() > t_start + budget]:
+            finish(p, campaign["runs"][p.name], work)
+            active.remove(p)
+    campaign["train_seconds"] = round(time.perf_counter() - t_start, 1)
+    files = collect(work, out, store / "collect", campaign)
+    print(f"campaign done in {time.perf_counter() - t_start:.0f} s; {len(files)} file(s) to bring back: "
+          + ", ".join(f"{f.name} ({f.stat().st_size / 2**20:.1f} MiB)" for f in files))
+    return 0 if all(r.get("returncode") == 0 for r in campaign["runs"].values() if r.get("started")) else 1
+
+
+def check_no_test_rows(data: str) -> None:
+    from ferlab.data.pack import is_pack, pack_info
+    from ferlab.data.source import open_data
+
+    splits = ({k for k, n in pack_info(data)["splits"].items() if n} if is_pack(data)
+              else set(open_data(data, progress=False).split))
+    if "test" in splits:
+        raise SystemExit(f"{data} holds test (PrivateTest) rows; they never go to the GPU machine")
+
+
+def wait_any(active: list[Launched], deadline: float) -> None:
+    """Return when a process ends or at ``deadline`` (then every one still running is stopped)."""
+    last = time.perf_counter()
+    while active and all(p.proc.poll() is None for p in active):
+        if time.perf_counter() > deadline:
+            wait_all(active, deadline)
+            return
+        if time.perf_counter() - last > 30:
+            last = time.perf_counter()
+            print(" | ".join(progress_line(p) for p in active), flush=True)
+        time.sleep(1.0)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """End a training process: SIGTERM, then SIGKILL after 20 s (its files are written atomically)."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def finish(p: Launched, record: dict[str, Any], work: Path) -> None:
+    if p.proc.poll() is None:
+        stop(p.proc)
+    p.log.close()
+    record["returncode"] = p.proc.returncode
+    record["wall_s"] = round(time.perf_counter() - p.started, 1)
+    summary = p.run_dir / "summary.json"
+    if summary.is_file():
+        s = json.loads(summary.read_text())
+        record.update({k: s.get(k) for k in ("finished", "epochs_run", "best_epoch", "best_val_acc", "out_of_time",
+                                             "train_seconds_total")})
+    state = "ok" if p.proc.returncode == 0 else f"exit {p.proc.returncode}"
+    best = record.get("best_val_acc")
+    print(f"{p.name}: {state}; best val {'-' if best is None else f'{best:.4f}'} at epoch {record.get('best_epoch')}"
+          f" of {record.get('epochs_run')} run, {record['wall_s']:.0f} s", flush=True)
+    if p.proc.returncode != 0:
+        print(tail(work / f"{p.name}.log", 15))
+
+
+def half_precision_copy(src: Path, dst: Path) -> None:
+    """The checkpoint ``src`` with its floating tensors stored as fp16 (half the bytes to bring back)."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(src), "pt") as f:
+        meta = f.metadata()
+    state = {k: v.to(torch.float16) if v.is_floating_point() else v for k, v in load_file(str(src)).items()}
+    save_file(state, str(dst), metadata=meta)
+
+
+def collect(work: Path, out: Path, staging: Path, campaign: dict[str, Any]) -> list[Path]:
+    """Each run's fp16 best checkpoint, config, history, curves, summary and log in one tar.gz, cut into pieces
+    of at most 16 MiB, plus campaign.json: at most 8 files, 64 MiB together."""
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    for name in campaign["runs"]:
+        src, dst = work / name, staging / name
+        if not src.is_dir():
+            continue
+        dst.mkdir(parents=True)
+        if (src / "best.safetensors").is_file():
+            half_precision_copy(src / "best.safetensors", dst / "best.safetensors")
+        for f in ("config.json", "history.csv", "curves.png", "summary.json"):
+            if (src / f).is_file():
+                shutil.copyfile(src / f, dst / f)
+        for f in (f"{name}.log", f"{name}.train.json"):
+            if (work / f).is_file():
+                shutil.copyfile(work / f, dst / f.replace(f"{name}.", "train."))
+    (staging / "campaign.json").write_text(json.dumps(campaign, indent=1))
+    archive = staging.parent / RESULTS
+    with tarfile.open(archive, "w:gz") as tar:
+        for item in sorted(staging.iterdir()):
+            tar.add(item, arcname=item.name)
+    blob = archive.read_bytes()
+    archive.unlink()
+    if len(blob) > BACK_LIMIT - 2**20:
+        raise SystemExit(f"the results are {len(blob) / 2**20:.1f} MiB, over what can come back: plan fewer runs")
+    pieces = max(1, math.ceil(len(blob) / FILE_LIMIT))
+    files = []
+    for i in range(pieces):
+        f = out / f"{RESULTS}.{i + 1}"
+        f.write_bytes(blob[i * FILE_LIMIT : (i + 1) * FILE_LIMIT])
+        files.append(f)
+    (out / "campaign.json").write_text(json.dumps(campaign, indent=1))
+    return [*files, out / "campaign.json"]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# unpack: back here, the returned pieces into run folders
+
+
+def cmd_unpack(args: argparse.Namespace) -> int:
+    pieces = sorted(map(Path, args.pieces), key=lambda p: int(p.suffix.lstrip(".") or 0))
+    if not pieces or any(not p.name.startswith(RESULTS + ".") for p in pieces):
+        raise SystemExit(f"give the {RESULTS}.N pieces the run command wrote")
+    numbers = [int(p.suffix.lstrip(".")) for p in pieces]
+    if numbers != list(range(1, len(pieces) + 1)):
+        raise SystemExit(f"pieces {numbers} given; all of 1..N are needed, in one call")
+    to = Path(args.to)
+    to.mkdir(parents=True, exist_ok=True)
+    blob = b"".join(p.read_bytes() for p in pieces)
+    tmp = to / RESULTS
+    tmp.write_bytes(blob)
+    try:
+        with tarfile.open(tmp, "r:gz") as tar:
+            tar.extractall(to, filter="data")  # refuses absolute paths, links out of the folder and devices
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise SystemExit(f"cannot unpack the results ({e}): a piece is missing or damaged") from None
+    finally:
+        tmp.unlink()
+    campaign = json.loads((to / "campaign.json").read_text())
+    print(f"unpacked into {to}: trained on {campaign['device']} in {campaign['train_seconds'] / 60:.1f} min")
+    for name, r in campaign["runs"].items():
+        best = r.get("best_val_acc")
+        print(f"  {to / name}: " + (f"{r.get('epochs_run')} of {r.get('epochs')} epochs, best val "
+                                   f"{'-' if best is None else f'{best:.4f}'} at epoch {r.get('best_epoch')}"
+                                   if r.get("started") else "not started"))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("pack", help="pack FER2013's Training and PublicTest rows into parts that travel")
+    p.add_argument("--data", required=True, help="fer2013.csv[.gz]")
+    p.add_argument("--labels", default="ferplus", help="FER+ votes to send along: ferplus (found beside the data), "
+                   "a fer2013new.csv path, or '' for none")
+    p.add_argument("--out", default=str(REPO / ".gpu"), help="output folder (git-ignored)")
+    p.add_argument("--parts", type=int, default=2, help="parts, one per device call")
+    p = sub.add_parser("stage", help="on the GPU machine: check and keep parts; assemble the pack when all are there")
+    p.add_argument("parts", nargs="+", help="part folders (.gpu/partN)")
+    p.add_argument("--store", default=str(DEFAULT_STORE))
+    for name, helptext in (("smoke", "on the GPU machine: CUDA smoke check and throughput calibration"),
+                           ("run", "on the GPU machine: train the plan inside the budget and pack the results")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("--plan", required=True, help="plan file (configs/gpu/*.toml)")
+        p.add_argument("--out", required=True, help="output folder ($OUT on the GPU machine)")
+        p.add_argument("--store", default=str(DEFAULT_STORE))
+        p.add_argument("--concurrency", type=int, default=0, help="nets at once (0: every run of the plan)")
+        p.add_argument("--dry-run", action="store_true", help="rehearse on the CPU: tiny data, two epochs")
+        if name == "smoke":
+            p.add_argument("--calibration-epochs", type=int, default=3)
+            p.add_argument("--calibration-seconds", type=float, default=60.0)
+        else:
+            p.add_argument("--data", default=None, help="data (default: the staged pack)")
+            p.add_argument("--budget", type=float, default=480.0, help="seconds for the whole command")
+    p = sub.add_parser("unpack", help="here: the returned results.tar.gz.N pieces into run folders")
+    p.add_argument("pieces", nargs="+")
+    p.add_argument("--to", default="runs/gpu")
+    args = ap.parse_args(argv)
+    return {"pack": cmd_pack, "stage": cmd_stage, "smoke": cmd_smoke, "run": cmd_run, "unpack": cmd_unpack}[args.cmd](
+        args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""The GPU campaign rehearsed on the CPU: the data packed in parts, staged, assembled and checked; the smoke check
+and calibration; a plan trained inside a budget; the results packed, brought back and unpacked into run folders
+that ``ferlab evaluate`` scores on the source data."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO, write_fer_dirs
+
+SCRIPT = REPO / "bench" / "gpu_campaign.py"
+
+
+def _campaign():
+    if "gpu_campaign" not in sys.modules:  # its dataclasses look their module up there
+        spec = importlib.util.spec_from_file_location("gpu_campaign", SCRIPT)
+        sys.modules["gpu_campaign"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules["gpu_campaign"])
+    return sys.modules["gpu_campaign"]
+
+
+def run(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout,
+                          cwd=REPO)
+
+
+PLAN = """
+[[run]]
+name = "s16"
+config = "configs/fer-resnet-s16-20ep.toml"
+epochs = "fit"
+
+[[run]]
+name = "ferplus-xs"
+config = "configs/fer-resnet-s16-120ep-ferplus.toml"
+set = { model = "fer-resnet-xs" }
+"""
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> tuple[Path, Path]:
+    return write_fer_dirs(tmp_path_factory.mktemp("data"))
+
+
+def test_rehearsal_end_to_end(data, tmp_path):
+    csv, _ = data
+    gpu, store, plan = tmp_path / ".gpu", tmp_path / "store", tmp_path / "plan.toml"
+    plan.write_text(PLAN)
+    res = run("pack", "--data", str(csv), "--out", str(gpu))
+    assert res.returncode == 0, res.stderr
+    assert "packed 380 rows (train 300, val 80)" in res.stdout  # PrivateTest stays here
+    assert sorted(p.name for p in (gpu / "part2").iterdir()) == ["fer2013-trainval.ferpack.2", "fer2013new.csv",
+                                                                 "manifest.json"]
+    res = run("stage", str(gpu / "part1"), "--store", str(store))  # call 1
+    assert res.returncode == 0 and "waiting for fer2013-trainval.ferpack.2" in res.stdout, res.stderr
+    res = run("stage", str(gpu / "part2"), "--store", str(store))  # call 2
+    assert res.returncode == 0 and "assembled" in res.stdout and "checksums ok" in res.stdout, res.stderr
+
+    res = run("smoke", "--dry-run", "--plan", str(plan), "--out", str(tmp_path / "out1"), "--store", str(store))
+    assert res.returncode == 0, res.stdout + res.stderr
+    calibration = json.loads((store / "calibration.json").read_text())
+    assert set(calibration["images_per_s"]) == {"s16", "ferplus-xs"} and calibration["concurrency"] == 2
+    assert all(v > 0 for v in calibration["images_per_s"].values())
+    assert [p.name for p in (tmp_path / "out1").iterdir()] == ["calibration.json"]  # little comes back
+
+    out = tmp_path / "out2"
+    res = run("run", "--dry-run", "--plan", str(plan), "--out", str(out), "--store", str(store), "--budget", "300")
+    assert res.returncode == 0, res.stdout + res.stderr
+    back = sorted(p.name for p in out.iterdir())
+    assert back == ["campaign.json", "results.tar.gz.1"]
+    campaign = json.loads((out / "campaign.json").read_text())
+    assert campaign["data"] == "fer2013-trainval.ferpack"
+    assert {n: (r["returncode"], r["epochs_run"], r["finished"]) for n, r in campaign["runs"].items()} == {
+        "s16": (0, 2, True), "ferplus-xs": (0, 2, True)}
+
+    res = run("unpack", *map(str, sorted(out.glob("results.tar.gz.*"))), "--to", str(tmp_path / "runs"))
+    assert res.returncode == 0, res.stderr
+    for name, labels in (("s16", "source"), ("ferplus-xs", "ferplus")):
+        folder = tmp_path / "runs" / name
+        assert {"best.safetensors", "config.json", "history.csv", "summary.json", "train.log"} <= {
+            p.name for p in folder.iterdir()}
+        ev = subprocess.run([sys.executable, "-m", "ferlab", "evaluate", str(folder), "--data", str(csv),
+                             "--split", "val", "--json", "--no-progress"], capture_output=True, text=True, cwd=REPO)
+        assert ev.returncode == 0, ev.stderr
+        report = json.loads(ev.stdout)
+        # the pack stood for the CSV: the run counts as trained on the same data
+        assert report["labels"] == labels and report["members"][0]["same_data_as_training"]
+
+
+def test_a_damaged_part_is_refused(data, tmp_path):
+    gpu = tmp_path / ".gpu"
+    assert run("pack", "--data", str(data[0]), "--out", str(gpu), "--parts", "3").returncode == 0
+    part = gpu / "part2" / "fer2013-trainval.ferpack.2"
+    raw = bytearray(part.read_bytes())
+    raw[10] ^= 1
+    part.write_bytes(bytes(raw))
+    res = run("stage", str(gpu / "part2"), "--store", str(tmp_path / "store"))
+    assert res.returncode != 0 and "checksum mismatch (damaged in transfer?)" in res.stderr
+
+
+def test_privatetest_never_travels(data, tmp_path):
+    plan = tmp_path / "plan.toml"
+    plan.write_text(PLAN)
+    res = run("run", "--dry-run", "--plan", str(plan), "--out", str(tmp_path / "o"), "--store", str(tmp_path / "s"),
+              "--data", str(data[0]))
+    assert res.returncode != 0 and "holds test (PrivateTest) rows" in res.stderr
+
+
+def test_fitted_epochs():
+    c = _campaign()
+    run_ = c.PlannedRun("r", "configs/fer-resnet-s16-20ep.toml", min_epochs=10, max_epochs=300)
+    # 0.85 x (445 - 45) s x 1,000 images/s / 28,709 images an epoch = 11.8
+    assert c.fitted_epochs(run_, 1000.0, 445.0) == 11
+    assert c.fitted_epochs(c.PlannedRun("r", "x", min_epochs=12), 1000.0, 445.0) == 0  # too few: not started
+    assert c.fitted_epochs(c.PlannedRun("r", "x", max_epochs=5, min_epochs=1), 1000.0, 445.0) == 5
+    assert c.fitted_epochs(c.PlannedRun("r", "x", epochs=7), 1000.0, 445.0) == 7
+    assert c.fitted_epochs(run_, None, 445.0) == 10  # no calibration: the least the plan allows
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[[run]]\nname = "a"\n', "needs name and config"),
+    ('[[run]]\nname = "a"\nconfig = "configs/fer-resnet-s.toml"\nepoch = 3\n', "unknown: epoch"),
+    ('[[run]]\nname = "a"\nconfig = "configs/fer-resnet-s.toml"\nset = { optimizer = "rmsprop" }\n',
+     "run a: .*optimizer = .rmsprop. is not one of"),
+    ('[[run]]\nname = "a"\nconfig = "configs/none.toml"\n', "does not exist"),
+    ('[[run]]\nname = "a"\nconfig = "configs/fer-resnet-s.toml"\nepochs = "long"\n', "epochs must be"),
+    ('[[run]]\nname = "a"\nconfig = "configs/fer-resnet-s.toml"\n' * 2, "distinct names"),
+])
+def test_bad_plans_fail_before_training(tmp_path, text, message):
+    plan = tmp_path / "plan.toml"
+    plan.write_text(text)
+    with pytest.raises(SystemExit, match=message):
+        _campaign().read_plan(plan)
+
+
+@pytest.mark.parametrize("plan", sorted((REPO / "configs" / "gpu").glob("*.toml")), ids=lambda p: p.name)
+def test_shipped_plans_read(plan):
+    runs = _campaign().read_plan(plan)
+    assert runs and all(r.train_config().epochs >= 1 for r in runs)
