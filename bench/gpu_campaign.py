@@ -264,7 +264,7 @@ def launch(name: str, cfg: Any, run_dir: Path, *, data: str | None, threads: int
     import dataclasses
 
     run_dir.parent.mkdir(parents=True, exist_ok=True)
-    limit = ["--time-limit", f"{max(1.0, time_limit):.0f}"] if time_limit else []
+    limit = ["--time-limit", f"{max(1e-3, time_limit):g}"] if time_limit else []
     common = ["--no-progress", "--threads", str(threads), *limit]
     if resume:
         cmd = [sys.executable, "-m", "ferlab", "train", "--resume", str(run_dir), *common]
@@ -398,16 +398,17 @@ def smoke_checks(work: Path, dry_run: bool) -> dict[str, Any]:
     checks: dict[str, Any] = {"augmentation": same_augmentation(dry_run)}
     print(f"ok: augmentation on the device matches the CPU's (largest difference {checks['augmentation']:.2g})")
     run_dir = work / "run"
-    steps = [("train (stopped after epoch 1 by its time limit)",
-              lambda: launch("train", cfg, run_dir, data=None, threads=2, time_limit=1, dry_run=dry_run)),
-             ("resume (epoch 2)", lambda: launch("resume", cfg, run_dir, data=None, threads=2, time_limit=0,
-                                                 dry_run=dry_run, resume=True))]
-    for what, start in steps:
+    steps = [("train (stopped after epoch 1 by its time limit)", 1,
+              lambda: launch("train", cfg, run_dir, data=None, threads=2, time_limit=1e-3, dry_run=dry_run)),
+             ("resume (epoch 2)", 2, lambda: launch("resume", cfg, run_dir, data=None, threads=2, time_limit=0,
+                                                    dry_run=dry_run, resume=True))]
+    for what, epochs_done, start in steps:
         p = start()
         wait_all([p], time.perf_counter() + 300)
-        if p.proc.returncode != 0:
+        row = last_epoch(run_dir)
+        if p.proc.returncode != 0 or row is None or int(row["epoch"]) != epochs_done:
             raise SystemExit(f"smoke check failed at {what}:\n{tail(work / f'{p.name}.log')}")
-        checks[what] = f"epochs done: {int(last_epoch(run_dir)['epoch'])}"  # type: ignore[index]
+        checks[what] = f"epochs done: {epochs_done}"
         print(f"ok: {what}")
     summary = json.loads((run_dir / "summary.json").read_text())
     if not summary["finished"] or summary["epochs_run"] != 2:
@@ -646,6 +647,11 @@ def cmd_unpack(args: argparse.Namespace) -> int:
         print(f"  {to / name}: " + (f"{r.get('epochs_run')} of {r.get('epochs')} epochs, best val "
                                    f"{'-' if best is None else f'{best:.4f}'} at epoch {r.get('best_epoch')}"
                                    if r.get("started") else "not started"))
+    hardware = f"one {campaign['device']}, {campaign['concurrency']} nets at once"
+    print("next, on PublicTest (val) only: ferlab evaluate RUN --data fer2013.csv.gz --split val --tta affine; "
+          "bench/ensemble.py for ensembles; then ship a winner with\n"
+          f'  python bench/ship_model.py {to}/NAME --name NAME --data fer2013.csv.gz --dtype fp16 '
+          f'--config {to}/NAME/train.json --hardware "{hardware}"')
     return 0
 
 

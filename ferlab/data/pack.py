@@ -4,8 +4,8 @@ a machine that cannot read the original (a GPU machine reached with a size-limit
 The file: the 8-byte magic ``FERLABPK``, the header's length (8 bytes, little-endian), the header (UTF-8 JSON)
 and the payload, an xz stream of the rows' labels (int16), split codes (uint8), row ids (int64) and the images'
 prediction residuals (uint8). Each pixel is predicted from its already decoded neighbours with the median edge
-detector of LOCO-I / JPEG-LS (left neighbour on the first row, upper one on the first column), which makes the
-noisy 48x48 faces of FER2013 about a third smaller than xz alone does.
+detector of LOCO-I / JPEG-LS (left neighbour on the first row, upper one on the first column); so coded, FER2013's
+noisy 48x48 faces take about two thirds of their raw size.
 
 The header names the source the rows came from (its file name, layout and fingerprint) and holds the SHA-256
 of the payload and of the decoded images: :func:`read_pack` checks both, so a truncated, corrupt or altered

@@ -139,8 +139,9 @@ def train_one_epoch(
                                                                                  lam=lam)
         finite &= torch.isfinite(loss.detach())
         if (step + 1) % check_every == 0 and not finite:
-            where = f"batch {step}" if check_every == 1 else f"one of batches {step + 1 - check_every}-{step}"
-            raise FloatingPointError(f"loss is {loss.item()} at {where}; lower the learning rate")
+            what = (f"loss is {loss.item()} at batch {step}" if check_every == 1
+                    else f"loss is not finite at one of batches {step + 1 - check_every}-{step}")
+            raise FloatingPointError(f"{what}; lower the learning rate")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
