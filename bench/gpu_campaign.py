@@ -157,7 +157,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
 
 
 def assemble(store: Path, manifest: dict[str, Any]) -> int:
-    from ferlab.data.pack import read_pack
+    from ferlab.data.formats import load_data
 
     whole = store / manifest["pack"]
     with open(whole, "wb") as f:
@@ -166,7 +166,9 @@ def assemble(store: Path, manifest: dict[str, Any]) -> int:
     if sha256_file(whole) != manifest["sha256"]:
         raise SystemExit(f"{whole}: the assembled pack's checksum does not match the manifest")
     t0 = time.perf_counter()
-    data = read_pack(whole)  # checks the payload and the decoded images against their checksums
+    # read once here: the payload and the decoded images are checked against their checksums, and the rows go to
+    # the data cache, where every training process of `run` finds them instead of decoding the pack again
+    data = load_data(whole, progress=False)
     if "test" in set(data.split):
         raise SystemExit(f"{whole} holds PrivateTest rows; they never go to the GPU machine")
     print(f"assembled {whole}: {len(data):,} rows, checksums ok, decoded in {time.perf_counter() - t0:.1f} s"
@@ -285,23 +287,28 @@ def last_epoch(run_dir: Path) -> dict[str, float] | None:
     return rows[-1] if rows else None
 
 
-def wait_all(launched: list[Launched], deadline: float, report_every: float = 30.0) -> None:
-    """Wait for every process; report progress now and then; stop any still running at ``deadline``."""
+def wait(launched: list[Launched], deadline: float, *, first: bool = False, report_every: float = 30.0) -> None:
+    """Wait until every process has ended (with ``first``: any one of them), reporting progress now and then; at
+    ``deadline`` stop every one still running (its best checkpoint so far is kept). The logs of the processes that
+    ended are closed."""
     next_report = time.perf_counter() + report_every
-    while any(p.proc.poll() is None for p in launched):
+    while True:
+        running = [p for p in launched if p.proc.poll() is None]
+        if not running or (first and len(running) < len(launched)):
+            break
         now = time.perf_counter()
         if now > deadline:
-            for p in launched:
-                if p.proc.poll() is None:
-                    print(f"{p.name}: past the deadline, stopped (its best checkpoint so far is kept)")
-                    stop(p.proc)
+            for p in running:
+                print(f"{p.name}: past the deadline, stopped (its best checkpoint so far is kept)")
+                stop(p.proc)
             break
         if now >= next_report:
             next_report = now + report_every
             print(" | ".join(progress_line(p) for p in launched), flush=True)
         time.sleep(1.0)
     for p in launched:
-        p.log.close()
+        if p.proc.poll() is not None:
+            p.log.close()
 
 
 def progress_line(p: Launched) -> str:
@@ -377,7 +384,7 @@ def calibrate(runs: list[PlannedRun], work: Path, conc: int, args: argparse.Name
                              early_stopping=0, synthetic=synthetic)
         launched.append(launch(r.name, cfg, work / r.name, data=None, threads=threads_each(conc),
                                time_limit=args.calibration_seconds, dry_run=args.dry_run))
-    wait_all(launched, time.perf_counter() + args.calibration_seconds + 60)
+    wait(launched, time.perf_counter() + args.calibration_seconds + 60)
     speeds: dict[str, float] = {}
     for p in launched:
         row = last_epoch(p.run_dir)
@@ -404,7 +411,7 @@ def smoke_checks(work: Path, dry_run: bool) -> dict[str, Any]:
                                                     dry_run=dry_run, resume=True))]
     for what, epochs_done, start in steps:
         p = start()
-        wait_all([p], time.perf_counter() + 300)
+        wait([p], time.perf_counter() + 300)
         row = last_epoch(run_dir)
         if p.proc.returncode != 0 or row is None or int(row["epoch"]) != epochs_done:
             raise SystemExit(f"smoke check failed at {what}:\n{tail(work / f'{p.name}.log')}")
@@ -505,7 +512,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"{r.name}: {cfg.model}, {epochs} epochs ({how}) from {r.config}", flush=True)
             active.append(launch(r.name, cfg, work / r.name, data=data, threads=threads_each(conc),
                                  time_limit=left - START_SECONDS, dry_run=args.dry_run))
-        wait_any(active, t_start + budget)
+        wait(active, t_start + budget, first=True)
         for p in [p for p in active if p.proc.poll() is not None or time.perf_counter() > t_start + budget]:
             finish(p, campaign["runs"][p.name], work)
             active.remove(p)
@@ -524,19 +531,6 @@ def check_no_test_rows(data: str) -> None:
               else set(open_data(data, progress=False).split))
     if "test" in splits:
         raise SystemExit(f"{data} holds test (PrivateTest) rows; they never go to the GPU machine")
-
-
-def wait_any(active: list[Launched], deadline: float) -> None:
-    """Return when a process ends or at ``deadline`` (then every one still running is stopped)."""
-    last = time.perf_counter()
-    while active and all(p.proc.poll() is None for p in active):
-        if time.perf_counter() > deadline:
-            wait_all(active, deadline)
-            return
-        if time.perf_counter() - last > 30:
-            last = time.perf_counter()
-            print(" | ".join(progress_line(p) for p in active), flush=True)
-        time.sleep(1.0)
 
 
 def stop(proc: subprocess.Popen) -> None:

@@ -7,7 +7,8 @@ Layouts (see :func:`detect_layout`):
 * ``course-csv``: ``train.csv`` (``label,feature``) + ``test.csv`` (``id,feature``, unlabelled).
 * ``image-folder``: ``<root>/<split>/<class>/*.png|jpg|jpeg|bmp|webp``.
 
-A ``*.ferpack`` file (:mod:`ferlab.data.pack`) loads as the rows of the source it was packed from.
+A ``*.ferpack`` file (:mod:`ferlab.data.pack`) loads as the rows of the source it was packed from, cached like the
+other layouts.
 
 The layouts themselves live in :mod:`ferlab.data.csv_layouts`, :mod:`ferlab.data.csv_parse` and
 :mod:`ferlab.data.image_folder`; this module works out which one a path holds and loads it through the cache.
@@ -48,6 +49,7 @@ __all__ = ["LAYOUTS", "DataError", "DataWarning", "detect_layout", "load_data"]
 logger = logging.getLogger(__name__)
 
 LAYOUTS: tuple[str, ...] = ("fer2013-csv", "icml-csv", "course-csv", "image-folder")
+PACK_LAYOUT = "ferlab-pack"  # how a pack is found and cached; it loads with its source's layout
 # IMAGE_SIZE, N_PIXELS, CHUNK_ROWS, IMAGE_EXTENSIONS and MAX_IMAGE_PIXELS can still be imported from here, but each
 # lives in the module that uses it: to change one (e.g. in a test), patch it there.
 
@@ -126,6 +128,9 @@ def _describe_csvs(files: list[Path], limit: int = 5) -> str:
 def _resolve(path: str | os.PathLike[str]) -> _Source:
     """Work out the layout of ``path`` and the files it involves."""
     p = Path(path).expanduser()
+    if is_pack(p):
+        pack_info(p)  # a missing, unreadable or foreign file fails here, naming the problem
+        return _Source(PACK_LAYOUT, p.resolve())
     if not p.exists():
         raise _error(path, "no such file or directory")
     p = p.resolve()
@@ -221,8 +226,6 @@ def load_data(
     ``$XDG_CACHE_HOME/ferlab`` or ``~/.cache/ferlab``), keyed by size, mtime, content hash, ``skip_bad``
     and format version.
     """
-    if is_pack(path):  # checked on every load, never cached: decoding it is as fast as the cache
-        return read_pack(path)
     t0 = time.perf_counter()
     src = _resolve(path)
     items: list[_ImageItem] = []
@@ -232,6 +235,9 @@ def load_data(
         items, scan_notes = _scan_image_folder(src.root)
         src.notes.extend(scan_notes)
         files: list[Any] = [(it.rel, it.size, it.mtime_ns) for it in items]
+    elif src.layout == PACK_LAYOUT:  # keyed on its content: a changed pack is read (and checked) again
+        digests[src.path] = _cache.sha256_file(src.path)
+        files = [(src.path.name, src.path.stat().st_size, src.path.stat().st_mtime_ns, digests[src.path])]
     else:
         for spec in src.csvs:
             if spec.path.stat().st_size == 0:
@@ -254,6 +260,8 @@ def load_data(
     if src.layout == "image-folder":
         assert src.root is not None
         data = _load_image_folder(src.root, src.path, items, src.notes, skip_bad, progress)
+    elif src.layout == PACK_LAYOUT:
+        data = read_pack(src.path)
     else:
         data = _load_csvs(src.path, src.layout, src.csvs, src.notes, digests, skip_bad, progress)
     elapsed = time.perf_counter() - t0

@@ -9,7 +9,8 @@ noisy 48x48 faces take about two thirds of their raw size.
 
 The header names the source the rows came from (its file name, layout and fingerprint) and holds the SHA-256
 of the payload and of the decoded images: :func:`read_pack` checks both, so a truncated, corrupt or altered
-file is refused with the reason. A pack loads as its source's rows of those splits, with its source's layout and
+file is refused with the reason (``load_data`` caches what it read, keyed by the file's content hash, so a changed
+file is read and checked again). A pack loads as its source's rows of those splits, with its source's layout and
 fingerprint (the same images, labels and row ids), so FER+ labels, split protocols and resumed runs treat it as
 the source itself.
 """
