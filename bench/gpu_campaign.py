@@ -16,7 +16,10 @@ Steps (docs/gpu.md is the runbook, with the exact device calls):
 
 A plan (configs/gpu/*.toml) lists runs: a config, field overrides, and ``epochs = "fit"`` to size the epoch count
 from the calibration so that the run's whole schedule ends inside the budget (capped at ``max_epochs``). Every
-run also gets the budget as its ``time_limit``: it stops cleanly at an epoch's end rather than be cut off.
+run also gets the budget as its ``time_limit``: it stops cleanly at an epoch's end rather than be cut off. A plan
+may also name experiments of a ``ferlab study`` budget (``[[study]]``, e.g. the long budget's Q3 and k-fold runs):
+they train exactly as the study would (their k-fold data is cut here from the staged pack, under the study's fold
+fingerprints), start only when their fixed schedule fits, and ``ferlab study --adopt`` takes them back.
 Checkpoints are chosen on PublicTest (val) by the trainer; PrivateTest never goes to the GPU machine: ``stage``
 and ``run`` refuse data that holds it.
 """
@@ -190,12 +193,24 @@ class PlannedRun:
     epochs: int | str = "fit"
     max_epochs: int = 300
     min_epochs: int = 10
+    experiment: Any = None  # a ferlab.study.plan.Experiment: the run is that study experiment, exactly
+    budget: str = ""  # the study budget of ``experiment``
 
     def train_config(self, **more: Any) -> Any:
+        import dataclasses
+
         from ferlab.train.config import TrainConfig
 
+        if self.experiment is not None:
+            return dataclasses.replace(self.experiment.cfg, **more)
         path = REPO / self.config if not Path(self.config).is_absolute() else Path(self.config)
         return TrainConfig.from_file(path, **{**self.overrides, **more})
+
+    @property
+    def fold(self) -> int | None:
+        """The k-fold index of a study k-fold run (None otherwise)."""
+        return self.experiment.tags["fold"] if self.experiment is not None and self.experiment.role == "kfold" \
+            else None
 
 
 def read_plan(path: str | Path) -> list[PlannedRun]:
@@ -220,10 +235,54 @@ def read_plan(path: str | Path) -> list[PlannedRun]:
         except (OSError, ValueError) as e:
             raise SystemExit(f"{path}: run {run.name}: {e}") from None
         runs.append(run)
+    for i, st in enumerate(raw.get("study", [])):
+        runs += study_runs(path, i, st)
     names = [r.name for r in runs]
     if not runs or len(set(names)) != len(names):
         raise SystemExit(f"{path}: a plan needs one or more runs with distinct names")
+    weights = sum(checkpoint_bytes(r.train_config()) for r in runs)
+    if weights > BACK_LIMIT - 4 * 2**20:
+        raise SystemExit(f"{path}: the runs' fp16 checkpoints come to {weights / 2**20:.1f} MiB, more than can come "
+                         f"back ({BACK_LIMIT / 2**20:.0f} MiB with room for logs): plan fewer or smaller nets")
     return runs
+
+
+def study_runs(path: Path, i: int, entry: dict[str, Any]) -> list[PlannedRun]:
+    """The runs of a ``[[study]]`` entry: the experiments of budget ``budget`` whose names match one of ``runs``
+    (shell patterns, e.g. "q3/*-on/s0"), each with its fixed schedule."""
+    from fnmatch import fnmatch
+
+    from ferlab.study.plan import get_budget, plan_for
+
+    unknown = set(entry) - {"budget", "runs"}
+    if unknown or "budget" not in entry:
+        raise SystemExit(f"{path}: study entry {i + 1} needs budget (and knows runs)"
+                         f"{'; unknown: ' + ', '.join(sorted(unknown)) if unknown else ''}")
+    patterns = entry.get("runs", ["*"])
+    if not isinstance(entry["budget"], str) or not isinstance(patterns, list) \
+            or not all(isinstance(p, str) for p in patterns):
+        raise SystemExit(f"{path}: study entry {i + 1}: budget is a name and runs a list of patterns, "
+                         'e.g. budget = "long", runs = ["q3/*/s0"]')
+    try:
+        budget = get_budget(entry["budget"])
+        experiments = plan_for(budget, "staged pack")
+    except ValueError as e:
+        raise SystemExit(f"{path}: study entry {i + 1}: {e}") from None
+    chosen = [e for e in experiments if any(fnmatch(e.name, p) for p in patterns)]
+    if not chosen:
+        raise SystemExit(f"{path}: study entry {i + 1}: no experiment of budget {budget.name} matches "
+                         f"{', '.join(patterns)}")
+    return [PlannedRun(f"study-{budget.name}-{e.name.replace('/', '-')}", f"ferlab study --budget {budget.name}",
+                       epochs=e.cfg.epochs, min_epochs=e.cfg.epochs, experiment=e, budget=budget.name)
+            for e in chosen]
+
+
+def checkpoint_bytes(cfg: Any) -> int:
+    """The bytes of a run's fp16 checkpoint as it comes back (two per parameter)."""
+    from ferlab.models import create_model
+
+    state = create_model(cfg.model, **cfg.model_args).state_dict()
+    return 2 * sum(t.numel() for t in state.values() if t.is_floating_point())
 
 
 def fitted_epochs(run: PlannedRun, images_per_s: float | None, seconds: float, rows: int = TRAIN_ROWS) -> int:
@@ -359,7 +418,7 @@ def cmd_smoke(args: argparse.Namespace) -> int:
     print(f"smoke check on {report['device']}")
     report["checks"] = smoke_checks(work / "check", args.dry_run)
     runs = read_plan(args.plan)
-    conc = min(args.concurrency or len(runs), len(runs))
+    conc = min(args.concurrency or len(runs), len(runs), MAX_CONCURRENCY)
     # the first net alone, then the plan's nets together: how much running them at once costs each
     alone = calibrate(runs[:1], work / "alone", 1, args)
     speeds = calibrate(runs[:conc], work / "together", conc, args)
@@ -477,6 +536,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise SystemExit(f"no data: stage the pack first (it goes to {store / PACK_NAME}) or pass --data")
     if data is not None:
         check_no_test_rows(data)
+    folds = {r.name: fold_data(r, data, store / "folds") for r in runs if r.fold is not None}  # before any launch
     calib_path = store / CALIBRATION
     calibration = json.loads(calib_path.read_text()) if calib_path.is_file() else {}
     speeds = calibration.get("images_per_s", {})
@@ -497,8 +557,13 @@ def cmd_run(args: argparse.Namespace) -> int:
                 print(f"{r.name}: not started, {left:.0f} s left")
                 campaign["runs"][r.name] = {"started": False}
                 continue
-            epochs = 2 if args.dry_run else fitted_epochs(r, speeds.get(r.name), left)
-            if not epochs:
+            speed = run_speed(r, runs, speeds)
+            epochs = 2 if args.dry_run else fitted_epochs(r, speed, left)
+            if r.experiment is not None and not args.dry_run and not speed:
+                print(f"{r.name}: not started, no calibrated speed for its net (run `smoke` with this plan first)")
+                campaign["runs"][r.name] = {"started": False}
+                continue
+            if not epochs or (r.experiment is not None and not args.dry_run and not fits(r, speed, left)):
                 print(f"{r.name}: not started, fewer than its {r.min_epochs} epochs fit in {left:.0f} s")
                 campaign["runs"][r.name] = {"started": False}
                 continue
@@ -506,11 +571,14 @@ def cmd_run(args: argparse.Namespace) -> int:
             if data is None:
                 more["synthetic"] = {"n_train": 400, "n_val": 128, "n_test": 16, "seed": 0}
             cfg = r.train_config(**more)
+            run_data = folds.get(r.name, data)
             campaign["runs"][r.name] = {"started": True, "epochs": epochs, "config": r.config,
                                         "overrides": r.overrides, "model": cfg.model}
+            if r.experiment is not None:
+                campaign["runs"][r.name]["study"] = {"budget": r.budget, "experiment": r.experiment.name}
             how = "rehearsal" if args.dry_run else "fitted" if r.epochs == "fit" else "fixed"
             print(f"{r.name}: {cfg.model}, {epochs} epochs ({how}) from {r.config}", flush=True)
-            active.append(launch(r.name, cfg, work / r.name, data=data, threads=threads_each(conc),
+            active.append(launch(r.name, cfg, work / r.name, data=run_data, threads=threads_each(conc),
                                  time_limit=left - START_SECONDS, dry_run=args.dry_run))
         wait(active, t_start + budget, first=True)
         for p in [p for p in active if p.proc.poll() is not None or time.perf_counter() > t_start + budget]:
@@ -521,6 +589,44 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"campaign done in {time.perf_counter() - t_start:.0f} s; {len(files)} file(s) to bring back: "
           + ", ".join(f"{f.name} ({f.stat().st_size / 2**20:.1f} MiB)" for f in files))
     return 0 if all(r.get("returncode") == 0 for r in campaign["runs"].values() if r.get("started")) else 1
+
+
+def run_speed(run: PlannedRun, runs: list[PlannedRun], speeds: dict[str, float]) -> float | None:
+    """The calibrated images/s of ``run``, or of a calibrated run of the plan that trains the same net."""
+    if run.name in speeds:
+        return speeds[run.name]
+    cfg = run.train_config()
+    for other in runs:
+        if other.name in speeds:
+            o = other.train_config()
+            if (o.model, o.model_args, o.batch_size) == (cfg.model, cfg.model_args, cfg.batch_size):
+                return speeds[other.name]
+    return None
+
+
+def fits(run: PlannedRun, images_per_s: float | None, seconds: float, rows: int = TRAIN_ROWS) -> bool:
+    """Whether ``run``'s fixed schedule ends inside ``seconds`` at its calibrated speed (a study run that cannot
+    finish is useless: the study adopts finished runs only). Without a calibration: False."""
+    if not images_per_s:
+        return False
+    return START_SECONDS + int(run.epochs) * rows / (FIT_SAFETY * images_per_s) <= seconds
+
+
+def fold_data(run: PlannedRun, data: str | None, folds: Path) -> str:
+    """The data of a study k-fold run: its fold cut from the staged pack (train + val), written once under the
+    study's fold fingerprint, so that ``ferlab study --adopt`` recognises the run."""
+    from ferlab.data.formats import load_data
+    from ferlab.study.folds import fold_file_name, fold_fingerprint, fold_indices, write_fold
+    from ferlab.study.plan import get_budget
+
+    if data is None:
+        raise SystemExit(f"{run.name}: a k-fold run needs the staged data (its folds are cut from it)")
+    cfg, k = run.experiment.cfg, get_budget(run.budget).kfold
+    base = load_data(data, progress=False)
+    split, pairs = fold_indices(base, k, val_fraction=cfg.val_fraction, split_seed=cfg.split_seed)
+    name = fold_file_name(base.fingerprint, k, run.fold, val_fraction=cfg.val_fraction, split_seed=cfg.split_seed)
+    fp = fold_fingerprint(base.fingerprint, k, run.fold, val_fraction=cfg.val_fraction, split_seed=cfg.split_seed)
+    return str(write_fold(base, folds / name, pairs[run.fold][0], split["val"], fp))
 
 
 def check_no_test_rows(data: str) -> None:
@@ -641,6 +747,12 @@ def cmd_unpack(args: argparse.Namespace) -> int:
         print(f"  {to / name}: " + (f"{r.get('epochs_run')} of {r.get('epochs')} epochs, best val "
                                    f"{'-' if best is None else f'{best:.4f}'} at epoch {r.get('best_epoch')}"
                                    if r.get("started") else "not started"))
+    studies = sorted({r["study"]["budget"] for r in campaign["runs"].values() if r.get("study")})
+    for budget in studies:
+        done = [to / name for name, r in campaign["runs"].items()
+                if r.get("study", {}).get("budget") == budget and r.get("finished")]
+        print(f"study runs ({len(done)} finished): take them into the study with\n  ferlab study --budget {budget} "
+              f"--data fer2013.csv.gz --out runs/study-{budget} " + " ".join(f"--adopt {d}" for d in done))
     hardware = f"one {campaign['device']}, {campaign['concurrency']} nets at once"
     print("next, on PublicTest (val) only: ferlab evaluate RUN --data fer2013.csv.gz --split val --tta affine; "
           "bench/ensemble.py for ensembles; then ship a winner with\n"

@@ -274,13 +274,15 @@ def time_recipe(cfg, threads: int) -> float:
 
 def study_calibration(args: argparse.Namespace, mode: str) -> None:
     """Write the study's time-estimate calibration (see the module docstring) to ``args.study_calibration``: one
-    epoch of each of the full study's recipes, timed end to end (validation included), as images/s in the
-    terms of ``ferlab.study.plan.estimate_seconds``: (train + val / 3) images per epoch second."""
-    from ferlab.study.plan import get_budget, model_key, plan_for
+    epoch of each recipe of the FER2013 budgets (full, long), timed end to end (validation included), as images/s in
+    the terms of ``ferlab.study.plan.estimate_seconds``: (train + val / 3) images per epoch second."""
+    from ferlab.study.plan import BUDGETS, model_key, plan_for
 
     recipes = {}
-    for e in plan_for(get_budget("full"), "fer2013.csv.gz"):
-        recipes.setdefault(model_key(e.cfg.model, e.cfg.model_args), e.cfg)
+    for budget in BUDGETS.values():
+        if budget.needs_data:
+            for e in plan_for(budget, "fer2013.csv.gz"):
+                recipes.setdefault(model_key(e.cfg.model, e.cfg.model_args), e.cfg)
     per_epoch = CALIBRATION_SIZES["n_train"] + CALIBRATION_SIZES["n_val"] / 3
     one = {}
     for key, cfg in recipes.items():
@@ -294,7 +296,7 @@ def study_calibration(args: argparse.Namespace, mode: str) -> None:
     core = sum(one[k] * _mflops(recipes[k]) for k in cnns) / len(cnns)
     out = {
         "cpu": cpu_name(), "precision": resolve_precision("auto")[0],
-        "what": "one epoch of each recipe of `ferlab study --budget full` on synthetic faces "
+        "what": "one epoch of each recipe of `ferlab study --budget full` and `--budget long` on synthetic faces "
                 f"({CALIBRATION_SIZES['n_train']} train, {CALIBRATION_SIZES['n_val']} val), validation included",
         "command": f"python bench/train_speed.py --study-calibration {args.study_calibration}",
         "images_per_s": {k: round(v, 1) for k, v in one.items()},

@@ -130,6 +130,10 @@ def test_fitted_epochs():
     ('[[run]]\nname = "a"\nconfig = "configs/none.toml"\n', "does not exist"),
     ('[[run]]\nname = "a"\nconfig = "configs/fer-resnet-s.toml"\nepochs = "long"\n', "epochs must be"),
     ('[[run]]\nname = "a"\nconfig = "configs/fer-resnet-s.toml"\n' * 2, "distinct names"),
+    ('[[study]]\nbudget = "long"\nruns = "q3/*/s0"\n', "runs a list of patterns"),
+    ('[[study]]\nbudget = 3\n', "budget is a name"),
+    ('[[study]]\nbudget = "huge"\n', "unknown budget 'huge'"),
+    ('[[study]]\nruns = ["q3/*"]\n', "needs budget"),
 ])
 def test_bad_plans_fail_before_training(tmp_path, text, message):
     plan = tmp_path / "plan.toml"
@@ -142,3 +146,50 @@ def test_bad_plans_fail_before_training(tmp_path, text, message):
 def test_shipped_plans_read(plan):
     runs = _campaign().read_plan(plan)
     assert runs and all(r.train_config().epochs >= 1 for r in runs)
+
+
+STUDY_PLAN = """
+[[study]]  # the quick budget's Q3 and k-fold runs train 2 epochs, as a rehearsal does: the study can adopt them
+budget = "quick"
+runs = ["q3/image-on/s0", "kfold/2-of-3"]
+"""
+
+
+def test_study_runs_trained_on_the_gpu_are_adopted_by_the_study(data, tmp_path):
+    import dataclasses
+
+    from ferlab.study.plan import get_budget
+    from ferlab.study.runner import run_study
+
+    csv, _ = data
+    gpu, store, plan = tmp_path / ".gpu", tmp_path / "store", tmp_path / "plan.toml"
+    plan.write_text(STUDY_PLAN)
+    assert [r.name for r in _campaign().read_plan(plan)] == ["study-quick-q3-image-on-s0", "study-quick-kfold-2-of-3"]
+    assert run("pack", "--data", str(csv), "--out", str(gpu), "--parts", "1").returncode == 0
+    assert run("stage", str(gpu / "part1"), "--store", str(store)).returncode == 0
+    res = run("run", "--dry-run", "--plan", str(plan), "--out", str(tmp_path / "out"), "--store", str(store))
+    assert res.returncode == 0, res.stdout + res.stderr
+    res = run("unpack", *map(str, sorted((tmp_path / "out").glob("results.tar.gz.*"))), "--to",
+              str(tmp_path / "runs"))
+    assert res.returncode == 0 and "ferlab study --budget quick" in res.stdout, res.stderr
+    budget = get_budget("quick")
+    chosen = tuple(e for e in budget.experiments if e.name in ("q3/image-on/s0", "kfold/2-of-3"))
+    lines: list[str] = []
+    study = run_study(dataclasses.replace(budget, experiments=chosen), tmp_path / "study", data=str(csv),
+                      progress=False, log=lines.append,
+                      adopt=[tmp_path / "runs" / name for name in ("study-quick-q3-image-on-s0",
+                                                                   "study-quick-kfold-2-of-3")])
+    assert study.counts == {"trained": 0, "resumed": 0, "reused": 2}, lines  # nothing retrained here
+    assert {r.experiment.name for r in study.results} == {"q3/image-on/s0", "kfold/2-of-3"}
+    fold = next(r for r in study.results if r.experiment.role == "kfold")
+    assert fold.evaluation["fold"]["n"] > 0  # scored here on its held-out fold and on test
+
+
+def test_a_plan_whose_checkpoints_cannot_come_back_is_refused(tmp_path):
+    plan = tmp_path / "plan.toml"
+    plan.write_text('[[study]]\nbudget = "long"\n')  # 24 nets of 2-4 MB
+    with pytest.raises(SystemExit, match="more than can come back"):
+        _campaign().read_plan(plan)
+    plan.write_text('[[study]]\nbudget = "long"\nruns = ["q9/*"]\n')
+    with pytest.raises(SystemExit, match="no experiment of budget long matches q9"):
+        _campaign().read_plan(plan)

@@ -118,14 +118,16 @@ def test_the_recipes_are_there():
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.toml")), ids=lambda p: p.name)
 def test_every_shipped_config_parses(path):
-    """Each runnable recipe under configs/ is a valid config for a registered model; teachers are shipped names or
-    the run directory of another recipe here (runs/NAME for configs/NAME.toml)."""
+    """Each runnable recipe under configs/ is a valid config for a registered model; teachers and warm starts are
+    shipped names or the run directory of another recipe here (runs/NAME for configs/NAME.toml)."""
     from ferlab.models import list_models
-    from ferlab.pretrained import pretrained_path
+    from ferlab.pretrained import pretrained_entry, pretrained_path
 
     cfg = TrainConfig.from_file(path)
     assert cfg.model in list_models()
-    for teacher in cfg.teachers:
+    if cfg.init_from and not cfg.init_from.startswith("runs/"):  # a shipped net of the same architecture
+        assert pretrained_entry(cfg.init_from)["model"] == cfg.model, cfg.init_from
+    for teacher in [*cfg.teachers, *([cfg.init_from] if cfg.init_from else [])]:
         if teacher.startswith("runs/"):
             assert (REPO / "configs" / f"{teacher[len('runs/'):]}.toml").is_file(), teacher
         else:

@@ -65,6 +65,9 @@ def test_quick_study_trains_every_run_and_writes_the_report(quick_study):
         assert heading in md
     for link in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md):
         assert (out / link).is_file(), link
+    q3 = md.split("## Q3")[1].split("## Q4")[0]
+    assert "figures/q3-curves.png" in q3
+    assert re.search(r"(Every cell had converged|Not every cell had converged): over (its|the) last \d+ epoch", q3)
 
 
 def test_second_run_reuses_every_run(quick_study):
@@ -163,7 +166,7 @@ def test_run_hash_of_a_fixed_config_never_changes():
 
 
 def test_full_budget_shape():
-    assert set(BUDGETS) == {"quick", "full"}  # the CLI's --budget choices (kept literal: no torch import at parse)
+    assert set(BUDGETS) == {"quick", "full", "long"}  # the CLI's --budget choices (literal: no torch import at parse)
     full = get_budget("full").experiments
     q3 = [e for e in full if e.role == "q3"]
     assert {(e.tags["normalize"], e.tags["augment"]) for e in q3} == {
@@ -175,6 +178,17 @@ def test_full_budget_shape():
     assert len({e.name for e in full}) == len(full)
     for budget in BUDGETS.values():  # every plan builds valid configs for both data modes
         assert len(plan_for(budget, "x.csv")) == len(budget.experiments)
+
+
+def test_long_budget_is_the_full_one_with_the_ablation_at_full_length():
+    full, long = ({e.name: e for e in get_budget(b).experiments} for b in ("full", "long"))
+    assert full.keys() == long.keys()
+    for name, e in long.items():
+        if e.role in ("q1", "q2"):
+            assert e == full[name]  # the same runs: a study's cache and --adopt serve both budgets
+        else:
+            assert e.cfg.model == "r000-cnn1" and e.cfg.model_args == {}  # the report's net, dropout on
+            assert e.cfg.epochs == 50 and e.tags == full[name].tags
 
 
 def test_run_hash_covers_what_is_learnt_only():
@@ -193,8 +207,8 @@ TINY_SYN = {"n_train": 140, "n_val": 70, "n_test": 70, "seed": 3}
 
 
 def _tiny_budget(**cfg_over) -> Budget:
-    cfg = TrainConfig(model="mlp-matched", model_args={"target": 20_815, "depth": 1}, epochs=3, batch_size=32,
-                      synthetic=TINY_SYN, augment="none", precision="fp32", **cfg_over)
+    cfg = TrainConfig(**{"model": "mlp-matched", "model_args": {"target": 20_815, "depth": 1}, "epochs": 3,
+                         "batch_size": 32, "synthetic": TINY_SYN, "augment": "none", "precision": "fp32", **cfg_over})
     return Budget("tiny", "one MLP", (Experiment("q2/mlp", "q2", cfg),), synthetic=TINY_SYN)
 
 
@@ -239,6 +253,72 @@ def test_adopt_finished_runs_trained_elsewhere(tmp_path):
     assert study.results[0].history == _history_of(tmp_path / "same")
 
 
+def test_adopt_a_fold_run_trained_where_the_test_rows_never_were(tmp_path):
+    """bench/gpu_campaign.py trains k-fold runs from a pack of train + val: the study adopts them as its folds."""
+    from ferlab.data.synthetic import make_synthetic
+    from ferlab.study.folds import fold_fingerprint, fold_indices, write_fold
+    from ferlab.study.runner import run_study
+    from ferlab.train.fit import fit
+
+    cfg = _tiny_budget().experiments[0].cfg
+    budget = Budget("tiny-k", "2 folds", tuple(Experiment(f"kfold/{i + 1}-of-2", "kfold", cfg, {"fold": i, "k": 2})
+                                             for i in range(2)), synthetic=TINY_SYN, kfold=2)
+    data = make_synthetic(**TINY_SYN)
+    trainval = data.subset(np.flatnonzero(data.split != "test"))  # what the GPU machine holds
+    tr, _ = fold_indices(trainval, 2)[1][1]
+    path = write_fold(trainval, tmp_path / "f2.ferpack", tr, trainval.indices("val"),
+                      fold_fingerprint(data.fingerprint, 2, 1))
+    quiet = {"progress": False, "log": lambda s: None}
+    fit(dataclasses.replace(cfg, data=str(path), synthetic={}), tmp_path / "fold2", **quiet)
+    fit(dataclasses.replace(cfg, data=str(path), synthetic={}, lr=1e-3), tmp_path / "other", **quiet)
+    lines: list[str] = []
+    study = run_study(budget, tmp_path / "out", progress=False, log=lines.append,
+                      adopt=[tmp_path / "fold2", tmp_path / "other"])
+    assert any("fold2: adopted as kfold/2-of-2" in line for line in lines)
+    assert any("other: its config or data match no experiment" in line for line in lines)
+    assert study.counts == {"trained": 1, "resumed": 0, "reused": 1}  # fold 1 trained here, fold 2 adopted
+    (r1, r2) = study.results
+    assert r2.status == "reused" and r2.history == _history_of(tmp_path / "fold2")
+    assert r1.meta["data"]["fingerprint"] == fold_fingerprint(data.fingerprint, 2, 0)  # trained here: the same ids
+    assert 0 <= r2.acc("fold") <= 1 and r2.evaluation["fold"]["n"] == len(fold_indices(data, 2)[1][1][1])
+
+
+def test_an_auto_precision_experiment_adopts_a_run_of_either_precision(tmp_path):
+    """A GPU resolves "auto" to bf16, a CPU without bf16 instructions to fp32: either run is the experiment."""
+    from ferlab.study.runner import run_study
+    from ferlab.train.fit import fit
+
+    budget = _tiny_budget(precision="auto")
+    (exp,) = budget.experiments
+    fit(dataclasses.replace(exp.cfg, precision="fp32"), tmp_path / "fp32", progress=False, log=lambda s: None)
+    lines: list[str] = []
+    study = run_study(budget, tmp_path / "out", progress=False, log=lines.append, adopt=[tmp_path / "fp32"])
+    assert any("fp32: adopted as q2/mlp" in line for line in lines), lines
+    assert study.counts["reused"] == 1
+
+
+def test_a_fold_run_interrupted_on_older_fold_data_trains_afresh(tmp_path):
+    from ferlab.data.synthetic import make_synthetic
+    from ferlab.study.folds import fold_indices, write_fold
+    from ferlab.study.runner import run_hash, run_study
+    from ferlab.train.fit import fit
+
+    cfg = _tiny_budget().experiments[0].cfg
+    budget = Budget("tiny-k", "2 folds", tuple(Experiment(f"kfold/{i + 1}-of-2", "kfold", cfg, {"fold": i, "k": 2})
+                                             for i in range(2)), synthetic=TINY_SYN, kfold=2)
+    data = make_synthetic(**TINY_SYN)
+    tr, _ = fold_indices(data, 2)[1][0]
+    old = write_fold(data, tmp_path / "old.ferpack", tr, data.indices("val"), "0123456789abcdef")
+    run_dir = tmp_path / "out" / "runs" / run_hash(plan_for(budget)[0], data.fingerprint)
+    fit(dataclasses.replace(cfg, data=str(old), synthetic={}), run_dir, progress=False, stop_after=1,
+        log=lambda s: None)
+    lines: list[str] = []
+    study = run_study(budget, tmp_path / "out", progress=False, log=lines.append)
+    assert any("its fold data changed" in line for line in lines)
+    assert study.counts == {"trained": 2, "resumed": 0, "reused": 0}
+    assert study.results[0].meta["data"]["fingerprint"] != "0123456789abcdef"
+
+
 def test_cli_adopt_reaches_the_study_before_any_training(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("FERLAB_CACHE_DIR", str(tmp_path / "cache"))
     (tmp_path / "half").mkdir()
@@ -260,7 +340,7 @@ def _history_of(run_dir: Path) -> list[dict[str, float]]:
 def test_fold_files_hold_the_folds(tmp_path):
     from ferlab.data.source import open_data
     from ferlab.data.synthetic import make_synthetic
-    from ferlab.study.folds import fold_indices, write_fold
+    from ferlab.study.folds import fold_fingerprint, fold_indices, write_fold
 
     data = make_synthetic(n_train=70, n_val=21, n_test=14, seed=5)
     base, folds = fold_indices(data, 3)
@@ -270,16 +350,45 @@ def test_fold_files_hold_the_folds(tmp_path):
         assert not set(tr) & set(ho) and len(tr) + len(ho) == len(base["train"])
         assert np.bincount(data.labels[ho], minlength=7).min() >= 1  # stratified: every class in every fold
     tr, ho = folds[1]
-    path = write_fold(data, tmp_path / "f.csv.gz", tr, base["val"], base["test"])
-    first = path.read_bytes()
-    path.unlink()
-    assert write_fold(data, path, tr, base["val"], base["test"]).read_bytes() == first  # deterministic
+    fp = fold_fingerprint(data.fingerprint, 3, 1)
+    assert len({fp, fold_fingerprint(data.fingerprint, 3, 0), fold_fingerprint("other", 3, 1),
+                fold_fingerprint(data.fingerprint, 3, 1, split_seed=1)}) == 4
+    path = write_fold(data, tmp_path / "f.ferpack", tr, base["val"], fp)
     loaded = open_data(str(path), progress=False)
-    assert loaded.layout == "fer2013-csv"
-    for split, idx in (("train", tr), ("val", base["val"]), ("test", base["test"])):
+    assert loaded.fingerprint == fp and not len(loaded.indices("test"))  # no test rows: training never needs them
+    for split, idx in (("train", tr), ("val", base["val"])):
         rows = loaded.indices(split)
         np.testing.assert_array_equal(loaded.images[rows], data.images[idx])
         np.testing.assert_array_equal(loaded.labels[rows], data.labels[idx])
+
+
+def test_folds_are_the_same_without_the_test_rows(tmp_path):
+    """A GPU machine holds FER2013's Training and PublicTest only: its folds must be the study's, row for row."""
+    from ferlab.data.source import open_data
+    from ferlab.data.synthetic import make_synthetic
+    from ferlab.study.folds import fold_indices, write_fold
+
+    data = make_synthetic(n_train=70, n_val=21, n_test=14, seed=5)
+    trainval = data.subset(np.flatnonzero(data.split != "test"))
+    for i, ((tr, _), (tr2, _)) in enumerate(zip(fold_indices(data, 3)[1], fold_indices(trainval, 3)[1],
+                                                 strict=True)):
+        a = open_data(str(write_fold(data, tmp_path / f"a{i}.ferpack", tr, data.indices("val"), "fp")),
+                      progress=False)
+        b = open_data(str(write_fold(trainval, tmp_path / f"b{i}.ferpack", tr2, trainval.indices("val"), "fp")),
+                      progress=False)
+        np.testing.assert_array_equal(a.images, b.images)
+        np.testing.assert_array_equal(a.labels, b.labels)
+        np.testing.assert_array_equal(a.ids, b.ids)
+        np.testing.assert_array_equal(a.split, b.split)
+
+
+def test_late_gain_measures_the_last_fifth_of_a_curve():
+    from ferlab.study.report import late_gain
+
+    assert late_gain([50, 60, 70, 71, 71.2, 71.3, 71.3, 71.4, 71.4, 71.9]) == pytest.approx((0.5, 2))  # 71.9 - 71.4
+    assert late_gain([50, 60, 70, 80, 90]) == pytest.approx((10.0, 1))
+    assert late_gain([70, 72, 71, 69, 68]) == pytest.approx((0.0, 1))  # a falling tail gains nothing
+    assert late_gain([60]) == (0.0, 1)
 
 
 def test_wilson_interval_and_comparison_wording():
@@ -301,8 +410,9 @@ def test_time_estimates_come_from_the_generated_calibration(monkeypatch, tmp_pat
 
     cal = plan.calibration()
     assert cal["command"].startswith("python bench/train_speed.py --study-calibration") and cal["cpu"]
-    for e in plan.plan_for(plan.get_budget("full"), "fer2013.csv.gz"):  # every full-study recipe is measured
-        assert plan.model_key(e.cfg.model, e.cfg.model_args) in cal["images_per_s"], e.name
+    for budget in ("full", "long"):  # every recipe of the FER2013 budgets is measured
+        for e in plan.plan_for(plan.get_budget(budget), "fer2013.csv.gz"):
+            assert plan.model_key(e.cfg.model, e.cfg.model_args) in cal["images_per_s"], e.name
     fake = tmp_path / "throughput.json"
     fake.write_text(json.dumps({**cal, "images_per_s": {"fer-resnet-s": 100.0}, "two_core_speedup": 2.0}))
     monkeypatch.setattr(plan, "CALIBRATION", fake)

@@ -82,8 +82,10 @@ def decode_images(residuals: np.ndarray) -> np.ndarray:
     return x.astype(np.uint8)
 
 
-def write_pack(data: FerData, path: str | Path, splits: tuple[str, ...] = ("train", "val")) -> dict[str, Any]:
-    """Write the rows of ``splits`` of ``data`` to ``path`` (``*.ferpack``); returns the header."""
+def write_pack(data: FerData, path: str | Path, splits: tuple[str, ...] = ("train", "val"), *,
+               preset: int = 9) -> dict[str, Any]:
+    """Write the rows of ``splits`` of ``data`` to ``path`` (``*.ferpack``); returns the header. ``preset``: the xz
+    preset, 9 (smallest, to travel) down to 0 (fastest, for files that stay on the machine)."""
     path = Path(path)
     if not is_pack(path):
         raise ValueError(f"{path}: a pack's name ends in {PACK_SUFFIX}")
@@ -100,7 +102,7 @@ def write_pack(data: FerData, path: str | Path, splits: tuple[str, ...] = ("trai
     body = (data.labels[idx].astype("<i2").tobytes() + codes.tobytes() + data.ids[idx].astype("<i8").tobytes()
             + encode_images(images).tobytes())
     payload = lzma.compress(body, format=lzma.FORMAT_XZ,
-                            filters=[{"id": lzma.FILTER_LZMA2, "preset": 9, "pb": 0}])
+                            filters=[{"id": lzma.FILTER_LZMA2, "preset": preset, "pb": 0}])
     header = {
         "format": "ferlab-pack", "version": VERSION, "rows": len(idx), "image_shape": list(images.shape[1:]),
         "splits": {s: int((data.split[idx] == s).sum()) for s in splits},

@@ -36,15 +36,18 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                        description="Train the experiments of a budget (cached by config: re-running costs "
                                    "seconds; an interrupted run resumes) and write OUT/report.html (self-contained) "
                                    "and OUT/report.md answering Q1-Q6, ensembles and k-fold.")
-    s.add_argument("--data", help="data path (FER2013 for --budget full; default: the embedded synthetic faces)")
-    s.add_argument("--budget", default="quick", choices=("quick", "full"),
-                   help="quick: synthetic faces, minutes (default); full: FER2013, hours, resumable")
+    s.add_argument("--data", help="data path (FER2013 for --budget full and long; default: the embedded synthetic "
+                                  "faces)")
+    s.add_argument("--budget", default="quick", choices=("quick", "full", "long"),
+                   help="quick: synthetic faces, minutes (default); full: FER2013, hours, resumable; long: full with "
+                        "the Q3 and k-fold runs trained to convergence, for a GPU (docs/gpu.md) or ~14 h of 2 cores")
     s.add_argument("--out", help="output folder (default runs/study-BUDGET)")
     s.add_argument("--threads", type=int, default=0,
                    help="torch threads for training and evaluation "
                         "(0: auto, the cores not busy with other work at start)")
     s.add_argument("--adopt", action="append", metavar="RUN_DIR",
-                   help="reuse a finished run trained elsewhere (e.g. by `ferlab train --config configs/...`) when "
-                        "its config and data match an experiment of the budget (repeatable)")
+                   help="reuse a finished run trained elsewhere (e.g. by `ferlab train --config configs/...` or on "
+                        "a GPU by bench/gpu_campaign.py) when its config and data (for a k-fold run: its fold's "
+                        "data) match an experiment of the budget (repeatable)")
     s.add_argument("--no-progress", action="store_true", help="no progress bars (one line per epoch and run)")
     s.set_defaults(func=cmd_study)

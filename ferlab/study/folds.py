@@ -1,24 +1,30 @@
 """Stratified k-fold data sets for the study's cross-validation runs.
 
-The trainer takes its data from a path, so fold ``i`` is written as a FER2013-layout CSV holding the base data's
-train rows minus fold ``i`` (Usage ``Training``), its val rows (``PublicTest``) and its test rows
-(``PrivateTest``). A fold model is thus trained on k-1 folds, selected on the untouched val split, and reported on
-its held-out fold (the cross-validation estimate) and on test. Files are written once, deterministically
-(gzip without a time stamp), atomically, and reused.
+The trainer takes its data from a path, so fold ``i`` is written as a pack (:mod:`ferlab.data.pack`) holding the
+base data's train rows minus fold ``i`` (split ``train``) and its val rows (``val``); no test rows, which a fold
+model never needs in training. A fold model is thus trained on k-1 folds, selected on the untouched val split, and
+reported (from the base data) on its held-out fold (the cross-validation estimate) and on test. Files are written
+once, atomically, and reused.
+
+A fold's data fingerprint is derived from the base data's fingerprint and the fold's definition, not from the
+file's bytes, and the folds depend only on the base data's train rows and labels. So FER2013 with or without its
+PrivateTest rows (a pack that travelled to a GPU holds only Training and PublicTest, under the CSV's fingerprint)
+gives the same folds under the same fingerprints, and a fold run trained there is recognised here (``ferlab study
+--adopt``).
 """
 
 from __future__ import annotations
 
-import gzip
+import hashlib
 from pathlib import Path
 
 import numpy as np
 
-from ferlab.checkpoint import atomic_write
+from ferlab.data.pack import write_pack
 from ferlab.data.splits import stratified_kfold, train_val_test
 from ferlab.data.types import FerData
 
-USAGE = {"train": "Training", "val": "PublicTest", "test": "PrivateTest"}
+FOLD_PRESET = 1  # xz preset of fold files: they stay on the machine, so speed over size
 
 
 def fold_indices(data: FerData, k: int, *, val_fraction: float = 0.1, split_seed: int = 0,
@@ -30,31 +36,31 @@ def fold_indices(data: FerData, k: int, *, val_fraction: float = 0.1, split_seed
     return base, [(train[tr], train[ho]) for tr, ho in pairs]
 
 
-def _csv_lines(images: np.ndarray, labels: np.ndarray, usage: list[str], chunk: int = 2048):
-    """The CSV text in chunks of ``chunk`` rows (bytes), header first."""
-    yield b"emotion,pixels,Usage\n"
-    for start in range(0, len(images), chunk):
-        rows = zip(images[start:start + chunk], labels[start:start + chunk], usage[start:start + chunk], strict=True)
-        yield "".join(f"{int(y)},{' '.join(map(str, img.ravel().tolist()))},{u}\n" for img, y, u in rows).encode()
+def fold_fingerprint(base_fingerprint: str, k: int, fold: int, *, val_fraction: float = 0.1,
+                     split_seed: int = 0) -> str:
+    """The data fingerprint of fold ``fold`` (0-based) of ``k`` of the data fingerprinted ``base_fingerprint``."""
+    spec = f"{base_fingerprint}|fold {fold + 1} of {k}|val_fraction {val_fraction:g}|split_seed {split_seed}"
+    return hashlib.sha256(spec.encode()).hexdigest()[:16]
+
+
+def fold_file_name(base_fingerprint: str, k: int, fold: int, *, val_fraction: float = 0.1,
+                   split_seed: int = 0) -> str:
+    """The file name of fold ``fold`` (0-based) of ``k``."""
+    return f"{base_fingerprint[:12]}-v{val_fraction:g}-s{split_seed}-k{k}-fold{fold + 1}.ferpack"
 
 
 def write_fold(data: FerData, path: str | Path, train_idx: np.ndarray, val_idx: np.ndarray,
-               test_idx: np.ndarray) -> Path:
-    """Write the rows as a fer2013.csv.gz-layout file at ``path`` (skipped when it already exists)."""
+               fingerprint: str) -> Path:
+    """Write the labelled rows ``train_idx`` (as train) and ``val_idx`` (as val) of ``data`` as a pack at
+    ``path`` that loads with ``fingerprint`` (see :func:`fold_fingerprint`); skipped when it already exists."""
     path = Path(path)
     if path.is_file():
         return path
-    rows = [(train_idx, USAGE["train"]), (val_idx, USAGE["val"]), (test_idx, USAGE["test"])]
-    rows = [(r[data.labels[r] >= 0], u) for r, u in rows]  # labelled rows only
-    idx = np.concatenate([r for r, _ in rows])
-    usage = [u for r, u in rows for _ in range(len(r))]
-
-    def write(tmp: str) -> None:
-        # no file name and no time stamp in the gzip header: the same rows give the same bytes
-        with open(tmp, "wb") as raw, gzip.GzipFile(filename="", fileobj=raw, mode="wb", compresslevel=1,
-                                                   mtime=0) as gz:
-            for block in _csv_lines(data.images[idx], data.labels[idx], usage):
-                gz.write(block)
-
-    atomic_write(path, write)
+    idx = np.concatenate([r[data.labels[r] >= 0] for r in (train_idx, val_idx)])
+    fold = data.subset(idx)
+    # carved val rows are train rows of the source: mark each part as what it is for the fold
+    fold.split = np.array(["train"] * int((data.labels[train_idx] >= 0).sum())
+                          + ["val"] * int((data.labels[val_idx] >= 0).sum()))
+    fold.fingerprint = fingerprint
+    write_pack(fold, path, ("train", "val"), preset=FOLD_PRESET)
     return path

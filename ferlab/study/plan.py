@@ -118,6 +118,20 @@ FER_RESNET_S = TrainConfig(model="fer-resnet-s", epochs=30, batch_size=128, opti
 # selection guards the rest).
 _ABLATION = TrainConfig(model="r000-cnn1", model_args={"dropout": 0.0}, epochs=6, batch_size=128, warmup_epochs=1)
 _FULL_K = 5
+# ----------------------------------------------------------------------------- long: the ablation at full length
+# Q3 and k-fold with report 000's CNN as the report trained it (its dropout on), long enough for every cell to
+# converge: 18x the CPU hours of the full budget's ablation, sized for a GPU (bench/gpu_campaign.py trains them there,
+# configs/gpu/study-long-1.toml and -2.toml; `--adopt` brings them into the study). Q1 and Q2 are the full
+# budget's runs.
+LONG_EPOCHS = 50
+_LONG_ABLATION = TrainConfig(model="r000-cnn1", epochs=LONG_EPOCHS, batch_size=128, warmup_epochs=2)
+# Q1 and Q2 of both FER2013 budgets
+_FER2013_Q1_Q2 = (
+    Experiment("q1/r002-vgg", "q1", R002_VGG),
+    Experiment("q1/fer-resnet-s", "q1", FER_RESNET_S),
+    Experiment("q2/mlp-matched", "q2", dataclasses.replace(
+        R002_VGG, model="mlp-matched", model_args={"target": "r002-vgg"}), {"matched_to": "r002-vgg"}),
+)
 
 BUDGETS: dict[str, Budget] = {
     "quick": Budget(
@@ -145,10 +159,7 @@ BUDGETS: dict[str, Budget] = {
         name="full",
         description="FER2013: the reports' questions answered with ferlab's own numbers",
         experiments=(
-            Experiment("q1/r002-vgg", "q1", R002_VGG),
-            Experiment("q1/fer-resnet-s", "q1", FER_RESNET_S),
-            Experiment("q2/mlp-matched", "q2", dataclasses.replace(
-                R002_VGG, model="mlp-matched", model_args={"target": "r002-vgg"}), {"matched_to": "r002-vgg"}),
+            *_FER2013_Q1_Q2,
             *_q3(_ABLATION, (0, 1)),
             *_kfold(_ABLATION, _FULL_K),
         ),
@@ -156,7 +167,23 @@ BUDGETS: dict[str, Budget] = {
         kfold=_FULL_K,
         notes=("Q3 and k-fold use r000-cnn1 without its dropout, shortened to 6 epochs (the Q1 nets train 14 and "
                "30), to keep the budget affordable on a CPU; their absolute accuracies are therefore below the Q1 "
-               "ones, and augmentation, which pays off over long schedules, is judged on a short one",),
+               "ones, and augmentation, which pays off over long schedules, is judged on a short one; the long "
+               "budget runs them to convergence",),
+    ),
+    "long": Budget(
+        name="long",
+        description="FER2013: the full budget with the normalisation x augmentation ablation and the k-fold runs "
+                    f"trained to convergence ({LONG_EPOCHS} epochs of report 000's CNN with its dropout)",
+        experiments=(
+            *_FER2013_Q1_Q2,
+            *_q3(_LONG_ABLATION, (0, 1)),
+            *_kfold(_LONG_ABLATION, _FULL_K),
+        ),
+        needs_data=True,
+        kfold=_FULL_K,
+        notes=(f"Q3 and k-fold train report 000's r000-cnn1 as the report did, dropout included, for {LONG_EPOCHS} "
+               "epochs: about 18 times the full budget's ablation hours, meant for a GPU (docs/gpu.md); the Q3 "
+               "curves show whether each cell converged",),
     ),
 }
 

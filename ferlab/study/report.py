@@ -261,6 +261,7 @@ def section_q3(ctx: Context, doc: Document) -> None:
     bars = "; error bars: std over seeds" if len(seeds) > 1 else ""
     doc.add(Figure(path, f"Q3 test accuracy per normalisation and augmentation ({spread}{bars}); "
                          f"{ctx.protocol_note(model)}.", 700))
+    convergence = _q3_curves(ctx, doc, runs, model)
     # sentences from the numbers
     i, j = np.unravel_index(np.nanargmax(mean), mean.shape)
     k, m = np.unravel_index(np.nanargmin(mean), mean.shape)
@@ -281,7 +282,52 @@ def section_q3(ctx: Context, doc: Document) -> None:
     text.append("Averaged over augmentation, the normalisations rank " + ", ".join(
         f"{norms[o]} {pct(by_norm[o])}" for o in order) + f"; the range of {100 * (by_norm.max() - by_norm.min()):.1f} "
         f"points is {'more than' if by_norm.max() - by_norm.min() > noise else 'within'} {noise_txt}.")
+    text.append(convergence)
     doc.add(Para(" ".join(text)))
+
+
+CONVERGED_POINTS = 0.5  # a cell whose best val accuracy rose less than this over its last LATE_SHARE of epochs
+LATE_SHARE = 0.2
+
+
+def late_gain(val_acc: list[float], share: float = LATE_SHARE) -> tuple[float, int]:
+    """How much the best val accuracy so far rose over the last ``share`` of the epochs, and how many epochs
+    that is (at least one; 0 gain for a single epoch)."""
+    n = len(val_acc)
+    late = max(1, round(share * n))
+    if n <= late:
+        return 0.0, n
+    return max(val_acc) - max(val_acc[: n - late]), late
+
+
+def _q3_curves(ctx: Context, doc: Document, runs: list[RunResult], model: str) -> str:
+    """The Q3 cells' validation curves (mean over seeds) and a sentence on whether each converged."""
+    curves: dict[str, list[list[float]]] = {}
+    for r in runs:
+        name = f"{r.experiment.tags['normalize']}, augmentation {r.experiment.tags['augment']}"
+        curves.setdefault(name, []).append([row["val_acc"] for row in r.history])
+    length = min(len(c) for cs in curves.values() for c in cs)
+    if length < 2:
+        return ""
+    mean = {name: 100 * np.mean([c[:length] for c in cs], axis=0) for name, cs in curves.items()}
+    colour = {norm: f"C{i}" for i, norm in enumerate(NORMALIZE_MODES)}  # one colour per normalisation
+    styles = {name: colour.get(name.split(",")[0], "") + ("o-" if name.endswith("on") else "o--") for name in mean}
+    path = plots.lines(range(1, length + 1), mean, ctx.fig("q3-curves.png"), "epoch", "val accuracy (%)",
+                       f"{model}: validation accuracy per Q3 cell", styles)
+    doc.add(Figure(path, "Q3 validation accuracy per epoch, mean over seeds (a colour per normalisation; solid: "
+                         "augmentation on, dashed: off): "
+                         "the curves show whether each cell had converged when its schedule ended.", 700))
+    gains = {name: late_gain(list(curve)) for name, curve in mean.items()}
+    worst = max(gains, key=lambda name: gains[name][0])
+    gain, late = gains[worst]
+    hint = "" if ctx.study.budget.name == "long" else " (`--budget long`)"
+    if gain < CONVERGED_POINTS:
+        return (f"Every cell had converged: over its last {late} epoch{'s' if late != 1 else ''} the best val "
+                f"accuracy rose by at most {gain:.1f} points ({worst}), so these conclusions hold at this length "
+                f"({length} epochs).")
+    return (f"Not every cell had converged: over the last {late} epoch{'s' if late != 1 else ''} the best val "
+            f"accuracy of {worst} still rose by {gain:.1f} points, so these conclusions hold for {length}-epoch "
+            f"schedules only; longer runs{hint} may change them.")
 
 
 def section_q4(ctx: Context, doc: Document) -> None:

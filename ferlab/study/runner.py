@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ NOT_HASHED = NOT_LEARNED  # TrainConfig fields that do not change what a run lea
 HASHED_WHEN_SET: dict[str, object] = {"mixup": 0.0, "cutmix": 0.0, "ema_decay": 0.0, "teachers": [],
                                       "distill_weight": 0.5, "distill_temperature": 4.0, "size_start": 0,
                                       "size_ramp_epochs": 0, "distill_offline": "", "labels": "fer2013",
-                                      "label_mode": "majority"}
+                                      "label_mode": "majority", "init_from": ""}
 STATUSES = ("trained", "resumed", "reused")
 
 
@@ -111,17 +112,33 @@ def _evaluate(run_dir: Path, rows: dict[str, np.ndarray], data: FerData) -> dict
 
 
 def adopt_runs(run_dirs: list[str | Path], experiments: list[Experiment], data_fingerprint: str, out: Path,
-               log: Callable[[str], None] = print) -> list[str]:
+               log: Callable[[str], None] = print, fold_fingerprints: dict[str, dict[str, int]] | None = None
+               ) -> list[str]:
     """Copy finished runs trained elsewhere into the cache when config and data match an experiment.
 
-    Returns the names of the experiments adopted. A run matching nothing is reported through ``log`` and left
-    alone; an unfinished one raises ValueError (resume it with ``ferlab train --resume`` first).
+    A run matches a q1-q3 experiment when its config and data fingerprint (``data_fingerprint``, the base data's)
+    do, and a k-fold experiment when its config does and its data is that fold's (``fold_fingerprints``: fold
+    fingerprint -> the fold's tags, see :func:`ferlab.study.folds.fold_fingerprint`). An experiment whose precision
+    is ``auto`` takes a run trained in bf16 or fp32, whichever its device resolved it to. Returns the names of the
+    experiments adopted. A run matching nothing is reported through ``log`` and left alone; an unfinished one raises
+    ValueError (resume it with ``ferlab train --resume`` first).
     """
-    import shutil
+    import dataclasses
 
     from ferlab.train.config import TrainConfig
 
-    by_hash = {run_hash(e, data_fingerprint): e for e in experiments if e.role != "kfold"}
+    fold_fingerprints = fold_fingerprints or {}
+
+    def key(e: Experiment, fingerprint: str, **over: Any) -> str:
+        # a fold run trains on its fold's file, whatever `synthetic` says
+        return run_hash(dataclasses.replace(e, cfg=dataclasses.replace(
+            e.cfg, **over, **({"synthetic": {}} if e.role == "kfold" else {}))), fingerprint)
+
+    by_key = {key(e, data_fingerprint): e for e in experiments}
+    for e in experiments:  # "auto" precision: bf16 where the device computes it natively, as a GPU does, else fp32
+        if e.cfg.precision == "auto":
+            for precision in ("bf16", "fp32"):
+                by_key.setdefault(key(e, data_fingerprint, precision=precision), e)
     adopted = []
     for d in map(Path, run_dirs):
         meta, summary = _read_json(d / "config.json"), _read_json(d / "summary.json")
@@ -130,12 +147,15 @@ def adopt_runs(run_dirs: list[str | Path], experiments: list[Experiment], data_f
         if not (summary or {}).get("finished"):
             raise ValueError(f"{d}: the run has not finished (summary.json missing or unfinished); finish it with "
                              f"`ferlab train --resume {d}` before adopting it")
-        probe = Experiment("adopted", "adopted", TrainConfig.from_dict(meta["train"]))
-        h = run_hash(probe, meta["data"]["fingerprint"])
-        exp = by_hash.get(h)
+        cfg = TrainConfig.from_dict(meta["train"])
+        theirs = meta["data"]["fingerprint"]
+        tags = fold_fingerprints.get(theirs)
+        probe = Experiment("adopted", "kfold", cfg, dict(tags)) if tags else Experiment("adopted", "adopted", cfg)
+        exp = by_key.get(key(probe, data_fingerprint if tags else theirs))
         if exp is None:
             log(f"{d}: its config or data match no experiment of this budget; not adopted")
             continue
+        h = run_hash(exp, data_fingerprint)
         target = out / "runs" / h
         if (_read_json(target / "summary.json") or {}).get("finished"):
             log(f"{d}: {exp.name} is already in the cache ({target})")
@@ -150,6 +170,11 @@ def adopt_runs(run_dirs: list[str | Path], experiments: list[Experiment], data_f
         log(f"{d}: adopted as {exp.name} ({target})")
         adopted.append(exp.name)
     return adopted
+
+
+def _trained_on(run_dir: Path) -> str | None:
+    """The data fingerprint a run directory's config.json records (None when unreadable)."""
+    return ((_read_json(run_dir / "config.json") or {}).get("data") or {}).get("fingerprint")
 
 
 def _open_base(experiments: list[Experiment]) -> tuple[FerData, dict[str, np.ndarray]]:
@@ -189,7 +214,7 @@ def run_study(
     import torch
 
     from ferlab.checkpoint import LAST_STATE
-    from ferlab.study.folds import fold_indices, write_fold
+    from ferlab.study.folds import fold_file_name, fold_fingerprint, fold_indices, write_fold
     from ferlab.train.fit import fit, read_history
 
     t0 = time.perf_counter()
@@ -199,11 +224,14 @@ def run_study(
         torch.set_num_threads(threads)
     out = Path(out)
     base_data, splits = _open_base(experiments)
-    if adopt:
-        adopt_runs(list(adopt), experiments, base_data.fingerprint, out, log)
     first = experiments[0].cfg
     folds = (fold_indices(base_data, b.kfold, val_fraction=first.val_fraction, split_seed=first.split_seed)[1]
              if b.kfold else [])
+    fold_fps = [fold_fingerprint(base_data.fingerprint, b.kfold, i, val_fraction=first.val_fraction,
+                                 split_seed=first.split_seed) for i in range(len(folds))]
+    if adopt:
+        adopt_runs(list(adopt), experiments, base_data.fingerprint, out, log,
+                   {fp: {"fold": i, "k": b.kfold} for i, fp in enumerate(fold_fps)})
     fit_log = fit_log or log
     results: list[RunResult] = []
     counts = dict.fromkeys(STATUSES, 0)
@@ -214,10 +242,11 @@ def run_study(
         rows = {"val": splits["val"], "test": splits["test"]}
         cfg = exp.cfg
         if exp.role == "kfold":
-            tr, held = folds[exp.tags["fold"]]
-            path = out / "data" / (f"{base_data.fingerprint[:12]}-v{first.val_fraction:g}-s{first.split_seed}"
-                                   f"-k{exp.tags['k']}-fold{exp.tags['fold'] + 1}.csv.gz")
-            write_fold(base_data, path, tr, splits["val"], splits["test"])
+            fold = exp.tags["fold"]
+            tr, held = folds[fold]
+            path = out / "data" / fold_file_name(base_data.fingerprint, b.kfold, fold,
+                                                 val_fraction=first.val_fraction, split_seed=first.split_seed)
+            write_fold(base_data, path, tr, splits["val"], fold_fps[fold])
             cfg = dataclasses.replace(cfg, data=str(path.resolve()), synthetic={})
             rows["fold"] = held
         summary = _read_json(run_dir / "summary.json")
@@ -226,6 +255,10 @@ def run_study(
             status = "reused"
         else:
             resume = (run_dir / LAST_STATE).is_file()
+            if resume and exp.role == "kfold" and _trained_on(run_dir) != fold_fps[exp.tags["fold"]]:
+                log(f"{head}: its fold data changed since it started (an older fold file); training it afresh")
+                shutil.rmtree(run_dir)
+                resume = False
             status = "resumed" if resume else "trained"
             log(f"{head}: {'resuming' if resume else 'training'} in {run_dir}")
             run_dir.mkdir(parents=True, exist_ok=True)

@@ -39,6 +39,9 @@ class TrainConfig:
     model: str = "fer-resnet-s"
     model_args: dict[str, Any] = field(default_factory=dict)
     init: str = "default"  # default (PyTorch's), xavier (uniform, as Keras), he (kaiming normal)
+    # warm start (fine-tuning): a checkpoint of the same model (run dir, file or shipped name) whose weights the
+    # run starts from; classifier rows of classes it lacks keep the fresh init ("" = train from scratch)
+    init_from: str = ""
     # data: path to any supported layout; None = the embedded synthetic faces
     data: str | None = None
     skip_bad: bool = False
@@ -167,6 +170,8 @@ FIELD_HELP: dict[str, str] = {
     "model": "registered model name (see `ferlab models`)",
     "model_args": "model argument KEY=VALUE (VALUE read as JSON when it parses; repeatable)",
     "init": "weight initialisation: default (PyTorch's), xavier (uniform, as Keras), he (kaiming normal)",
+    "init_from": "warm start: begin from this checkpoint's weights (run directory, .safetensors or shipped name; "
+                 "the same model and model arguments); classifier rows of classes it lacks start fresh",
     "data": "data path (fer2013.csv[.gz], icml_face_data.csv, train.csv/test.csv dir, image folders); "
             "none: the embedded synthetic faces",
     "skip_bad": "skip malformed rows or unreadable images instead of stopping, and report how many",

@@ -10,7 +10,7 @@ own normalisation, so it need not share the student's preprocessing. Offline dis
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from ferlab.checkpoint import CheckpointError, atomic_write, resolve
 from ferlab.data.cache import sha256_file
 from ferlab.inference.loader import load_model
 from ferlab.inference.predict import autocast, batches, layout, model_device, to_unit
+from ferlab.train.provenance import overlap_warnings
 from ferlab.transforms import tta_views
 
 
@@ -61,18 +62,11 @@ class Teacher(nn.Module):
                 raise CheckpointError(f"teacher {m.source}: input size {list(m.input_size)} is not the "
                                       f"student's {list(input_size)}")
 
-    def protocol_warnings(self, fingerprint: str, split: dict[str, Any]) -> list[str]:
-        """Why a member might have seen rows the student validates or tests on (empty when none)."""
-        out = []
-        keys = ("val_carved", "val_fraction", "split_seed")
-        for spec, meta in zip(self.specs, self.metas, strict=True):
-            theirs = meta.get("data", {}).get("fingerprint")
-            if theirs != fingerprint:
-                out.append(f"teacher {spec} was trained on other data (fingerprint {theirs}); "
-                           "make sure it never saw this run's val or test images")
-            elif split["val_carved"] and any(meta.get("split", {}).get(k) != split[k] for k in keys):
-                out.append(f"teacher {spec} carved its val part differently; it may have trained on this run's val")
-        return out
+    def protocol_warnings(self, fingerprints: Collection[str], split: dict[str, Any]) -> list[str]:
+        """Why a member might have seen rows the student validates or tests on (empty when none); see
+        :func:`ferlab.train.provenance.overlap_warnings`."""
+        return [w for spec, meta in zip(self.specs, self.metas, strict=True)
+                for w in overlap_warnings(f"teacher {spec}", meta, fingerprints, split)]
 
     @torch.no_grad()
     def forward(self, x01: torch.Tensor) -> torch.Tensor:

@@ -74,6 +74,12 @@ class Prepared:
     splits: dict[str, np.ndarray]
     tensors: dict[str, tuple[torch.Tensor, torch.Tensor]]
     labels: dict[str, str] | None = None  # where the labels came from when not the data's own (FER+)
+    base_fingerprint: str = ""  # the fingerprint of the data file itself (differs from data's under FER+ labels)
+
+    @property
+    def fingerprints(self) -> set[str]:
+        """The fingerprints that name these rows: a checkpoint trained on either saw the same splits."""
+        return {self.data.fingerprint, self.base_fingerprint or self.data.fingerprint}
 
 
 def split_protocol(data: FerData, cfg: TrainConfig, splits: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -100,6 +106,7 @@ def split_protocol(data: FerData, cfg: TrainConfig, splits: dict[str, np.ndarray
 def prepare(cfg: TrainConfig, progress: bool = True) -> Prepared:
     """Load the data named by the config and split it by the protocol."""
     data = open_data(cfg.data, skip_bad=cfg.skip_bad, synthetic=cfg.synthetic, progress=progress)
+    base_fingerprint = data.fingerprint
     data, label_info = apply_labels(data, cfg.labels, cfg.data)
     splits = train_val_test(data, val_fraction=cfg.val_fraction, seed=cfg.split_seed)
     if not len(splits["train"]) or not len(splits["val"]):
@@ -111,7 +118,7 @@ def prepare(cfg: TrainConfig, progress: bool = True) -> Prepared:
     }
     if cfg.label_mode != "majority":  # train on the vote distributions (N, K); val and test keep majority labels
         tensors["train"] = (tensors["train"][0], torch.from_numpy(data.targets[splits["train"]]).float())
-    return Prepared(data, splits, tensors, label_info)
+    return Prepared(data, splits, tensors, label_info, base_fingerprint)
 
 
 def build_meta(cfg: TrainConfig, model: nn.Module, normalizer: Normalizer, prep: Prepared) -> dict[str, Any]:
@@ -328,6 +335,26 @@ def _build_net(cfg: TrainConfig, prep: Prepared, ddp: distributed.Session, full_
     return net
 
 
+def _warm_start(cfg: TrainConfig, prep: Prepared, net: nn.Module, run_dir: Path, resume: bool,
+                log: Callable[[str], None]) -> dict[str, Any] | None:
+    """Start ``net`` from ``cfg.init_from``'s weights (a fresh run; a resumed one has its own) and return what the
+    run's metadata records about it (None without a warm start)."""
+    if not cfg.init_from:
+        return None
+    if resume:  # the weights come from last.pt; the record from the run's config.json
+        config = run_dir / "config.json"
+        return json.loads(config.read_text()).get("init_from") if config.is_file() else None
+    from ferlab.train.provenance import overlap_warnings
+    from ferlab.train.warmstart import warm_start
+
+    ws = warm_start(net, cfg.init_from, cfg.model, cfg.model_args, prep.data.class_names)
+    log(ws.describe())
+    for warning in overlap_warnings(f"warm start {cfg.init_from}", ws.meta, prep.fingerprints,
+                                    split_protocol(prep.data, cfg, prep.splits)):
+        log(f"warning: {warning}")
+    return ws.record()
+
+
 def _build_teacher(cfg: TrainConfig, prep: Prepared, ddp: distributed.Session, full_side: int,
                    log: Callable[[str], None]) -> Any:
     """The distillation teacher of ``cfg.teachers`` on the run's device (None without teachers)."""
@@ -337,7 +364,7 @@ def _build_teacher(cfg: TrainConfig, prep: Prepared, ddp: distributed.Session, f
 
     teacher = Teacher(cfg.teachers, cfg.distill_temperature, precision=cfg.precision, channels_last=cfg.channels_last)
     teacher.check_compatible(prep.data.class_names, prep.data.images.shape[1:])
-    for warning in teacher.protocol_warnings(prep.data.fingerprint, split_protocol(prep.data, cfg, prep.splits)):
+    for warning in teacher.protocol_warnings(prep.fingerprints, split_protocol(prep.data, cfg, prep.splits)):
         log(f"warning: {warning}")
     if cfg.size_start:  # the teacher sees the student's resized batches
         for spec, member in zip(teacher.specs, teacher.members, strict=True):
@@ -346,15 +373,17 @@ def _build_teacher(cfg: TrainConfig, prep: Prepared, ddp: distributed.Session, f
     return teacher.to(memory_format=torch.channels_last) if cfg.channels_last else teacher
 
 
-def _build(cfg: TrainConfig, run_dir: Path, ddp: distributed.Session, progress: bool,
+def _build(cfg: TrainConfig, run_dir: Path, ddp: distributed.Session, progress: bool, resume: bool,
            log: Callable[[str], None]) -> Run:
-    """Data, model, optimiser, schedule, callbacks, teacher and metadata of a fresh run."""
+    """Data, model (warm-started from ``cfg.init_from`` unless resuming), optimiser, schedule, callbacks, teacher
+    and metadata of a run."""
     prep = prepare(cfg, progress)
     normalizer, x_train, y_train, x_val, y_val = _training_data(cfg, prep, ddp)
     if ddp.device.type == "cuda":  # the uint8 images live on the GPU: batches are gathered and augmented there
         x_train, y_train, x_val = x_train.to(ddp.device), y_train.to(ddp.device), x_val.to(ddp.device)
     full_side = int(x_train.shape[-1])
     net = _build_net(cfg, prep, ddp, full_side)
+    warm = _warm_start(cfg, prep, net, run_dir, resume, log if ddp.is_main else _quiet)
     optimizer = build_optimizer(net, cfg)
     # EMA of the weights (and BatchNorm statistics): when on, it is what is validated and checkpointed
     ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True) \
@@ -363,6 +392,8 @@ def _build(cfg: TrainConfig, run_dir: Path, ddp: distributed.Session, progress: 
     schedule = build_schedule(optimizer, cfg, steps_per_epoch(len(x_train), cfg.batch_size, ddp.world_size))
     mode = "max" if cfg.monitor == "val_acc" else "min"
     meta = build_meta(cfg, net, normalizer, prep)
+    if warm is not None:
+        meta["init_from"] = warm
     if teacher is not None:  # what the student learnt from, beyond the specs in meta["train"]["teachers"]
         meta["teachers"] = [
             {"spec": spec, "model": m["model"]["name"], "data_fingerprint": m.get("data", {}).get("fingerprint"),
@@ -420,7 +451,7 @@ def _fit(
         log, progress = _quiet, False
     cfg, precision_line = resolve_config(cfg, ddp.device.type)
     governor = _start_threads(cfg, ddp, precision_line, log)
-    run = _build(cfg, run_dir, ddp, progress, log)
+    run = _build(cfg, run_dir, ddp, progress, resume, log)
     if resume:
         _resume(run, ddp, log)
     elif ddp.is_main:
