@@ -188,7 +188,7 @@ def test_long_budget_is_the_full_one_with_the_ablation_at_full_length():
             assert e == full[name]  # the same runs: a study's cache and --adopt serve both budgets
         else:
             assert e.cfg.model == "r000-cnn1" and e.cfg.model_args == {}  # the report's net, dropout on
-            assert e.cfg.epochs == 50 and e.tags == full[name].tags
+            assert e.cfg.epochs == 100 and e.tags == full[name].tags
 
 
 def test_run_hash_covers_what_is_learnt_only():

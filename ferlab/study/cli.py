@@ -40,7 +40,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                                   "faces)")
     s.add_argument("--budget", default="quick", choices=("quick", "full", "long"),
                    help="quick: synthetic faces, minutes (default); full: FER2013, hours, resumable; long: full with "
-                        "the Q3 and k-fold runs trained to convergence, for a GPU (docs/gpu.md) or ~14 h of 2 cores")
+                        "the Q3 and k-fold runs trained to convergence, for a GPU (docs/gpu.md) or >1 day of 2 cores")
     s.add_argument("--out", help="output folder (default runs/study-BUDGET)")
     s.add_argument("--threads", type=int, default=0,
                    help="torch threads for training and evaluation "
