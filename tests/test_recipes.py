@@ -90,7 +90,8 @@ def test_bad_values_are_errors(bad):
 
 
 def test_new_fields_at_their_defaults_keep_old_study_hashes():
-    """Runs cached before mixup/CutMix/EMA/distillation existed keep their hashes; setting one changes the hash."""
+    """Runs cached before mixup/CutMix/EMA/distillation/warm starts existed keep their hashes; setting one changes
+    the hash."""
     import hashlib
 
     from ferlab.study.runner import CACHE_VERSION, NOT_HASHED
@@ -98,7 +99,7 @@ def test_new_fields_at_their_defaults_keep_old_study_hashes():
     # the fields added after cache version 1, with a non-default value each
     added = {"mixup": 0.5, "cutmix": 0.5, "ema_decay": 0.5, "teachers": ["runs/t"], "distill_weight": 0.7,
              "distill_temperature": 2.0, "size_start": 32, "size_ramp_epochs": 1, "distill_offline": "flip",
-             "labels": "ferplus", "label_mode": "crossentropy"}
+             "labels": "ferplus", "label_mode": "crossentropy", "init_from": "runs/t"}
     exp = Experiment("x", "q1", TrainConfig(model="r000-cnn1", precision="bf16"))  # the default before `auto`
     old = {k: v for k, v in exp.cfg.to_dict().items() if k not in NOT_HASHED + tuple(added)}
     blob = json.dumps({"v": CACHE_VERSION, "cfg": old, "data": "fp", "fold": {}}, sort_keys=True)
