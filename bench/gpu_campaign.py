@@ -536,7 +536,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise SystemExit(f"no data: stage the pack first (it goes to {store / PACK_NAME}) or pass --data")
     if data is not None:
         check_no_test_rows(data)
-    folds = {r.name: fold_data(r, data, store / "folds") for r in runs if r.fold is not None}  # before any launch
+    folds = fold_data([r for r in runs if r.fold is not None], data, store / "folds")  # before any launch
     calib_path = store / CALIBRATION
     calibration = json.loads(calib_path.read_text()) if calib_path.is_file() else {}
     speeds = calibration.get("images_per_s", {})
@@ -612,21 +612,26 @@ def fits(run: PlannedRun, images_per_s: float | None, seconds: float, rows: int 
     return START_SECONDS + int(run.epochs) * rows / (FIT_SAFETY * images_per_s) <= seconds
 
 
-def fold_data(run: PlannedRun, data: str | None, folds: Path) -> str:
-    """The data of a study k-fold run: its fold cut from the staged pack (train + val), written once under the
-    study's fold fingerprint, so that ``ferlab study --adopt`` recognises the run."""
+def fold_data(runs: list[PlannedRun], data: str | None, folds: Path) -> dict[str, str]:
+    """The data of each study k-fold run of ``runs``, by run name: its fold cut from the staged pack (train +
+    val), written once under the study's fold fingerprint, so that ``ferlab study --adopt`` recognises the run."""
+    if not runs:
+        return {}
     from ferlab.data.formats import load_data
-    from ferlab.study.folds import fold_file_name, fold_fingerprint, fold_indices, write_fold
+    from ferlab.study.folds import study_folds, write_fold
     from ferlab.study.plan import get_budget
 
     if data is None:
-        raise SystemExit(f"{run.name}: a k-fold run needs the staged data (its folds are cut from it)")
-    cfg, k = run.experiment.cfg, get_budget(run.budget).kfold
+        raise SystemExit(f"{runs[0].name}: a k-fold run needs the staged data (its folds are cut from it)")
     base = load_data(data, progress=False)
-    split, pairs = fold_indices(base, k, val_fraction=cfg.val_fraction, split_seed=cfg.split_seed)
-    name = fold_file_name(base.fingerprint, k, run.fold, val_fraction=cfg.val_fraction, split_seed=cfg.split_seed)
-    fp = fold_fingerprint(base.fingerprint, k, run.fold, val_fraction=cfg.val_fraction, split_seed=cfg.split_seed)
-    return str(write_fold(base, folds / name, pairs[run.fold][0], split["val"], fp))
+    out = {}
+    for run in runs:
+        cfg = run.experiment.cfg
+        split, cut = study_folds(base, get_budget(run.budget).kfold, val_fraction=cfg.val_fraction,
+                                 split_seed=cfg.split_seed)
+        fold = cut[run.fold]
+        out[run.name] = str(write_fold(base, folds / fold.file_name, fold.train, split["val"], fold.fingerprint))
+    return out
 
 
 def check_no_test_rows(data: str) -> None:

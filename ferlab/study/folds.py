@@ -16,6 +16,7 @@ gives the same folds under the same fingerprints, and a fold run trained there i
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -56,11 +57,30 @@ def write_fold(data: FerData, path: str | Path, train_idx: np.ndarray, val_idx: 
     path = Path(path)
     if path.is_file():
         return path
-    idx = np.concatenate([r[data.labels[r] >= 0] for r in (train_idx, val_idx)])
-    fold = data.subset(idx)
+    train, val = (r[data.labels[r] >= 0] for r in (train_idx, val_idx))
+    fold = data.subset(np.concatenate([train, val]))
     # carved val rows are train rows of the source: mark each part as what it is for the fold
-    fold.split = np.array(["train"] * int((data.labels[train_idx] >= 0).sum())
-                          + ["val"] * int((data.labels[val_idx] >= 0).sum()))
+    fold.split = np.array(["train"] * len(train) + ["val"] * len(val))
     fold.fingerprint = fingerprint
     write_pack(fold, path, ("train", "val"), preset=FOLD_PRESET)
     return path
+
+
+@dataclass(frozen=True)
+class Fold:
+    """Fold ``index`` of a study's k-fold split: its training and held-out rows, its fingerprint and file name."""
+
+    index: int
+    train: np.ndarray  # row indices of the base data
+    held_out: np.ndarray
+    fingerprint: str
+    file_name: str
+
+
+def study_folds(data: FerData, k: int, *, val_fraction: float = 0.1,
+                split_seed: int = 0) -> tuple[dict[str, np.ndarray], list[Fold]]:
+    """The base split of ``data`` and its k folds, as the study and a GPU machine both cut them."""
+    base, pairs = fold_indices(data, k, val_fraction=val_fraction, split_seed=split_seed)
+    spec = {"val_fraction": val_fraction, "split_seed": split_seed}
+    return base, [Fold(i, tr, ho, fold_fingerprint(data.fingerprint, k, i, **spec),
+                       fold_file_name(data.fingerprint, k, i, **spec)) for i, (tr, ho) in enumerate(pairs)]

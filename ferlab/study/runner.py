@@ -214,7 +214,7 @@ def run_study(
     import torch
 
     from ferlab.checkpoint import LAST_STATE
-    from ferlab.study.folds import fold_file_name, fold_fingerprint, fold_indices, write_fold
+    from ferlab.study.folds import study_folds, write_fold
     from ferlab.train.fit import fit, read_history
 
     t0 = time.perf_counter()
@@ -225,13 +225,11 @@ def run_study(
     out = Path(out)
     base_data, splits = _open_base(experiments)
     first = experiments[0].cfg
-    folds = (fold_indices(base_data, b.kfold, val_fraction=first.val_fraction, split_seed=first.split_seed)[1]
+    folds = (study_folds(base_data, b.kfold, val_fraction=first.val_fraction, split_seed=first.split_seed)[1]
              if b.kfold else [])
-    fold_fps = [fold_fingerprint(base_data.fingerprint, b.kfold, i, val_fraction=first.val_fraction,
-                                 split_seed=first.split_seed) for i in range(len(folds))]
     if adopt:
         adopt_runs(list(adopt), experiments, base_data.fingerprint, out, log,
-                   {fp: {"fold": i, "k": b.kfold} for i, fp in enumerate(fold_fps)})
+                   {f.fingerprint: {"fold": f.index, "k": b.kfold} for f in folds})
     fit_log = fit_log or log
     results: list[RunResult] = []
     counts = dict.fromkeys(STATUSES, 0)
@@ -242,20 +240,17 @@ def run_study(
         rows = {"val": splits["val"], "test": splits["test"]}
         cfg = exp.cfg
         if exp.role == "kfold":
-            fold = exp.tags["fold"]
-            tr, held = folds[fold]
-            path = out / "data" / fold_file_name(base_data.fingerprint, b.kfold, fold,
-                                                 val_fraction=first.val_fraction, split_seed=first.split_seed)
-            write_fold(base_data, path, tr, splits["val"], fold_fps[fold])
+            fold = folds[exp.tags["fold"]]
+            path = write_fold(base_data, out / "data" / fold.file_name, fold.train, splits["val"], fold.fingerprint)
             cfg = dataclasses.replace(cfg, data=str(path.resolve()), synthetic={})
-            rows["fold"] = held
+            rows["fold"] = fold.held_out
         summary = _read_json(run_dir / "summary.json")
         head = f"[{i:>{len(str(n))}}/{n}] {exp.name:<22} {exp.label}"
         if summary and summary.get("finished"):
             status = "reused"
         else:
             resume = (run_dir / LAST_STATE).is_file()
-            if resume and exp.role == "kfold" and _trained_on(run_dir) != fold_fps[exp.tags["fold"]]:
+            if resume and exp.role == "kfold" and _trained_on(run_dir) != folds[exp.tags["fold"]].fingerprint:
                 log(f"{head}: its fold data changed since it started (an older fold file); training it afresh")
                 shutil.rmtree(run_dir)
                 resume = False
