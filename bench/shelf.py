@@ -138,11 +138,12 @@ Weights shipped together: {total:.1f} MB.
 Roles: `default` is what `ferlab predict`, `ferlab serve` and `Recognizer()` use without a model name, chosen by
 a written rule that weighs FER+ agreement and the corruption benchmark on PublicTest
 ([results/robustness.md](results/robustness.md#the-default-model)); `best-single` is the FER2013 net with the
-highest PublicTest accuracy without TTA; `most-accurate` is the ensemble; `fast` the smallest net;
-`ensemble-member` marks the nets the ensemble averages. Test-time
+highest PublicTest accuracy without TTA; `most-accurate` is the FER2013 ensemble; `fast` the smallest net;
+`ferplus` is the FER+ net best on FER+ PublicTest without TTA and `ferplus-most-accurate` the FER+ ensemble;
+`ensemble-member` marks the nets an ensemble averages. Test-time
 augmentation: `flip` is 2 views per face, `shift` 10, `affine` 18, each one forward pass of every member.
-Labels: the accuracies of a `fer2013` model are against FER2013's labels; those of a `ferplus` model (8 classes,
-role `ferplus`) against the FER+ majority vote on the faces FER+ keeps, selected on FER+ PublicTest
+Labels: the accuracies of a `fer2013` model are against FER2013's labels; those of a `ferplus` model (8 classes)
+against the FER+ majority vote on the faces FER+ keeps, selected on FER+ PublicTest
 ([data.md](data.md#fer-labels)). How every model agrees with FER+: [results/ferplus.md](results/ferplus.md).
 
 Earlier shipped models and their model cards: [docs/models/](models/).

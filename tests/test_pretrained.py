@@ -79,7 +79,7 @@ def test_shipped_files_are_what_their_manifest_says(monkeypatch):
 
     monkeypatch.delenv("FERLAB_WEIGHTS_DIR", raising=False)
     assert len(SHIPPED) >= 3, "the package ships its models"
-    for role in ("default", "most-accurate", "fast"):
+    for role in ("default", "most-accurate", "fast", "ferplus", "ferplus-most-accurate"):
         assert sum(role in e["roles"] for e in SHIPPED) == 1, f"exactly one model has role {role}"
     singles = [e for e in SHIPPED if e["kind"] == "single"]
     assert sum(e["size_bytes"] for e in singles) <= 20e6, "shipped weights together <= 20 MB"

@@ -128,3 +128,25 @@ def test_card_of_a_distilled_student_names_its_teacher_and_regularisers(trained_
     assert not offline or "averaged over the flip test-time views)" in card
     recipe = next(line for line in card.splitlines() if line.startswith("- optimizer "))
     assert recipe.endswith(", seed 0, mixup 0.3")  # the regularisers that are on, and only those
+
+
+def test_shipped_file_names_its_data_files_without_local_paths(trained_tiny_run, weights, tmp_path):
+    """A run trained on /some/where/fer2013.csv.gz ships naming fer2013.csv.gz only, in its data and its recipe."""
+    from safetensors.torch import save_file
+
+    from ferlab.checkpoint import read_meta
+
+    run = tmp_path / "run"
+    run.mkdir()
+    meta = read_meta(trained_tiny_run / "best.safetensors")
+    meta["data"]["path"] = "/home/someone/data/fer2013.csv.gz"
+    meta["train"]["data"] = "/home/someone/data/fer2013.csv.gz"
+    meta["train"]["labels"] = "/home/someone/data/ferplus/fer2013new.csv"
+    save_file(load_file(trained_tiny_run / "best.safetensors"), str(run / "best.safetensors"),
+              metadata={"ferlab": json.dumps(meta)})
+    path, shipped, _ = _ship_module().write_shipped(str(run), "tiny-paths", weights, "fp16")
+    on_disk = read_meta(path)
+    for m in (shipped, on_disk):
+        assert m["data"]["path"] == "fer2013.csv.gz" and m["train"]["data"] == "fer2013.csv.gz"
+        assert m["train"]["labels"] == "fer2013new.csv"
+        assert "/home/someone" not in json.dumps(m)
