@@ -624,11 +624,14 @@ def fold_data(runs: list[PlannedRun], data: str | None, folds: Path) -> dict[str
     if data is None:
         raise SystemExit(f"{runs[0].name}: a k-fold run needs the staged data (its folds are cut from it)")
     base = load_data(data, progress=False)
+    cuts: dict[tuple, tuple] = {}  # (k, val_fraction, split_seed) -> study_folds(...): the folds are cut once
     out = {}
     for run in runs:
         cfg = run.experiment.cfg
-        split, cut = study_folds(base, get_budget(run.budget).kfold, val_fraction=cfg.val_fraction,
-                                 split_seed=cfg.split_seed)
+        key = (get_budget(run.budget).kfold, cfg.val_fraction, cfg.split_seed)
+        if key not in cuts:
+            cuts[key] = study_folds(base, key[0], val_fraction=key[1], split_seed=key[2])
+        split, cut = cuts[key]
         fold = cut[run.fold]
         out[run.name] = str(write_fold(base, folds / fold.file_name, fold.train, split["val"], fold.fingerprint))
     return out

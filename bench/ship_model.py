@@ -55,10 +55,10 @@ def write_shipped(run: str, name: str, weights_dir: Path, dtype: str) -> tuple[P
     run_data = meta["data"].get("path")
     if run_data:
         meta["data"]["path"] = Path(run_data).name  # users pass --data; no local paths shipped
+    train = meta.get("train", {})
     for key in ("data", "labels"):  # the recipe's data and votes files, by name only
-        value = meta.get("train", {}).get(key)
-        if isinstance(value, str) and ("/" in value or "\\" in value):
-            meta["train"][key] = Path(value).name
+        if isinstance(train.get(key), str):
+            train[key] = Path(train[key]).name
     meta["shipped"] = {"name": name, "dtype": DTYPES[dtype], "from_run": Path(run).name}
     path = weights_dir / f"{name}.safetensors"
     atomic_write(path, lambda tmp: save_file(state, tmp, metadata={"ferlab": json.dumps(meta)}))
