@@ -54,6 +54,23 @@ def test_forward_backward(name: str) -> None:
         torch.testing.assert_close(model(x), model.forward_head(feats))
 
 
+@pytest.mark.parametrize("name", [n for n in list_models() if n.startswith(("fer-resnet", "fer-mobile"))])
+def test_input_scale_upsamples_before_the_stem(name: str) -> None:
+    torch.manual_seed(0)
+    base = create_model(name).eval()
+    x = torch.randn(2, 1, 48, 48)
+    up = create_model(name, input_scale=2.0).eval()
+    assert count_params(up) == count_params(base), "upsampling adds no parameters"
+    up.load_state_dict(base.state_dict())
+    with torch.no_grad():
+        assert up.forward_features(x).shape[-2:] == tuple(2 * s for s in base.forward_features(x).shape[-2:])
+        # the upsampled net is the base net on the bilinearly upsampled face
+        big = torch.nn.functional.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
+        torch.testing.assert_close(up(x), base(big))
+    with pytest.raises(ValueError, match="input_scale"):
+        create_model(name, input_scale=0.5)
+
+
 @pytest.mark.parametrize("name", sorted(KERAS_COUNTS))
 def test_keras_param_counts(name: str) -> None:
     counts = count_params(create_model(name))

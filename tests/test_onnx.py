@@ -19,13 +19,14 @@ from ferlab.transforms import Normalizer
 TOL = 1e-4
 
 
-def make_checkpoint(path: Path, name: str, normalize: str = "dataset", seed: int = 0) -> Path:
+def make_checkpoint(path: Path, name: str, normalize: str = "dataset", seed: int = 0, **model_args) -> Path:
     """A checkpoint of an untrained ``name`` made to behave like a trained one: BatchNorm statistics and affine
     parameters drawn at random (so folding them matters) and the head scaled so that logits spread like a trained
     model's (std about 4 on faces; so that a 1e-4 tolerance means something)."""
     torch.manual_seed(seed)
-    model = create_model(name).eval()
+    model = create_model(name, **model_args).eval()
     meta = untrained_meta(name, model)
+    meta["model"]["args"] = dict(model_args)
     meta["preprocess"]["normalize"] = Normalizer(normalize, 0.51, 0.25).state()
     with torch.no_grad():
         for m in model.modules():
@@ -52,10 +53,11 @@ def faces() -> np.ndarray:
     return data.images[:37, None]  # (37, 1, 48, 48) uint8 synthetic faces, an odd batch
 
 
-@pytest.mark.parametrize("name,normalize", [("fer-resnet-s", "dataset"), ("fer-resnet-s", "image"),
-                                            ("r002-vgg", "dataset"), ("mlp-matched", "none")])
-def test_onnx_runtime_equals_pytorch(name, normalize, faces, tmp_path, capsys):
-    ckpt = make_checkpoint(tmp_path / f"{name}.safetensors", name, normalize)
+@pytest.mark.parametrize("name,normalize,model_args", [
+    ("fer-resnet-s", "dataset", {}), ("fer-resnet-s", "image", {}), ("r002-vgg", "dataset", {}),
+    ("mlp-matched", "none", {}), ("fer-resnet-xs", "dataset", {"input_scale": 2.0})])
+def test_onnx_runtime_equals_pytorch(name, normalize, model_args, faces, tmp_path, capsys):
+    ckpt = make_checkpoint(tmp_path / f"{name}.safetensors", name, normalize, **model_args)
     out = tmp_path / "model.onnx"
     assert main(["export", "--onnx", str(ckpt), "--out", str(out)]) == 0
     assert f"wrote {out}" in capsys.readouterr().out

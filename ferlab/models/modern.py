@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from ferlab.models.base import FerModel
 from ferlab.models.registry import register_model
@@ -56,7 +57,8 @@ class InvertedResidual(nn.Module):
 
 class StagedNet(FerModel):
     """Stem (stride ``stem_stride``), stages of blocks (the first of each stage but the first downsamples by 2),
-    GAP, dropout, linear."""
+    GAP, dropout, linear. ``input_scale`` > 1 upsamples the input (bilinear) before the stem: every stage then works
+    at that many times the resolution, for the same parameters and the square of ``input_scale`` times the FLOPs."""
 
     def __init__(
         self,
@@ -68,8 +70,12 @@ class StagedNet(FerModel):
         drop: float = 0.3,
         stem_width: int | None = None,
         stem_stride: int = 1,
+        input_scale: float = 1.0,
     ) -> None:
         super().__init__()
+        if not input_scale >= 1.0:
+            raise ValueError(f"input_scale must be >= 1 (an upsampling factor), got {input_scale}")
+        self.input_scale = float(input_scale)
         stem = stem_width or widths[0]
         self.stem = conv_bn_act(in_chans, stem, 3, stem_stride)
         stages: list[nn.Module] = []
@@ -84,7 +90,9 @@ class StagedNet(FerModel):
         self.fc = nn.Linear(cin, num_classes)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        # (B, 1, 48, 48) -> (B, C_last, 6, 6) for four stages (3 x 3 with a stride-2 stem)
+        # (B, 1, 48, 48) -> (B, C_last, 6, 6) for four stages (3 x 3 with a stride-2 stem; 6s x 6s with input_scale s)
+        if self.input_scale != 1.0:
+            x = F.interpolate(x, scale_factor=self.input_scale, mode="bilinear", align_corners=False)
         return self.stages(self.stem(x))
 
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:
@@ -93,42 +101,46 @@ class StagedNet(FerModel):
 
 
 @register_model("fer-resnet-s", source="ferlab", description="ResNet, 4 stages 32-64-128-256, one block each")
-def fer_resnet_s(num_classes: int = 7, in_chans: int = 1, drop: float = 0.3) -> StagedNet:
-    return StagedNet(BasicBlock, (32, 64, 128, 256), (1, 1, 1, 1), num_classes, in_chans, drop)
+def fer_resnet_s(num_classes: int = 7, in_chans: int = 1, drop: float = 0.3, input_scale: float = 1.0) -> StagedNet:
+    return StagedNet(BasicBlock, (32, 64, 128, 256), (1, 1, 1, 1), num_classes, in_chans, drop, input_scale=input_scale)
 
 
 @register_model("fer-resnet-s16", source="ferlab",
                 description="fer-resnet-s with a 16-wide stem and first stage (16-64-128-256)")
-def fer_resnet_s16(num_classes: int = 7, in_chans: int = 1, drop: float = 0.3) -> StagedNet:
+def fer_resnet_s16(num_classes: int = 7, in_chans: int = 1, drop: float = 0.3, input_scale: float = 1.0) -> StagedNet:
     # Halving the 48 x 48 stage (stem and first block) keeps the depth and cuts 27% of fer-resnet-s's FLOPs.
-    return StagedNet(BasicBlock, (16, 64, 128, 256), (1, 1, 1, 1), num_classes, in_chans, drop, stem_width=16)
+    return StagedNet(BasicBlock, (16, 64, 128, 256), (1, 1, 1, 1), num_classes, in_chans, drop, stem_width=16,
+                     input_scale=input_scale)
 
 
 @register_model("fer-resnet-xs", source="ferlab",
                 description="fer-resnet-s16 at 3/4 width after the first stage (16-48-96-192)")
-def fer_resnet_xs(num_classes: int = 7, in_chans: int = 1, drop: float = 0.3) -> StagedNet:
+def fer_resnet_xs(num_classes: int = 7, in_chans: int = 1, drop: float = 0.3, input_scale: float = 1.0) -> StagedNet:
     # Every stage of fer-resnet-s16 costs about the same FLOPs (channels double as the side halves), so 3/4 width
     # in the last three stages cuts ~44% of their FLOPs and 43% of the parameters: more epochs in a fixed budget.
-    return StagedNet(BasicBlock, (16, 48, 96, 192), (1, 1, 1, 1), num_classes, in_chans, drop, stem_width=16)
+    return StagedNet(BasicBlock, (16, 48, 96, 192), (1, 1, 1, 1), num_classes, in_chans, drop, stem_width=16,
+                     input_scale=input_scale)
 
 
 @register_model("fer-resnet-m", source="ferlab", description="ResNet, 4 stages 48-96-192-384, blocks 1-2-2-1")
-def fer_resnet_m(num_classes: int = 7, in_chans: int = 1, drop: float = 0.3) -> StagedNet:
-    return StagedNet(BasicBlock, (48, 96, 192, 384), (1, 2, 2, 1), num_classes, in_chans, drop)
+def fer_resnet_m(num_classes: int = 7, in_chans: int = 1, drop: float = 0.3, input_scale: float = 1.0) -> StagedNet:
+    return StagedNet(BasicBlock, (48, 96, 192, 384), (1, 2, 2, 1), num_classes, in_chans, drop, input_scale=input_scale)
 
 
 @register_model("fer-resnet-l", source="ferlab", description="ResNet, 4 stages 64-128-256-512, blocks 2-2-2-2")
-def fer_resnet_l(num_classes: int = 7, in_chans: int = 1, drop: float = 0.4) -> StagedNet:
-    return StagedNet(BasicBlock, (64, 128, 256, 512), (2, 2, 2, 2), num_classes, in_chans, drop)
+def fer_resnet_l(num_classes: int = 7, in_chans: int = 1, drop: float = 0.4, input_scale: float = 1.0) -> StagedNet:
+    return StagedNet(BasicBlock, (64, 128, 256, 512), (2, 2, 2, 2), num_classes, in_chans, drop,
+                     input_scale=input_scale)
 
 
 @register_model("fer-mobile", source="ferlab", description="MobileNetV2-style student, 4 stages 16-32-64-128")
-def fer_mobile(num_classes: int = 7, in_chans: int = 1, drop: float = 0.2) -> StagedNet:
-    return StagedNet(InvertedResidual, (16, 32, 64, 128), (1, 2, 2, 2), num_classes, in_chans, drop, stem_width=16)
+def fer_mobile(num_classes: int = 7, in_chans: int = 1, drop: float = 0.2, input_scale: float = 1.0) -> StagedNet:
+    return StagedNet(InvertedResidual, (16, 32, 64, 128), (1, 2, 2, 2), num_classes, in_chans, drop, stem_width=16,
+                     input_scale=input_scale)
 
 
 @register_model("fer-mobile-fast", source="ferlab",
                 description="MobileNetV2-style student for speed: stride-2 stem, 4 stages 24-48-96-192")
-def fer_mobile_fast(num_classes: int = 7, in_chans: int = 1, drop: float = 0.2) -> StagedNet:
+def fer_mobile_fast(num_classes: int = 7, in_chans: int = 1, drop: float = 0.2, input_scale: float = 1.0) -> StagedNet:
     return StagedNet(InvertedResidual, (24, 48, 96, 192), (1, 2, 2, 2), num_classes, in_chans, drop, stem_width=16,
-                     stem_stride=2)
+                     stem_stride=2, input_scale=input_scale)
