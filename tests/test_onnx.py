@@ -25,8 +25,7 @@ def make_checkpoint(path: Path, name: str, normalize: str = "dataset", seed: int
     model's (std about 4 on faces; so that a 1e-4 tolerance means something)."""
     torch.manual_seed(seed)
     model = create_model(name, **model_args).eval()
-    meta = untrained_meta(name, model)
-    meta["model"]["args"] = dict(model_args)
+    meta = untrained_meta(name, model, model_args)
     meta["preprocess"]["normalize"] = Normalizer(normalize, 0.51, 0.25).state()
     with torch.no_grad():
         for m in model.modules():

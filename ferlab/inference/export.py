@@ -33,11 +33,13 @@ OUTPUT_NAMES = ("logits", "probabilities")
 DEFAULT_OPSET = 17
 
 
-def untrained_meta(model_name: str, model: nn.Module) -> dict[str, Any]:
-    """Metadata for a freshly created model (random weights, [0, 1] inputs): for speed tests and export tests."""
+def untrained_meta(model_name: str, model: nn.Module, model_args: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Metadata for a freshly created model (random weights, [0, 1] inputs), built with ``model_args``: for speed
+    tests and export tests."""
     from ferlab import CLASS_NAMES
 
-    return {"model": {"name": model_name, "args": {}, "num_classes": model.num_classes, "in_chans": 1},
+    return {"model": {"name": model_name, "args": dict(model_args or {}), "num_classes": model.num_classes,
+                      "in_chans": 1},
             "preprocess": {"normalize": Normalizer("unit").state(), "input_size": list(model.input_size)},
             "class_names": list(CLASS_NAMES)[: model.num_classes], "train": {"precision": "fp32"},
             "untrained": True}
