@@ -99,14 +99,15 @@ def test_new_fields_at_their_defaults_keep_old_study_hashes():
     # the fields added after cache version 1, with a non-default value each
     added = {"mixup": 0.5, "cutmix": 0.5, "ema_decay": 0.5, "teachers": ["runs/t"], "distill_weight": 0.7,
              "distill_temperature": 2.0, "size_start": 32, "size_ramp_epochs": 1, "distill_offline": "flip",
-             "labels": "ferplus", "label_mode": "crossentropy", "init_from": "runs/t"}
+             "labels": "ferplus", "label_mode": "crossentropy", "init_from": "runs/t", "sam_rho": 0.05,
+             "sam_adaptive": True}
     exp = Experiment("x", "q1", TrainConfig(model="r000-cnn1", precision="bf16"))  # the default before `auto`
     old = {k: v for k, v in exp.cfg.to_dict().items() if k not in NOT_HASHED + tuple(added)}
     blob = json.dumps({"v": CACHE_VERSION, "cfg": old, "data": "fp", "fold": {}}, sort_keys=True)
     assert run_hash(exp, "fp") == hashlib.sha256(blob.encode()).hexdigest()[:16]
     # a field only valid with another one set
     needs = {"size_start": {"size_ramp_epochs": 1}, "distill_offline": {"teachers": ["runs/t"]},
-             "label_mode": {"labels": "ferplus"}}
+             "label_mode": {"labels": "ferplus"}, "sam_adaptive": {"sam_rho": 0.5}}
     for field, value in added.items():
         changed = Experiment("x", "q1", TrainConfig(model="r000-cnn1", precision="bf16",
                                                     **{field: value, **needs.get(field, {})}))

@@ -33,7 +33,8 @@ NOT_HASHED = NOT_LEARNED  # TrainConfig fields that do not change what a run lea
 HASHED_WHEN_SET: dict[str, object] = {"mixup": 0.0, "cutmix": 0.0, "ema_decay": 0.0, "teachers": [],
                                       "distill_weight": 0.5, "distill_temperature": 4.0, "size_start": 0,
                                       "size_ramp_epochs": 0, "distill_offline": "", "labels": "fer2013",
-                                      "label_mode": "majority", "init_from": ""}
+                                      "label_mode": "majority", "init_from": "", "sam_rho": 0.0,
+                                      "sam_adaptive": False}
 STATUSES = ("trained", "resumed", "reused")
 
 

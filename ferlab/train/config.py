@@ -73,6 +73,10 @@ class TrainConfig:
     mixup: float = 0.0  # Beta(alpha, alpha) of mixup; 0 = off
     cutmix: float = 0.0  # Beta(alpha, alpha) of CutMix; 0 = off (both on: one of them per batch)
     ema_decay: float = 0.0  # exponential moving average of the weights per step, e.g. 0.999; 0 = off
+    # sharpness-aware minimisation: each step's gradient taken at the worst weights within this radius (e.g. 0.05;
+    # adaptive, ASAM: a radius relative to each weight's size, e.g. 0.5); 0 = off; costs a second pass per batch
+    sam_rho: float = 0.0
+    sam_adaptive: bool = False
     # knowledge distillation: teacher checkpoints (run dirs, files or shipped names; several = their ensemble)
     teachers: list[str] = field(default_factory=list)
     distill_weight: float = 0.5  # the loss is (1 - w) * cross-entropy + w * T^2 * KL(teacher || student)
@@ -108,6 +112,10 @@ class TrainConfig:
                 raise ValueError(f"{name} (a Beta alpha) must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.sam_rho < 0:
+            raise ValueError(f"sam_rho must be >= 0 (0: off), got {self.sam_rho}")
+        if self.sam_adaptive and not self.sam_rho:
+            raise ValueError("sam_adaptive needs sam_rho > 0 (e.g. 0.5)")
         if not 0 <= self.distill_weight <= 1:
             raise ValueError(f"distill_weight must be in [0, 1], got {self.distill_weight}")
         if self.distill_temperature <= 0:
@@ -205,6 +213,9 @@ FIELD_HELP: dict[str, str] = {
     "cutmix": "CutMix Beta alpha, e.g. 1.0 (0: off; with mixup: one of them per batch)",
     "ema_decay": "EMA of the weights per step, e.g. 0.999; validation and checkpoints then use the averaged "
                  "weights (0: off)",
+    "sam_rho": "sharpness-aware minimisation: the radius rho of the worst-case weight perturbation each step's "
+               "gradient is taken at, e.g. 0.05 (0: off; a second forward and backward pass per batch)",
+    "sam_adaptive": "with sam_rho: adaptive SAM (ASAM), the radius relative to each weight's size (rho e.g. 0.5)",
     "teachers": "distil from this checkpoint (run directory, .safetensors, shipped model or ensemble name); "
                 "repeatable: the teachers' mean prediction is the target",
     "distill_weight": "with teachers: weight w of the distillation loss, (1 - w) on the labels",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -28,6 +29,7 @@ SYNC_STEPS = 50  # on a GPU, batches between reads of the running loss (each rea
 
 if TYPE_CHECKING:
     from ferlab.train.distill import SoftTargets, Teacher
+    from ferlab.train.sam import SharpnessAware
 
 
 def epoch_batches(
@@ -63,6 +65,35 @@ def steps_per_epoch(n: int, batch_size: int, world_size: int = 1) -> int:
     return steps - 1 if steps > 1 and (m - (steps - 1) * batch_size) // world_size < 2 else steps
 
 
+def batch_loss(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    y_mix: torch.Tensor,
+    lam: float,
+    *,
+    precision: str,
+    label_smoothing: float,
+    teacher: Teacher | SoftTargets | None,
+    distill_weight: float,
+    x01: torch.Tensor,
+    idx: torch.Tensor,
+    perm: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the training loss of one batch, its logits (b, K)) at the model's current weights: cross-entropy against
+    ``y`` (b,) or (b, K), mixed with the partners' ``y_mix`` by ``lam``, plus a teacher's distillation term (see
+    :func:`train_one_epoch`)."""
+    with autocast(precision, x.device):
+        logits = model(x)  # (b, K)
+    loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+    if lam < 1.0:
+        loss = lam * loss + (1.0 - lam) * F.cross_entropy(logits.float(), y_mix, label_smoothing=label_smoothing)
+    if teacher is not None:
+        loss = (1.0 - distill_weight) * loss + distill_weight * teacher.loss(logits, x01=x01, idx=idx, perm=perm,
+                                                                             lam=lam)
+    return loss, logits
+
+
 def train_one_epoch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -79,6 +110,7 @@ def train_one_epoch(
     cutmix: float = 0.0,
     teacher: Teacher | SoftTargets | None = None,
     distill_weight: float = 0.5,
+    sam: SharpnessAware | None = None,
     precision: str = "bf16",
     channels_last: bool = True,
     on_step: Callable[[], None] | None = None,
@@ -100,7 +132,9 @@ def train_one_epoch(
     counts each label with its mixing weight. With a ``teacher`` the loss is ``(1 - distill_weight)`` times the
     cross-entropy plus ``distill_weight`` times the teacher's distillation loss on the same (augmented, mixed)
     batch, or, for precomputed :class:`~ferlab.train.distill.SoftTargets` (offline distillation), on the soft
-    targets of the batch's images mixed with the same weights; the reported loss is that sum. Returns this rank's
+    targets of the batch's images mixed with the same weights; the reported loss is that sum. With ``sam`` each
+    step takes its gradient at the worst nearby weights (sharpness-aware minimisation: a second forward and backward
+    pass per batch; the reported loss and accuracy are the first pass's). Returns this rank's
     mean loss, accuracy, number of images ``n`` and seconds.
     """
     model.train()
@@ -129,14 +163,9 @@ def train_one_epoch(
         x = layout(normalizer(x01), channels_last)  # (b, 1, H, W)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         y_mix = y_mix.to(device, non_blocking=True)
-        with autocast(precision, device):
-            logits = model(x)  # (b, K)
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
-        if lam < 1.0:
-            loss = lam * loss + (1.0 - lam) * F.cross_entropy(logits.float(), y_mix, label_smoothing=label_smoothing)
-        if teacher is not None:
-            loss = (1.0 - distill_weight) * loss + distill_weight * teacher.loss(logits, x01=x01, idx=idx, perm=perm,
-                                                                                 lam=lam)
+        forward = partial(batch_loss, model, x, y, y_mix, lam, precision=precision, label_smoothing=label_smoothing,
+                          teacher=teacher, distill_weight=distill_weight, x01=x01, idx=idx, perm=perm)
+        loss, logits = forward()
         finite &= torch.isfinite(loss.detach())
         if (step + 1) % check_every == 0 and not finite:
             what = (f"loss is {loss.item()} at batch {step}" if check_every == 1
@@ -144,6 +173,10 @@ def train_one_epoch(
             raise FloatingPointError(f"{what}; lower the learning rate")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if sam is not None:  # SAM: the gradient again, at the worst weights nearby; the step starts from these
+            with sam.perturbed(model):
+                optimizer.zero_grad(set_to_none=True)
+                forward()[0].backward()
         optimizer.step()
         if on_step is not None:
             on_step()

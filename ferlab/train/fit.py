@@ -42,6 +42,7 @@ from ferlab.train.callbacks import BestCheckpoint, EarlyStopping
 from ferlab.train.config import NOT_LEARNED, TrainConfig, resolve_config
 from ferlab.train.engine import evaluate, steps_per_epoch, train_one_epoch
 from ferlab.train.optim import build_optimizer, build_schedule
+from ferlab.train.sam import SharpnessAware
 from ferlab.train.seeds import epoch_generator  # noqa: F401 (part of this module's API)
 from ferlab.train.state import ResumeState
 from ferlab.transforms import Normalizer, expand_offline, progressive_side
@@ -508,6 +509,7 @@ def _epochs(run: Run, ddp: distributed.Session, governor: hardware.ThreadGoverno
             model, run.optimizer, run.x_train, run.y_train, batch_size=cfg.batch_size, aug=cfg.augment_config(),
             normalizer=run.normalizer, g=seeds.epoch_generator(cfg.seed, epoch), label_smoothing=cfg.label_smoothing,
             size=side, mixup=cfg.mixup, cutmix=cfg.cutmix, teacher=run.teacher, distill_weight=cfg.distill_weight,
+            sam=SharpnessAware(cfg.sam_rho, cfg.sam_adaptive) if cfg.sam_rho else None,
             precision=cfg.precision, channels_last=cfg.channels_last, on_step=on_step,
             sample_labels=cfg.label_mode == "probability", progress=progress, desc=f"epoch {epoch + 1}/{cfg.epochs}",
             rank=ddp.rank, world_size=ddp.world_size,
