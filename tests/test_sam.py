@@ -87,7 +87,7 @@ def test_batchnorm_normalises_but_does_not_count_the_batch_twice():
 
 
 def test_sam_trains_differently_and_resumes_to_the_same_weights(tmp_path):
-    plain = fit(tiny_config(epochs=1), tmp_path / "plain", progress=False, log=quiet)
+    plain = fit(tiny_config(epochs=2), tmp_path / "plain", progress=False, log=quiet)
     cfg = tiny_config(epochs=2, sam_rho=0.05)
     fit(cfg, tmp_path / "ref", progress=False, log=quiet)
     assert plain["finished"]

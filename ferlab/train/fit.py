@@ -490,6 +490,7 @@ def _epochs(run: Run, ddp: distributed.Session, governor: hardware.ThreadGoverno
         if governor is not None:
             governor.step()
 
+    sam = SharpnessAware(cfg.sam_rho, cfg.sam_adaptive) if cfg.sam_rho else None
     tr = None
     epoch_seconds: list[float] = []  # wall time of each epoch of this call, for the remaining-time estimate
     t_start = time.perf_counter()
@@ -509,7 +510,7 @@ def _epochs(run: Run, ddp: distributed.Session, governor: hardware.ThreadGoverno
             model, run.optimizer, run.x_train, run.y_train, batch_size=cfg.batch_size, aug=cfg.augment_config(),
             normalizer=run.normalizer, g=seeds.epoch_generator(cfg.seed, epoch), label_smoothing=cfg.label_smoothing,
             size=side, mixup=cfg.mixup, cutmix=cfg.cutmix, teacher=run.teacher, distill_weight=cfg.distill_weight,
-            sam=SharpnessAware(cfg.sam_rho, cfg.sam_adaptive) if cfg.sam_rho else None,
+            sam=sam,
             precision=cfg.precision, channels_last=cfg.channels_last, on_step=on_step,
             sample_labels=cfg.label_mode == "probability", progress=progress, desc=f"epoch {epoch + 1}/{cfg.epochs}",
             rank=ddp.rank, world_size=ddp.world_size,

@@ -37,10 +37,11 @@ class SharpnessAware:
     @torch.no_grad()
     def perturbation(self, params: list[nn.Parameter]) -> list[torch.Tensor]:
         """e for each of ``params`` (those with a gradient), from the gradients they hold now."""
-        grads = [p.grad * p.abs() if self.adaptive else p.grad for p in params]
+        scales = [p.abs() if self.adaptive else None for p in params]  # ASAM's |w|
+        grads = [p.grad if t is None else p.grad * t for p, t in zip(params, scales, strict=True)]
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
         scale = self.rho / (norm + EPS)
-        return [(g * p.abs() if self.adaptive else g) * scale for g, p in zip(grads, params, strict=True)]
+        return [g * scale if t is None else g * t * scale for g, t in zip(grads, scales, strict=True)]
 
     @contextmanager
     def perturbed(self, model: nn.Module) -> Iterator[None]:
