@@ -4,7 +4,8 @@
         --config configs/fer-resnet-s.toml --hardware "2-core x86 CPU (Intel Xeon ...)" [--dtype bf16] [--default]
 
 1. copies the run's best checkpoint (selected on PublicTest) to WEIGHTS_DIR/NAME.safetensors, fp32 or cast to
-   bf16/fp16 (half the size); the metadata keeps only the data file's name, not the local path;
+   bf16/fp16 (half the size), or int8 (a quarter: conv and linear weights as int8 with a scale per output
+   channel, the rest fp16); the metadata keeps only the data file's name, not the local path;
 2. evaluates *that shipped file* on PublicTest (val) and PrivateTest (test), with and without flip TTA,
    exactly as ``ferlab evaluate --pretrained NAME --data PATH --split SPLIT [--tta]`` does;
 3. writes the manifest entry (stated accuracies, size, sha256, card) into WEIGHTS_DIR/manifest.json;
@@ -25,7 +26,7 @@ from typing import Any
 
 from ferlab.hardware import cpu_name
 
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "int8": "int8+float16"}
 SIZE_LIMIT_MB = 20.0  # all shipped weights together
 SPLIT_LABELS = {"val": "PublicTest (val)", "test": "PrivateTest (test)"}
 
@@ -45,13 +46,16 @@ def write_shipped(run: str, name: str, weights_dir: Path, dtype: str) -> tuple[P
     import torch
     from safetensors.torch import load_file, save_file
 
-    from ferlab.checkpoint import atomic_write, read_meta, resolve
+    from ferlab.checkpoint import INT8_SCALE, atomic_write, quantize_int8, read_meta, resolve
 
     src = resolve(run)
     meta = read_meta(src)
     state = load_file(str(src))
-    target = getattr(torch, DTYPES[dtype])
-    state = {k: v.to(target) if v.is_floating_point() else v for k, v in state.items()}
+    if dtype == "int8":
+        state = quantize_int8(state)
+    target = torch.float16 if dtype == "int8" else getattr(torch, DTYPES[dtype])
+    state = {k: v if k.endswith(INT8_SCALE) or not v.is_floating_point() else v.to(target)
+             for k, v in state.items()}
     run_data = meta["data"].get("path")
     if run_data:
         meta["data"]["path"] = Path(run_data).name  # users pass --data; no local paths shipped
@@ -255,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hardware", default=f"{cpu_name()}, {os.cpu_count()} cores (the machine that shipped it)",
                     help="what the model was trained on, for the card")
     ap.add_argument("--description", help="one line for the manifest (default: the registry's description)")
-    ap.add_argument("--dtype", default="fp32", choices=tuple(DTYPES), help="stored precision (bf16/fp16: half size)")
+    ap.add_argument("--dtype", default="fp32", choices=tuple(DTYPES),
+                    help="stored precision (bf16/fp16: half size; int8: a quarter)")
     ap.add_argument("--default", action="store_true", help="make it the default model (ferlab predict/serve)")
     ap.add_argument("--role", action="append", default=[], help="a shelf role for it (repeatable), e.g. ferplus")
     ap.add_argument("--weights-dir", help="default: $FERLAB_WEIGHTS_DIR, else the package's ferlab/weights")

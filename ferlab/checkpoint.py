@@ -5,6 +5,9 @@ name and arguments, the preprocessing and its statistics, the class names, the d
 fingerprint, the split protocol and the training config. The resumable training
 state (optimiser, schedule, callbacks) lives in ``RUN_DIR/last.pt``, written
 atomically and read back with ``torch.load(weights_only=True)``: nothing is unpickled.
+
+Weights may be stored as int8 (:func:`quantize_int8`): each conv and linear weight as int8 with one float32 scale
+per output channel beside it, under ``NAME`` + :data:`INT8_SCALE`; :func:`load_checkpoint` restores float weights.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ FORMAT = "ferlab-checkpoint"
 FORMAT_VERSION = 1
 META_KEYS = ("model", "preprocess", "class_names")  # what rebuilding and feeding the model need
 BEST = "best.safetensors"
+INT8_SCALE = ".int8_scale"  # suffix of the per-output-channel scale stored beside an int8 weight
 LAST_STATE = "last.pt"
 
 
@@ -57,6 +61,49 @@ def save_checkpoint(path: str | Path, model: nn.Module, meta: dict[str, Any]) ->
     meta = {"format": FORMAT, "version": FORMAT_VERSION, **meta}
     tensors = state_for_saving(model)
     atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata={"ferlab": json.dumps(meta)}))
+
+
+def quantize_int8(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Store every floating tensor of two or more dimensions (conv and linear weights) as int8, symmetric, one
+    float32 scale per output channel (``max |w| / 127``, rounded to nearest); other tensors unchanged."""
+    out: dict[str, torch.Tensor] = {}
+    for name, v in state.items():
+        if not (v.is_floating_point() and v.dim() >= 2):
+            out[name] = v
+            continue
+        w = v.detach().float()  # (out, ...)
+        amax = w.abs().flatten(1).amax(1)  # (out,)
+        scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))  # an all-zero channel stays zero
+        shape = (-1,) + (1,) * (w.dim() - 1)
+        out[name] = torch.round(w / scale.view(shape)).clamp_(-127, 127).to(torch.int8).contiguous()
+        out[name + INT8_SCALE] = scale.contiguous()
+    return out
+
+
+def dequantize_int8(state: dict[str, torch.Tensor], where: str | Path) -> dict[str, torch.Tensor]:
+    """Float weights back from :func:`quantize_int8`'s int8 tensors and scales; a state without int8 tensors is
+    returned as it is. A missing, orphaned, mis-shaped or non-finite scale is a :class:`CheckpointError`."""
+    scales = {n[: -len(INT8_SCALE)]: v for n, v in state.items() if n.endswith(INT8_SCALE)}
+    out: dict[str, torch.Tensor] = {}
+    for name, v in state.items():
+        if name.endswith(INT8_SCALE):
+            base = name[: -len(INT8_SCALE)]
+            if base not in state or state[base].dtype != torch.int8:
+                raise CheckpointError(f"{where}: scale {name!r} has no int8 tensor {base!r}")
+            continue
+        if v.dtype != torch.int8:
+            out[name] = v
+            continue
+        scale = scales.get(name)
+        if scale is None:
+            raise CheckpointError(f"{where}: int8 tensor {name!r} has no scale {name + INT8_SCALE!r}")
+        if v.dim() < 2 or not scale.is_floating_point() or tuple(scale.shape) != (v.shape[0],):
+            raise CheckpointError(f"{where}: int8 tensor {name!r} of shape {tuple(v.shape)} needs a floating scale "
+                                  f"of shape ({v.shape[0]},), got {scale.dtype} {tuple(scale.shape)}")
+        if not torch.isfinite(scale).all():
+            raise CheckpointError(f"{where}: scale {name + INT8_SCALE!r} is not finite")
+        out[name] = v.float() * scale.float().view((-1,) + (1,) * (v.dim() - 1))
+    return out
 
 
 def resolve(path: str | Path) -> Path:
@@ -177,6 +224,7 @@ def load_checkpoint(path: str | Path) -> tuple[FerModel, dict[str, Any]]:
         state = load_file(str(p))
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{p}: cannot read weights ({e})") from None
+    state = dequantize_int8(state, p)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:  # missing, unexpected or mis-shaped tensors

@@ -131,3 +131,54 @@ def test_a_pickle_given_as_a_checkpoint_is_refused_as_a_pickle(tmp_path, kind):
     with pytest.raises(CheckpointError, match="pickles are refused") as err:
         load_checkpoint(p)
     assert "header too large" not in str(err.value) and "safetensors" in str(err.value)
+
+
+def _int8_file(tmp_path, model, meta, edit=None):
+    from ferlab.checkpoint import quantize_int8
+
+    state = quantize_int8(state_for_saving(model))
+    if edit:
+        edit(state)
+    path = tmp_path / "q.safetensors"
+    save_file(state, str(path), metadata={"ferlab": json.dumps({"format": "ferlab-checkpoint", "version": 1, **meta})})
+    return path, state
+
+
+def test_int8_weights_round_trip_within_half_a_step(tmp_path):
+    from ferlab.checkpoint import INT8_SCALE
+
+    torch.manual_seed(0)
+    model = create_model("fer-resnet-s").eval()
+    with torch.no_grad():
+        model.stem[0].weight[3].zero_()  # an all-zero output channel
+    path, state = _int8_file(tmp_path, model, meta_for("fer-resnet-s"))
+    loaded, _ = load_checkpoint(path)
+    ref, got = model.state_dict(), loaded.state_dict()
+    quantized = [k for k, v in state.items() if v.dtype == torch.int8]
+    assert quantized and all(ref[k].dim() >= 2 for k in quantized), "conv and linear weights are int8"
+    assert not any(k.endswith(INT8_SCALE) for k in got), "the scales are not model tensors"
+    for k, w in ref.items():
+        if k in quantized:
+            step = state[k + INT8_SCALE].view((-1,) + (1,) * (w.dim() - 1))  # (out, 1, ...)
+            assert (got[k] - w).abs().le(step / 2 + 1e-7).all(), k  # rounded to the nearest step
+            assert state[k].abs().amax() == 127, "each channel's largest weight uses the full range"
+        else:
+            assert torch.equal(got[k], w), k  # biases and BatchNorm untouched here (ship_model casts them)
+    assert torch.equal(got["stem.0.weight"][3], torch.zeros_like(got["stem.0.weight"][3])), "zero stays zero"
+    x = torch.rand(8, 1, 48, 48)
+    assert torch.allclose(model(x), loaded(x), atol=0.05), "int8 weights predict what the float ones do"
+
+
+@pytest.mark.parametrize("case, edit, expected", [
+    ("no scale", lambda s: s.pop("fc.weight.int8_scale"), "int8 tensor 'fc.weight' has no scale"),
+    ("orphan scale", lambda s: s.update({"fc.bias.int8_scale": torch.ones(7)}), "has no int8 tensor"),
+    ("short scale", lambda s: s.update({"fc.weight.int8_scale": torch.ones(3)}), r"floating scale of shape \(7,\)"),
+    ("int scale", lambda s: s.update({"fc.weight.int8_scale": torch.ones(7, dtype=torch.int8)}), "floating scale"),
+    ("nan scale", lambda s: s["fc.weight.int8_scale"].fill_(float("nan")), "is not finite"),
+])
+def test_broken_int8_files_name_the_tensor(tmp_path, case, edit, expected):
+    model = create_model("fer-resnet-s").eval()
+    path, _ = _int8_file(tmp_path, model, meta_for("fer-resnet-s"), edit)
+    with pytest.raises(CheckpointError, match=expected) as err:
+        load_checkpoint(path)
+    assert str(path) in str(err.value), case

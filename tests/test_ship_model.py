@@ -86,15 +86,50 @@ def test_ship_then_list_and_evaluate_by_name(trained_tiny_run, weights, tmp_path
     assert " default " in row and f"{entry['accuracy']['test']['tta']:.2%}" in row
 
 
-def test_bf16_file_is_half_the_size_and_its_numbers_are_its_own(trained_tiny_run, weights, tmp_path, capsys):
-    _ship(trained_tiny_run, "tiny-bf16", tmp_path / "docs", "--dtype", "bf16")
+@pytest.mark.parametrize("dtype, stored, fraction", [("bf16", "bfloat16", 0.6), ("int8", "int8+float16", 0.3)])
+def test_a_smaller_file_and_its_numbers_are_its_own(dtype, stored, fraction, trained_tiny_run, weights, tmp_path,
+                                                    capsys):
+    from ferlab.checkpoint import INT8_SCALE
+
+    _ship(trained_tiny_run, f"tiny-{dtype}", tmp_path / "docs", "--dtype", dtype)
     (entry,) = _cli_json(capsys, ["models", "--pretrained", "--json"])
-    assert entry["name"] == "tiny-bf16" and entry["dtype"] == "bfloat16"
-    assert entry["size_bytes"] < 0.6 * (trained_tiny_run / "best.safetensors").stat().st_size
-    state = load_file(weights / "tiny-bf16.safetensors")
-    assert {v.dtype for v in state.values() if v.is_floating_point()} == {torch.bfloat16}
-    report = _cli_json(capsys, ["evaluate", "--pretrained", "tiny-bf16", "--split", "test", "--json", "--tta"])
+    assert entry["name"] == f"tiny-{dtype}" and entry["dtype"] == stored
+    assert entry["size_bytes"] < fraction * (trained_tiny_run / "best.safetensors").stat().st_size
+    state = {k: v for k, v in load_file(weights / f"tiny-{dtype}.safetensors").items() if not k.endswith(INT8_SCALE)}
+    floats = {v.dtype for v in state.values() if v.is_floating_point()}
+    if dtype == "bf16":
+        assert floats == {torch.bfloat16}
+    else:  # conv and linear weights int8, biases and BatchNorm fp16
+        assert {v.dtype for v in state.values() if v.dim() >= 2} == {torch.int8} and floats == {torch.float16}
+    report = _cli_json(capsys, ["evaluate", "--pretrained", f"tiny-{dtype}", "--split", "test", "--json", "--tta"])
     assert report["accuracy"] == entry["accuracy"]["test"]["tta"]
+    run_report = evaluate_checkpoints([trained_tiny_run], split="test", tta=True, progress=False)
+    assert abs(report["accuracy"] - run_report["accuracy"]) < 0.05, "it scores about what the run does"
+
+
+def test_weight_storage_bench_reports_what_evaluate_measures(trained_tiny_run, weights, tmp_path, capsys,
+                                                              monkeypatch):
+    import importlib.util
+
+    _ship(trained_tiny_run, "tiny-fp16", tmp_path / "docs", "--dtype", "fp16")
+    (fp16,) = _cli_json(capsys, ["models", "--pretrained", "--json"])
+    # the int8 file the bench writes: the shipped fp16 file stored again as int8
+    int8, _, _ = _ship_module().write_shipped("tiny-fp16", "again", tmp_path, "int8")
+    monkeypatch.syspath_prepend(str(REPO / "bench"))  # as when run from bench/
+    spec = importlib.util.spec_from_file_location("weight_storage", REPO / "bench/weight_storage.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    capsys.readouterr()
+    assert bench.main(["--names", "tiny-fp16"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| `tiny-fp16`"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1:3] == [f"{fp16['size_bytes'] / 1e6:.2f}", f"{int8.stat().st_size / 1e6:.2f}"]
+    for split, (ours, theirs) in zip(("val", "test"), (cells[3:5], cells[5:7]), strict=True):
+        report = evaluate_checkpoints([int8], split=split, progress=False)
+        assert [ours, theirs] == [f"{fp16['accuracy'][split]['plain']:.2%}", f"{report['accuracy']:.2%}"], split
+    changed, n = cells[7].split(" of ")
+    assert int(n) == fp16["n"]["val"] + fp16["n"]["test"] and 0 <= int(changed) < int(n)
+    assert cells[8] == "(fp32 here)", "the tiny run computes in fp32: no bf16 column to compare"
 
 
 def test_unknown_pretrained_name_is_a_clear_error(weights, capsys):
