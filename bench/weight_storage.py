@@ -62,19 +62,21 @@ def main(argv: list[str] | None = None) -> int:
                 if src not in labelled:
                     labelled[src] = apply_labels(data, src, args.data)[0]
                 d = labelled[src]
+            runs = [(half, "auto"), (quarter, "auto")]
+            in_bf16 = half.run_precision("auto") != "fp32"  # then the fp16 file in fp32 too, for scale
+            runs += [(half, "fp32")] if in_bf16 else []
             acc, by_int8, by_bf16, n = {}, 0, 0, 0
             for split in SPLITS:
                 idx = split_rows(d, half.meta, split)
                 x = torch.from_numpy(d.images[idx]).unsqueeze(1)  # (N, 1, 48, 48) uint8
                 y = torch.from_numpy(d.labels[idx])
                 # class per face (N,): mean logits over the views, in the model's own precision unless named
-                p16, p8, p32 = (m.view_logits(x, tta=args.tta, precision=prec).mean(0).argmax(1)
-                                for m, prec in ((half, "auto"), (quarter, "auto"), (half, "fp32")))
+                p16, p8, *p32 = (m.view_logits(x, tta=args.tta, precision=prec).mean(0).argmax(1) for m, prec in runs)
                 acc[split] = ((p16 == y).double().mean().item(), (p8 == y).double().mean().item())
                 by_int8 += int((p16 != p8).sum())
-                by_bf16 += int((p16 != p32).sum()) if half.run_precision("auto") != "fp32" else 0
+                by_bf16 += int((p16 != p32[0]).sum()) if in_bf16 else 0
                 n += len(idx)
-            bf16 = f"{by_bf16} of {n}" if half.run_precision("auto") != "fp32" else "(fp32 here)"
+            bf16 = f"{by_bf16} of {n}" if in_bf16 else "(fp32 here)"
             print(f"| `{name}` | {fp16.stat().st_size / 1e6:.2f} | {int8.stat().st_size / 1e6:.2f} | "
                   f"{acc['val'][0]:.2%} | {acc['val'][1]:.2%} | {acc['test'][0]:.2%} | {acc['test'][1]:.2%} | "
                   f"{by_int8} of {n} | {bf16} |", flush=True)
