@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from ferlab.data.ferplus import apply_labels
     from ferlab.data.source import open_data
+    from ferlab.hardware import cpu_name
     from ferlab.inference.loader import load_model
     from ferlab.pretrained import list_pretrained
 
@@ -90,7 +91,9 @@ def main(argv: list[str] | None = None) -> int:
             "# FER2013 labels and FER+ labels\n\n"
             "Protocol: every model trained on FER2013 Training, checkpoints chosen on PublicTest (with the labels it "
             "was trained on); PrivateTest only reported. Plain predictions (no TTA), bf16 on a CPU that computes it "
-            "natively. FER+ is Microsoft's crowd relabelling of the same faces (10 votes each, MIT licence): the "
+            f"natively (this page: {cpu_name()}; two CPUs' bf16 kernels round differently, so a figure measured on "
+            "another, as in [the shelf](../shelf.md), may differ by a few images). FER+ is Microsoft's crowd "
+            "relabelling of the same faces (10 votes each, MIT licence): the "
             "majority vote is a cleaner label than FER2013's, so agreement with it is a better guide to how a model "
             "does on faces people label consistently.\n\n"
             f"```bash\n{cmd}\n```\n\n{table}\n\n{faces}.\n\n"

@@ -177,7 +177,8 @@ such changes do to each shipped model: 13 corruptions at 5 severities, built wit
 
 Build and score it for any model: `ferlab robustness --pretrained NAME --data fer2013.csv.gz --split val`
 (PublicTest, to choose on) or `--split test` (PrivateTest, to report); `--faces 0` takes every face of the split.
-This page: `python bench/robustness.py --data fer2013.csv.gz --write` on {cpu_name()}, no TTA, seed {seed}.
+This page: `python bench/robustness.py --data fer2013.csv.gz --write`, last on {cpu_name()} (rows kept by
+`--names` were measured earlier, possibly on another CPU), no TTA, seed {seed}.
 Protocol: every model was trained on Training and chosen on PublicTest; PrivateTest is only reported. Against
 FER2013's labels the FER+ model's Contempt output is dropped; against FER+ (faces whose majority is one of
 FER2013's 7 classes) every output counts, so its Contempt answers are misses.

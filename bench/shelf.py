@@ -126,8 +126,8 @@ is measured on the shipped file (ensembles: on their members' files) and is what
 `ferlab evaluate --pretrained NAME --data fer2013.csv.gz --split val|test [--tta flip|shift|affine]` prints.
 Protocol: trained on FER2013 Training; checkpoints, members, TTA modes and roles chosen on PublicTest;
 PrivateTest only reported. Precision: each checkpoint's `auto`, bf16 where the CPU computes it natively (as on
-the machine that measured, {cpu_name()}); on a CPU without bf16 instructions the figures are fp32's and may
-differ by a few images.
+the machine that last wrote this page, {cpu_name()}, and the earlier ones whose rows `--names` kept); on a CPU
+without bf16 instructions the figures are fp32's and may differ by a few images.
 
 Weights shipped together: {total:.1f} MB.
 

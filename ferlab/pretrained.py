@@ -49,6 +49,7 @@ REMOVED: dict[str, str] = {
     "fer-resnet-s-75ep-fer2013": "fer2013-resnet-s",
     "fer-resnet-s-90ep-cutmix-fer2013": "fer2013-resnet-s",
     "fer-resnet-s16-30min-fer2013": "fer2013-resnet-s16-110ep",
+    "ferplus-resnet-xs": "ferplus-resnet-xs-photometric",
 }
 KINDS = ("single", "ensemble")
 
