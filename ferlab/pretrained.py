@@ -49,7 +49,8 @@ REMOVED: dict[str, str] = {
     "fer-resnet-s-75ep-fer2013": "fer2013-resnet-s",
     "fer-resnet-s-90ep-cutmix-fer2013": "fer2013-resnet-s",
     "fer-resnet-s16-30min-fer2013": "fer2013-resnet-s16-110ep",
-    "ferplus-resnet-xs": "ferplus-resnet-xs-photometric",
+    "ferplus-resnet-xs": "ferplus-resnet-s16-photometric",
+    "ferplus-resnet-xs-photometric": "ferplus-resnet-s16-photometric",
 }
 KINDS = ("single", "ensemble")
 
