@@ -5,11 +5,16 @@ Steps (docs/gpu.md is the runbook, with the exact device calls):
 
     # here, once: FER2013's Training and PublicTest rows, packed losslessly in two parts (PrivateTest stays here)
     python bench/gpu_campaign.py pack --data ../shared/data/fer2013/fer2013.csv.gz
-    # on the GPU machine, call 1 (carries .gpu/part1): keep part 1, smoke-check CUDA, time the plan's nets
-    python3 bench/gpu_campaign.py stage .gpu/part1 && python3 bench/gpu_campaign.py smoke --plan PLAN --out $OUT
-    # call 2 (carries .gpu/part2): assemble and verify the data, then train the plan inside the budget
-    python3 bench/gpu_campaign.py stage .gpu/part2 && python3 bench/gpu_campaign.py run --plan PLAN --out $OUT
-    # here again: unpack the returned runs, then evaluate and select them on PublicTest as usual
+    # here, before the window: the shipped weights the plan does not load wait in .gpu/aside, so that both parts
+    # travel with each call (it says whether they fit; if not, each call carries one part)
+    python bench/gpu_campaign.py aside --plan PLAN
+    # on the GPU machine, call 1 (carries .gpu/part1 and .gpu/part2): assemble and verify the data, smoke-check
+    # CUDA, time the plan's nets
+    python3 bench/gpu_campaign.py stage .gpu/part1 .gpu/part2 && python3 bench/gpu_campaign.py smoke --plan PLAN ...
+    # call 2 (the same parts: on a fresh machine it stages again and calibrates first): train the plan
+    python3 bench/gpu_campaign.py stage .gpu/part1 .gpu/part2 && python3 bench/gpu_campaign.py run --plan PLAN ...
+    # here again: the weights back, then the returned runs, evaluated and selected on PublicTest as usual
+    python bench/gpu_campaign.py restore
     python bench/gpu_campaign.py unpack /work/.device/.../results.tar.gz.* --to runs/gpu
 
 ``--dry-run`` (smoke and run) rehearses the same code on the CPU: tiny data, two epochs (tests/test_gpu_campaign.py).
@@ -48,6 +53,8 @@ PACK_NAME = "fer2013-trainval.ferpack"
 VOTES_NAME = "fer2013new.csv"
 MANIFEST = "manifest.json"
 DEFAULT_STORE = Path("/tmp/ferlab-gpu")  # on the GPU machine: outlives one call while the machine stays warm
+GPU_DIR = REPO / ".gpu"  # git-ignored: the parts, and the shipped weights set aside during a window
+WEIGHTS = Path("ferlab") / "weights"  # the shipped weights, relative to the repository
 RESULTS = "results.tar.gz"
 FILE_LIMIT = 16 * 2**20 - 2**16  # what comes back: at most 8 files of 16 MiB (kept a little under), 64 MiB in all
 BACK_LIMIT = 64 * 2**20
@@ -66,13 +73,23 @@ def sha256_file(path: Path) -> str:
     return digest(path)
 
 
-def tracked_bytes() -> int | None:
-    """The bytes of the repository's tracked files (what every device call sends), or None outside git."""
+def tracked_bytes(repo: Path = REPO) -> int | None:
+    """The bytes that every device call sends besides what it carries: the tracked files and the untracked ones
+    git does not ignore; None outside git."""
     try:
-        out = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout
+        out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=repo,
+                             capture_output=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError):
         return None
-    return sum((REPO / p).stat().st_size for p in out.decode().split("\0") if p and (REPO / p).is_file())
+    files = {p for p in out.decode().split("\0") if p}
+    return sum((repo / p).stat().st_size for p in files if (repo / p).is_file())
+
+
+def git(repo: Path, *args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=True).stdout
+    except subprocess.CalledProcessError as e:
+        raise SystemExit(f"git {' '.join(args)} failed in {repo}: {e.stderr.strip()}") from None
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -124,6 +141,8 @@ def cmd_pack(args: argparse.Namespace) -> int:
         total = f"; with the tracked tree {(n + tree) / 2**20:.1f} MiB of {TREE_LIMIT / 2**20:.0f}" if tree else ""
         print(f"{folder}: {n / 2**20:.1f} MiB{total}" + ("  TOO LARGE: pack with more --parts"
                                                          if tree and n + tree > TREE_LIMIT else ""))
+    print("so that each call carries every part (a second call then works on a fresh machine too), set aside the "
+          "shipped weights the plan does not load: python bench/gpu_campaign.py aside --plan PLAN")
     return 0
 
 
@@ -139,11 +158,14 @@ def cmd_stage(args: argparse.Namespace) -> int:
             raise SystemExit(f"{folder}: its manifest is for another pack than the other folders'")
         manifest = m
         for part in m["parts"]:
-            src = folder / part["name"]
+            src, kept = folder / part["name"], store / part["name"]
             if src.is_file():
                 if src.stat().st_size != part["bytes"] or sha256_file(src) != part["sha256"]:
                     raise SystemExit(f"{src}: checksum mismatch (damaged in transfer?)")
-                shutil.copyfile(src, store / part["name"])
+                if kept.is_file() and kept.stat().st_size == part["bytes"] and sha256_file(kept) == part["sha256"]:
+                    print(f"{src}: already staged (this machine stayed warm)")
+                    continue
+                shutil.copyfile(src, kept)
                 print(f"staged {src} ({part['bytes'] / 2**20:.1f} MiB, checksum ok)")
         if m["votes"] and (folder / m["votes"]["name"]).is_file():
             if sha256_file(folder / m["votes"]["name"]) != m["votes"]["sha256"]:
@@ -163,6 +185,9 @@ def assemble(store: Path, manifest: dict[str, Any]) -> int:
     from ferlab.data.formats import load_data
 
     whole = store / manifest["pack"]
+    if whole.is_file() and sha256_file(whole) == manifest["sha256"]:  # read whole by an earlier call: rows cached
+        print(f"{whole}: already assembled and checked")
+        return 0
     with open(whole, "wb") as f:
         for part in manifest["parts"]:
             f.write((store / part["name"]).read_bytes())
@@ -177,6 +202,86 @@ def assemble(store: Path, manifest: dict[str, Any]) -> int:
     print(f"assembled {whole}: {len(data):,} rows, checksums ok, decoded in {time.perf_counter() - t0:.1f} s"
           + (f"; FER+ votes {manifest['votes']['name']}" if manifest.get("votes") else ""))
     return 0
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# aside and restore: here, the shipped weights a plan does not load kept out of the tree during a window
+
+
+def weights_needed(runs: list[PlannedRun], manifest: dict[str, Any]) -> set[str]:
+    """The shipped weights files the plan's runs load (teachers and warm starts named by shipped name), an
+    ensemble's as its members' files."""
+    from ferlab.pretrained import RENAMED
+
+    names: list[str] = []
+    for r in runs:
+        cfg = r.train_config()
+        names += [n for n in (*cfg.teachers, cfg.init_from) if n]
+    files: set[str] = set()
+    while names:
+        name = names.pop()
+        entry = manifest.get(name) or manifest.get(RENAMED.get(name, ""))
+        if entry is None:  # a run folder or a weights file, not a shipped name
+            continue
+        if entry.get("kind") == "ensemble":
+            names += entry["members"]
+        else:
+            files.add(entry["file"])
+    return files
+
+
+def cmd_aside(args: argparse.Namespace) -> int:
+    """Move the shipped weights that the plan does not load to ``.gpu/aside`` (out of the index and the tree, so
+    that they do not travel) and say whether the tree and every part then fit in one call."""
+    repo, aside, gpu = Path(args.repo), Path(args.aside), Path(args.gpu)
+    weights = repo / WEIGHTS
+    if git(repo, "status", "--porcelain", "--", str(WEIGHTS)).strip():
+        raise SystemExit(f"{weights} differs from the last commit (or weights are already aside): commit the change "
+                         "or run `restore` first")
+    manifest = json.loads((weights / "manifest.json").read_text())
+    keep = weights_needed(read_plan(args.plan), manifest)
+    aside.mkdir(parents=True, exist_ok=True)
+    moved = 0
+    for f in sorted(weights.glob("*.safetensors")):
+        if f.name in keep:
+            continue
+        git(repo, "rm", "--cached", "-q", "--", str(f.relative_to(repo)))
+        moved += f.stat().st_size
+        shutil.move(f, aside / f.name)
+    print(f"set aside {moved / 2**20:.1f} MiB of shipped weights in {aside}"
+          + (f" (kept, the plan loads them: {', '.join(sorted(keep))})" if keep else "")
+          + "; `python bench/gpu_campaign.py restore` puts them back")
+    tree = tracked_bytes(repo) or 0
+    parts = sorted(p for p in gpu.glob("part*") if p.is_dir())
+    if not parts:
+        print(f"the tree now sends {tree / 2**20:.1f} MiB; no parts in {gpu} yet (run `pack`)")
+        return 0
+    total = tree + sum(f.stat().st_size for p in parts for f in p.iterdir())
+    carry = ", ".join(f'"{p.relative_to(repo) if p.is_relative_to(repo) else p}"' for p in parts)
+    if total <= TREE_LIMIT - 2**20:
+        print(f"the tree and every part: {total / 2**20:.1f} MiB of {TREE_LIMIT / 2**20:.0f}: each call carries "
+              f"them all (carry: [{carry}]), so the second call works on a fresh machine too")
+    else:
+        print(f"the tree and every part: {total / 2**20:.1f} MiB, over {TREE_LIMIT / 2**20:.0f}: each call carries "
+              "one part, and the second call needs the first's machine still warm")
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    """Put the weights set aside back, and their index entries as the last commit has them."""
+    repo, aside = Path(args.repo), Path(args.aside)
+    weights = repo / WEIGHTS
+    back = sorted(aside.glob("*.safetensors")) if aside.is_dir() else []
+    for f in back:
+        dst = weights / f.name
+        if dst.exists():
+            raise SystemExit(f"{dst} exists already: compare it with {f} by hand")
+        shutil.move(f, dst)
+        git(repo, "reset", "-q", "--", str(dst.relative_to(repo)))
+    left = git(repo, "status", "--porcelain", "--", str(WEIGHTS)).strip()
+    print(f"restored {len(back)} weights file(s) to {weights}"
+          + (f"; still differs from the last commit:\n{left}" if left else "; it matches the last commit"))
+    return 1 if left else 0
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -539,8 +644,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     folds = fold_data([r for r in runs if r.fold is not None], data, store / "folds")  # before any launch
     calib_path = store / CALIBRATION
     calibration = json.loads(calib_path.read_text()) if calib_path.is_file() else {}
-    speeds = calibration.get("images_per_s", {})
     conc = min(args.concurrency or len(runs), len(runs), MAX_CONCURRENCY)
+    if not calibration.get("images_per_s") and args.calibrate:  # a fresh machine: `smoke` ran on another one
+        print(f"no calibration in {store}: timing the plan's nets first ({args.calibration_epochs} epochs)", flush=True)
+        t0 = time.perf_counter()
+        try:
+            calibration = {"device": device_name(args.dry_run), "concurrency": conc, "measured_by": "run",
+                           "images_per_s": calibrate(runs[:conc], store / "calibration", conc, args)}
+        except SystemExit as e:  # train anyway: the runs' own time limit still guards the budget
+            print(f"calibration failed, fitted schedules get their min_epochs: {e}")
+            calibration = {}
+        else:
+            calibration["seconds"] = round(time.perf_counter() - t0, 1)
+            calib_path.write_text(json.dumps(calibration, indent=1))
+    speeds = calibration.get("images_per_s", {})
     budget = args.budget - COLLECT_SECONDS  # the training's share of the command
     work = store / "runs" / time.strftime("%Y%m%d-%H%M%S")  # not under OUT: only the packed results come back
     campaign: dict[str, Any] = {"device": device_name(args.dry_run), "plan": str(args.plan), "budget_s": args.budget,
@@ -776,8 +893,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", required=True, help="fer2013.csv[.gz]")
     p.add_argument("--labels", default="ferplus", help="FER+ votes to send along: ferplus (found beside the data), "
                    "a fer2013new.csv path, or '' for none")
-    p.add_argument("--out", default=str(REPO / ".gpu"), help="output folder (git-ignored)")
-    p.add_argument("--parts", type=int, default=2, help="parts, one per device call")
+    p.add_argument("--out", default=str(GPU_DIR), help="output folder (git-ignored)")
+    p.add_argument("--parts", type=int, default=2, help="parts: each call carries all of them when they fit beside "
+                   "the tree (see `aside`), else one")
+    p = sub.add_parser("aside", help="here, before a window: set aside the shipped weights the plan does not load, "
+                       "so that every part travels with each call")
+    p.add_argument("--plan", required=True, help="plan file (configs/gpu/*.toml)")
+    p = sub.add_parser("restore", help="here, after a window: put the weights set aside back")
+    for q in (sub.choices["aside"], p):
+        q.add_argument("--repo", default=str(REPO), help=argparse.SUPPRESS)
+        q.add_argument("--aside", default=str(GPU_DIR / "aside"), help=argparse.SUPPRESS)
+    sub.choices["aside"].add_argument("--gpu", default=str(GPU_DIR), help="the folder of the parts (from `pack`)")
     p = sub.add_parser("stage", help="on the GPU machine: check and keep parts; assemble the pack when all are there")
     p.add_argument("parts", nargs="+", help="part folders (.gpu/partN)")
     p.add_argument("--store", default=str(DEFAULT_STORE))
@@ -789,18 +915,21 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--store", default=str(DEFAULT_STORE))
         p.add_argument("--concurrency", type=int, default=0, help="nets at once (0: every run of the plan)")
         p.add_argument("--dry-run", action="store_true", help="rehearse on the CPU: tiny data, two epochs")
-        if name == "smoke":
-            p.add_argument("--calibration-epochs", type=int, default=3)
-            p.add_argument("--calibration-seconds", type=float, default=60.0)
-        else:
+        p.add_argument("--calibration-epochs", type=int, default=3)
+        p.add_argument("--calibration-seconds", type=float, default=60.0)
+        if name == "run":
+            p.add_argument("--no-calibrate", dest="calibrate", action="store_false",
+                           help="without a calibration from `smoke`, fitted schedules get their min_epochs instead "
+                                "of timing the nets first")
             p.add_argument("--data", default=None, help="data (default: the staged pack)")
             p.add_argument("--budget", type=float, default=480.0, help="seconds for the whole command")
     p = sub.add_parser("unpack", help="here: the returned results.tar.gz.N pieces into run folders")
     p.add_argument("pieces", nargs="+")
     p.add_argument("--to", default="runs/gpu")
     args = ap.parse_args(argv)
-    return {"pack": cmd_pack, "stage": cmd_stage, "smoke": cmd_smoke, "run": cmd_run, "unpack": cmd_unpack}[args.cmd](
-        args)
+    commands = {"pack": cmd_pack, "stage": cmd_stage, "aside": cmd_aside, "restore": cmd_restore, "smoke": cmd_smoke,
+                "run": cmd_run, "unpack": cmd_unpack}
+    return commands[args.cmd](args)
 
 
 if __name__ == "__main__":

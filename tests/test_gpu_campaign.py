@@ -56,10 +56,11 @@ def test_rehearsal_end_to_end(data, tmp_path):
     assert "packed 380 rows (train 300, val 80)" in res.stdout  # PrivateTest stays here
     assert sorted(p.name for p in (gpu / "part2").iterdir()) == ["fer2013-trainval.ferpack.2", "fer2013new.csv",
                                                                  "manifest.json"]
-    res = run("stage", str(gpu / "part1"), "--store", str(store))  # call 1
-    assert res.returncode == 0 and "waiting for fer2013-trainval.ferpack.2" in res.stdout, res.stderr
-    res = run("stage", str(gpu / "part2"), "--store", str(store))  # call 2
+    res = run("stage", str(gpu / "part1"), str(gpu / "part2"), "--store", str(store))  # call 1 carries both parts
     assert res.returncode == 0 and "assembled" in res.stdout and "checksums ok" in res.stdout, res.stderr
+    res = run("stage", str(gpu / "part1"), str(gpu / "part2"), "--store", str(store))  # call 2, the machine warm
+    assert res.returncode == 0 and res.stdout.count("already staged") == 2, res.stdout + res.stderr
+    assert "already assembled" in res.stdout
 
     res = run("smoke", "--dry-run", "--plan", str(plan), "--out", str(tmp_path / "out1"), "--store", str(store))
     assert res.returncode == 0, res.stdout + res.stderr
@@ -90,6 +91,77 @@ def test_rehearsal_end_to_end(data, tmp_path):
         report = json.loads(ev.stdout)
         # the pack stood for the CSV: the run counts as trained on the same data
         assert report["labels"] == labels and report["members"][0]["same_data_as_training"]
+
+
+def test_parts_staged_over_two_calls(data, tmp_path):
+    gpu, store = tmp_path / ".gpu", tmp_path / "store"
+    assert run("pack", "--data", str(data[0]), "--out", str(gpu)).returncode == 0
+    res = run("stage", str(gpu / "part1"), "--store", str(store))  # a tree too large for both: one part a call
+    assert res.returncode == 0 and "waiting for fer2013-trainval.ferpack.2" in res.stdout, res.stderr
+    res = run("stage", str(gpu / "part2"), "--store", str(store))
+    assert res.returncode == 0 and "assembled" in res.stdout and "checksums ok" in res.stdout, res.stderr
+
+
+def test_run_on_a_fresh_machine_times_the_nets_first(data, tmp_path):
+    gpu, store, plan = tmp_path / ".gpu", tmp_path / "store", tmp_path / "plan.toml"
+    plan.write_text(PLAN.split("\n\n[[run]]")[0])  # the first run alone
+    assert run("pack", "--data", str(data[0]), "--out", str(gpu), "--parts", "1").returncode == 0
+    assert run("stage", str(gpu / "part1"), "--store", str(store)).returncode == 0
+    out = tmp_path / "out"
+    res = run("run", "--dry-run", "--plan", str(plan), "--out", str(out), "--store", str(store), "--budget", "300",
+              "--calibration-epochs", "2")
+    assert res.returncode == 0 and "no calibration in" in res.stdout, res.stdout + res.stderr
+    calibration = json.loads((out / "campaign.json").read_text())["calibration"]
+    assert calibration["measured_by"] == "run" and calibration["images_per_s"]["s16"] > 0
+    assert json.loads((store / "calibration.json").read_text()) == calibration  # a retry on this machine reuses it
+
+
+def git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=repo, check=True,
+                          capture_output=True, text=True).stdout
+
+
+def test_weights_a_plan_does_not_load_are_set_aside_and_restored(tmp_path):
+    repo, gpu = tmp_path / "repo", tmp_path / "repo" / ".gpu"
+    weights = repo / "ferlab" / "weights"
+    weights.mkdir(parents=True)
+    (repo / ".gitignore").write_text("/.gpu/\n")
+    manifest = {"a": {"file": "a.safetensors"}, "b": {"file": "b.safetensors"}, "c": {"file": "c.safetensors"},
+                "ens": {"kind": "ensemble", "members": ["a", "b"]}}
+    (weights / "manifest.json").write_text(json.dumps(manifest))
+    for name, size in (("a", 1000), ("b", 2000), ("c", 300_000)):
+        (weights / f"{name}.safetensors").write_bytes(bytes(size))
+    git(repo, "init", "-q")
+    git(repo, "add", ".")
+    git(repo, "commit", "-q", "-m", "weights")
+    (gpu / "part1").mkdir(parents=True)
+    (gpu / "part1" / "pack.1").write_bytes(bytes(5000))
+    plan = tmp_path / "plan.toml"  # a student distilled from the ensemble: its members travel, c does not
+    plan.write_text('[[run]]\nname = "kd"\nconfig = "configs/fer-resnet-s16-20ep.toml"\nset = { teachers = ["ens"] }\n')
+    where = ["--repo", str(repo), "--aside", str(gpu / "aside")]
+
+    res = run("aside", "--plan", str(plan), "--gpu", str(gpu), *where)
+    assert res.returncode == 0 and "each call carries them all" in res.stdout, res.stdout + res.stderr
+    assert "kept, the plan loads them: a.safetensors, b.safetensors" in res.stdout
+    assert sorted(p.name for p in weights.iterdir()) == ["a.safetensors", "b.safetensors", "manifest.json"]
+    assert "ferlab/weights/c.safetensors" not in git(repo, "ls-files")  # so it does not travel
+    assert _campaign().tracked_bytes(repo) == sum(len(p.read_bytes()) for p in (
+        repo / ".gitignore", weights / "manifest.json", weights / "a.safetensors", weights / "b.safetensors"))
+    res = run("aside", "--plan", str(plan), "--gpu", str(gpu), *where)
+    assert res.returncode != 0 and "run `restore` first" in res.stderr  # never twice
+
+    (gpu / "part2").mkdir()
+    with open(gpu / "part2" / "pack.2", "wb") as f:  # a part too large to travel beside the others
+        f.truncate(64 * 2**20)
+    assert run("restore", *where).returncode == 0
+    res = run("aside", "--plan", str(plan), "--gpu", str(gpu), *where)
+    assert res.returncode == 0 and "each call carries one part" in res.stdout, res.stdout + res.stderr
+
+    res = run("restore", *where)
+    assert res.returncode == 0 and "restored 1 weights file(s)" in res.stdout, res.stdout + res.stderr
+    assert "matches the last commit" in res.stdout
+    assert git(repo, "status", "--porcelain") == ""
+    assert (weights / "c.safetensors").stat().st_size == 300_000
 
 
 def test_a_damaged_part_is_refused(data, tmp_path):
