@@ -8,11 +8,11 @@ Steps (docs/gpu.md is the runbook, with the exact device calls):
     # here, before the window: the shipped weights the plan does not load wait in .gpu/aside, so that both parts
     # travel with each call (it says whether they fit; if not, each call carries one part)
     python bench/gpu_campaign.py aside --plan PLAN
-    # on the GPU machine, call 1 (carries .gpu/part1 and .gpu/part2): assemble and verify the data, smoke-check
-    # CUDA, time the plan's nets
-    python3 bench/gpu_campaign.py stage .gpu/part1 .gpu/part2 && python3 bench/gpu_campaign.py smoke --plan PLAN ...
-    # call 2 (the same parts: on a fresh machine it stages again and calibrates first): train the plan
-    python3 bench/gpu_campaign.py stage .gpu/part1 .gpu/part2 && python3 bench/gpu_campaign.py run --plan PLAN ...
+    # on the GPU machine, one call that carries both parts: assemble and verify the data, smoke-check CUDA, time
+    # the plan's nets together, train them inside the budget and pack the results
+    python3 bench/gpu_campaign.py stage .gpu/part1 .gpu/part2 && python3 bench/gpu_campaign.py run --smoke ...
+    # (a plan whose parts do not fit together: call 1 carries part 1 and runs `smoke`, call 2 carries part 2 and
+    # runs `run`, while the machine is still warm)
     # here again: the weights back, then the returned runs, evaluated and selected on PublicTest as usual
     python bench/gpu_campaign.py restore
     python bench/gpu_campaign.py unpack /work/.device/.../results.tar.gz.* --to runs/gpu
@@ -141,8 +141,8 @@ def cmd_pack(args: argparse.Namespace) -> int:
         total = f"; with the tracked tree {(n + tree) / 2**20:.1f} MiB of {TREE_LIMIT / 2**20:.0f}" if tree else ""
         print(f"{folder}: {n / 2**20:.1f} MiB{total}" + ("  TOO LARGE: pack with more --parts"
                                                          if tree and n + tree > TREE_LIMIT else ""))
-    print("so that each call carries every part (a second call then works on a fresh machine too), set aside the "
-          "shipped weights the plan does not load: python bench/gpu_campaign.py aside --plan PLAN")
+    print("so that one call carries every part (a window of one call), set aside the shipped weights the plan does "
+          "not load: python bench/gpu_campaign.py aside --plan PLAN")
     return 0
 
 
@@ -260,7 +260,7 @@ def cmd_aside(args: argparse.Namespace) -> int:
     carry = ", ".join(f'"{p.relative_to(repo) if p.is_relative_to(repo) else p}"' for p in parts)
     if total <= TREE_LIMIT - 2**20:
         print(f"the tree and every part: {total / 2**20:.1f} MiB of {TREE_LIMIT / 2**20:.0f}: each call carries "
-              f"them all (carry: [{carry}]), so the second call works on a fresh machine too")
+              f"them all (carry: [{carry}]): the window is one call of `stage` and `run --smoke`")
     else:
         print(f"the tree and every part: {total / 2**20:.1f} MiB, over {TREE_LIMIT / 2**20:.0f}: each call carries "
               "one part, and the second call needs the first's machine still warm")
@@ -642,6 +642,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     if data is not None:
         check_no_test_rows(data)
     folds = fold_data([r for r in runs if r.fold is not None], data, store / "folds")  # before any launch
+    smoke = None
+    if args.smoke:  # a window of one call: the CUDA checks first, and no training if one fails
+        print(f"smoke check on {device_name(args.dry_run)}", flush=True)
+        shutil.rmtree(store / "smoke" / "check", ignore_errors=True)
+        smoke = smoke_checks(store / "smoke" / "check", args.dry_run)
     calib_path = store / CALIBRATION
     calibration = json.loads(calib_path.read_text()) if calib_path.is_file() else {}
     conc = min(args.concurrency or len(runs), len(runs), MAX_CONCURRENCY)
@@ -662,7 +667,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     work = store / "runs" / time.strftime("%Y%m%d-%H%M%S")  # not under OUT: only the packed results come back
     campaign: dict[str, Any] = {"device": device_name(args.dry_run), "plan": str(args.plan), "budget_s": args.budget,
                                 "concurrency": conc, "data": Path(data).name if data else "synthetic",
-                                "calibration": calibration or None, "runs": {}}
+                                "calibration": calibration or None, "smoke": smoke, "runs": {}}
     print(f"{len(runs)} run(s) on {campaign['device']}, {conc} at a time, {budget:.0f} s of training"
           + ("" if speeds else "; no calibration: fitted schedules use their min_epochs"))
     pending, active = list(runs), []
@@ -918,6 +923,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--calibration-epochs", type=int, default=3)
         p.add_argument("--calibration-seconds", type=float, default=60.0)
         if name == "run":
+            p.add_argument("--smoke", action="store_true", help="run the smoke checks first (a window of one "
+                           "call); no training if one fails")
             p.add_argument("--no-calibrate", dest="calibrate", action="store_false",
                            help="without a calibration from `smoke`, fitted schedules get their min_epochs instead "
                                 "of timing the nets first")

@@ -102,18 +102,24 @@ def test_parts_staged_over_two_calls(data, tmp_path):
     assert res.returncode == 0 and "assembled" in res.stdout and "checksums ok" in res.stdout, res.stderr
 
 
-def test_run_on_a_fresh_machine_times_the_nets_first(data, tmp_path):
+def test_a_window_of_one_call_checks_and_times_the_nets_before_training(data, tmp_path):
     gpu, store, plan = tmp_path / ".gpu", tmp_path / "store", tmp_path / "plan.toml"
     plan.write_text(PLAN.split("\n\n[[run]]")[0])  # the first run alone
-    assert run("pack", "--data", str(data[0]), "--out", str(gpu), "--parts", "1").returncode == 0
-    assert run("stage", str(gpu / "part1"), "--store", str(store)).returncode == 0
+    assert run("pack", "--data", str(data[0]), "--out", str(gpu)).returncode == 0
+    assert run("stage", str(gpu / "part1"), str(gpu / "part2"), "--store", str(store)).returncode == 0
     out = tmp_path / "out"
-    res = run("run", "--dry-run", "--plan", str(plan), "--out", str(out), "--store", str(store), "--budget", "300",
-              "--calibration-epochs", "2")
+    res = run("run", "--smoke", "--dry-run", "--plan", str(plan), "--out", str(out), "--store", str(store),
+              "--budget", "300", "--calibration-epochs", "2")
     assert res.returncode == 0 and "no calibration in" in res.stdout, res.stdout + res.stderr
-    calibration = json.loads((out / "campaign.json").read_text())["calibration"]
+    assert res.stdout.index("ok: evaluation") < res.stdout.index("no calibration in") < res.stdout.index("s16: ")
+    campaign = json.loads((out / "campaign.json").read_text())
+    assert set(campaign["smoke"]) == {"augmentation", "train (stopped after epoch 1 by its time limit)",
+                                      "resume (epoch 2)", "evaluation"}
+    calibration = campaign["calibration"]
     assert calibration["measured_by"] == "run" and calibration["images_per_s"]["s16"] > 0
     assert json.loads((store / "calibration.json").read_text()) == calibration  # a retry on this machine reuses it
+    assert campaign["runs"]["s16"]["finished"] and sorted(p.name for p in out.iterdir()) == [
+        "campaign.json", "results.tar.gz.1"]
 
 
 def git(repo: Path, *args: str) -> str:
@@ -141,7 +147,7 @@ def test_weights_a_plan_does_not_load_are_set_aside_and_restored(tmp_path):
     where = ["--repo", str(repo), "--aside", str(gpu / "aside")]
 
     res = run("aside", "--plan", str(plan), "--gpu", str(gpu), *where)
-    assert res.returncode == 0 and "each call carries them all" in res.stdout, res.stdout + res.stderr
+    assert res.returncode == 0 and "the window is one call" in res.stdout, res.stdout + res.stderr
     assert "kept, the plan loads them: a.safetensors, b.safetensors" in res.stdout
     assert sorted(p.name for p in weights.iterdir()) == ["a.safetensors", "b.safetensors", "manifest.json"]
     assert "ferlab/weights/c.safetensors" not in git(repo, "ls-files")  # so it does not travel
