@@ -668,7 +668,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     campaign: dict[str, Any] = {"device": device_name(args.dry_run), "plan": str(args.plan), "budget_s": args.budget,
                                 "concurrency": conc, "data": Path(data).name if data else "synthetic",
                                 "calibration": calibration or None, "smoke": smoke, "runs": {}}
-    print(f"{len(runs)} run(s) on {campaign['device']}, {conc} at a time, {budget:.0f} s of training"
+    print(f"{len(runs)} run(s) on {campaign['device']}, {conc} at a time, "
+          f"{budget - (time.perf_counter() - t_start):.0f} s of training left"
           + ("" if speeds else "; no calibration: fitted schedules use their min_epochs"))
     pending, active = list(runs), []
     while pending or active:
