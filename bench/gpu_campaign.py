@@ -520,7 +520,6 @@ def cmd_smoke(args: argparse.Namespace) -> int:
     shutil.rmtree(work, ignore_errors=True)
     t0 = time.perf_counter()
     report: dict[str, Any] = {"device": device_name(args.dry_run), "checks": {}}
-    print(f"smoke check on {report['device']}")
     report["checks"] = smoke_checks(work / "check", args.dry_run)
     runs = read_plan(args.plan)
     conc = min(args.concurrency or len(runs), len(runs), MAX_CONCURRENCY)
@@ -560,7 +559,10 @@ def calibrate(runs: list[PlannedRun], work: Path, conc: int, args: argparse.Name
 
 
 def smoke_checks(work: Path, dry_run: bool) -> dict[str, Any]:
-    """Trainer, resume and evaluation on the device: raises SystemExit naming the step that failed."""
+    """Trainer, resume and evaluation on the device, in ``work`` (emptied first): raises SystemExit naming the step
+    that failed."""
+    print(f"smoke check on {device_name(dry_run)}", flush=True)
+    shutil.rmtree(work, ignore_errors=True)
     synthetic = {"n_train": 512, "n_val": 256, "n_test": 64, "seed": 1}
     from ferlab.train.config import TrainConfig
 
@@ -644,8 +646,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     folds = fold_data([r for r in runs if r.fold is not None], data, store / "folds")  # before any launch
     smoke = None
     if args.smoke:  # a window of one call: the CUDA checks first, and no training if one fails
-        print(f"smoke check on {device_name(args.dry_run)}", flush=True)
-        shutil.rmtree(store / "smoke" / "check", ignore_errors=True)
         smoke = smoke_checks(store / "smoke" / "check", args.dry_run)
     calib_path = store / CALIBRATION
     calibration = json.loads(calib_path.read_text()) if calib_path.is_file() else {}
