@@ -5,6 +5,8 @@ Steps (docs/gpu.md is the runbook, with the exact device calls):
 
     # here, once: FER2013's Training and PublicTest rows, packed losslessly in two parts (PrivateTest stays here)
     python bench/gpu_campaign.py pack --data ../shared/data/fer2013/fer2013.csv.gz
+    # here, for a plan that distils offline: the teachers' soft targets, which travel instead of their weights
+    python bench/gpu_campaign.py targets --plan PLAN --data ../shared/data/fer2013/fer2013.csv.gz
     # here, before the window: the shipped weights the plan does not load wait in .gpu/aside, so that both parts
     # travel with each call (it says whether they fit; if not, each call carries one part)
     python bench/gpu_campaign.py aside --plan PLAN
@@ -208,15 +210,17 @@ def assemble(store: Path, manifest: dict[str, Any]) -> int:
 # aside and restore: here, the shipped weights a plan does not load kept out of the tree during a window
 
 
-def weights_needed(runs: list[PlannedRun], manifest: dict[str, Any]) -> set[str]:
+def weights_needed(runs: list[PlannedRun], manifest: dict[str, Any], targets: Path | None = None) -> set[str]:
     """The shipped weights files the plan's runs load (teachers and warm starts named by shipped name), an
-    ensemble's as its members' files."""
+    ensemble's as its members' files; an offline-distillation run whose soft targets wait in ``targets`` (from
+    `targets`) loads no teacher."""
     from ferlab.pretrained import RENAMED
 
     names: list[str] = []
     for r in runs:
         cfg = r.train_config()
-        names += [n for n in (*cfg.teachers, cfg.init_from) if n]
+        teachers = [] if targets is not None and targets_file(r, targets) is not None else cfg.teachers
+        names += [n for n in (*teachers, cfg.init_from) if n]
     files: set[str] = set()
     while names:
         name = names.pop()
@@ -230,6 +234,32 @@ def weights_needed(runs: list[PlannedRun], manifest: dict[str, Any]) -> set[str]
     return files
 
 
+def targets_file(run: PlannedRun, targets: Path) -> Path | None:
+    """``targets``/NAME.safetensors when ``run`` distils offline and that file of its soft targets is there."""
+    cfg = run.train_config()
+    path = targets / f"{run.name}.safetensors"
+    return path if cfg.teachers and cfg.distill_offline and path.is_file() else None
+
+
+def cmd_targets(args: argparse.Namespace) -> int:
+    """Compute here the soft targets of the plan's offline-distillation runs (their teachers over the Training
+    images), one file a run in ``--out``: they travel in place of the teachers' weights."""
+    from ferlab.train.fit import write_soft_targets
+
+    out = Path(args.out)
+    runs = [r for r in read_plan(args.plan) if r.train_config().distill_offline]
+    if not runs:
+        print(f"{args.plan}: no run distils offline; no soft targets to compute")
+        return 0
+    for r in runs:
+        t0 = time.perf_counter()
+        path = write_soft_targets(r.train_config(data=args.data), out / f"{r.name}.safetensors",
+                                  progress=not args.no_progress, log=print)
+        print(f"{r.name}: soft targets of {', '.join(r.train_config().teachers)} in {path} "
+              f"({path.stat().st_size / 2**20:.1f} MiB, {time.perf_counter() - t0:.0f} s)", flush=True)
+    return 0
+
+
 def cmd_aside(args: argparse.Namespace) -> int:
     """Move the shipped weights that the plan does not load to ``.gpu/aside`` (out of the index and the tree, so
     that they do not travel) and say whether the tree and every part then fit in one call."""
@@ -239,7 +269,19 @@ def cmd_aside(args: argparse.Namespace) -> int:
         raise SystemExit(f"{weights} differs from the last commit (or weights are already aside): commit the change "
                          "or run `restore` first")
     manifest = json.loads((weights / "manifest.json").read_text())
-    keep = weights_needed(read_plan(args.plan), manifest)
+    runs = read_plan(args.plan)
+    targets = gpu / "targets"
+    keep = weights_needed(runs, manifest, targets)
+    for r in runs:
+        if (path := targets_file(r, targets)) is not None:
+            from ferlab.train.distill import stale_teachers
+
+            if stale := stale_teachers(path):
+                raise SystemExit(f"{path}: computed from other weights of {', '.join(stale)} than those here: "
+                                 f"compute them again (`targets --plan {args.plan}`)")
+        elif r.train_config().distill_offline:
+            print(f"{r.name}: its teachers travel; `python bench/gpu_campaign.py targets --plan {args.plan} --data "
+                  "fer2013.csv.gz` computes their soft targets here, so that they stay behind")
     aside.mkdir(parents=True, exist_ok=True)
     moved = 0
     for f in sorted(weights.glob("*.safetensors")):
@@ -256,6 +298,8 @@ def cmd_aside(args: argparse.Namespace) -> int:
     if not parts:
         print(f"the tree now sends {tree / 2**20:.1f} MiB; no parts in {gpu} yet (run `pack`)")
         return 0
+    if any(targets_file(r, targets) for r in runs):  # the soft targets go with the call that runs `run`
+        parts.append(targets)
     total = tree + sum(f.stat().st_size for p in parts for f in p.iterdir())
     carry = ", ".join(f'"{p.relative_to(repo) if p.is_relative_to(repo) else p}"' for p in parts)
     if total <= TREE_LIMIT - 2**20:
@@ -543,8 +587,11 @@ def calibrate(runs: list[PlannedRun], work: Path, conc: int, args: argparse.Name
     synthetic = {"n_train": rows, "n_val": 256, "n_test": 16, "seed": 0}
     launched = []
     for r in runs:
+        # offline distillation trains at plain training's speed, and the synthetic faces have no soft targets
+        offline = {"teachers": [], "distill_offline": "", "distill_targets": ""} \
+            if r.train_config().distill_offline else {}
         cfg = r.train_config(epochs=args.calibration_epochs, labels="fer2013", label_mode="majority",
-                             early_stopping=0, synthetic=synthetic)
+                             early_stopping=0, synthetic=synthetic, **offline)
         launched.append(launch(r.name, cfg, work / r.name, data=None, threads=threads_each(conc),
                                time_limit=args.calibration_seconds, dry_run=args.dry_run))
     wait(launched, time.perf_counter() + args.calibration_seconds + 60)
@@ -635,7 +682,7 @@ def tail(path: Path, lines: int = 30) -> str:
 def cmd_run(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
     require_gpu(args.dry_run)
-    runs = read_plan(args.plan)
+    runs = use_targets(read_plan(args.plan), Path(args.targets))
     out, store = Path(args.out), Path(args.store)
     out.mkdir(parents=True, exist_ok=True)
     data = args.data or (str(store / PACK_NAME) if (store / PACK_NAME).is_file() else None)
@@ -712,6 +759,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"campaign done in {time.perf_counter() - t_start:.0f} s; {len(files)} file(s) to bring back: "
           + ", ".join(f"{f.name} ({f.stat().st_size / 2**20:.1f} MiB)" for f in files))
     return 0 if all(r.get("returncode") == 0 for r in campaign["runs"].values() if r.get("started")) else 1
+
+
+def use_targets(runs: list[PlannedRun], targets: Path) -> list[PlannedRun]:
+    """``runs`` with ``distill_targets`` set where a run's soft targets came along (see `targets`): those runs
+    need neither their teachers' files nor their pass."""
+    for r in runs:
+        if (path := targets_file(r, targets)) is not None:
+            r.overrides["distill_targets"] = str(path.resolve())
+            print(f"{r.name}: soft targets from {path} in place of its teachers", flush=True)
+    return runs
 
 
 def run_speed(run: PlannedRun, runs: list[PlannedRun], speeds: dict[str, float]) -> float | None:
@@ -902,6 +959,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(GPU_DIR), help="output folder (git-ignored)")
     p.add_argument("--parts", type=int, default=2, help="parts: each call carries all of them when they fit beside "
                    "the tree (see `aside`), else one")
+    p = sub.add_parser("targets", help="here, before a window: the soft targets of the plan's offline-distillation "
+                       "runs, to travel in place of their teachers' weights")
+    p.add_argument("--plan", required=True, help="plan file (configs/gpu/*.toml)")
+    p.add_argument("--data", required=True, help="fer2013.csv[.gz], as packed")
+    p.add_argument("--out", default=str(GPU_DIR / "targets"), help="output folder (git-ignored)")
+    p.add_argument("--no-progress", action="store_true")
     p = sub.add_parser("aside", help="here, before a window: set aside the shipped weights the plan does not load, "
                        "so that every part travels with each call")
     p.add_argument("--plan", required=True, help="plan file (configs/gpu/*.toml)")
@@ -930,13 +993,15 @@ def main(argv: list[str] | None = None) -> int:
                            help="without a calibration from `smoke`, fitted schedules get their min_epochs instead "
                                 "of timing the nets first")
             p.add_argument("--data", default=None, help="data (default: the staged pack)")
+            p.add_argument("--targets", default=str(GPU_DIR / "targets"), help="soft targets from `targets`, "
+                           "used by the runs they were computed for")
             p.add_argument("--budget", type=float, default=480.0, help="seconds for the whole command")
     p = sub.add_parser("unpack", help="here: the returned results.tar.gz.N pieces into run folders")
     p.add_argument("pieces", nargs="+")
     p.add_argument("--to", default="runs/gpu")
     args = ap.parse_args(argv)
-    commands = {"pack": cmd_pack, "stage": cmd_stage, "aside": cmd_aside, "restore": cmd_restore, "smoke": cmd_smoke,
-                "run": cmd_run, "unpack": cmd_unpack}
+    commands = {"pack": cmd_pack, "targets": cmd_targets, "stage": cmd_stage, "aside": cmd_aside,
+                "restore": cmd_restore, "smoke": cmd_smoke, "run": cmd_run, "unpack": cmd_unpack}
     return commands[args.cmd](args)
 
 

@@ -7,14 +7,14 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import TINY_SYNTHETIC, tiny_config
 
 from ferlab.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ferlab.models import create_model
 from ferlab.train.config import TrainConfig
-from ferlab.train.distill import SoftTargets, Teacher, distillation_loss, offline_soft_targets
+from ferlab.train.distill import SoftTargets, Teacher, distillation_loss, offline_soft_targets, stale_teachers
 from ferlab.train.engine import train_one_epoch
-from ferlab.train.fit import SOFT_TARGETS, fit
+from ferlab.train.fit import SOFT_TARGETS, fit, read_history, write_soft_targets
 from ferlab.transforms import AUGMENT_PRESETS, Normalizer
 
 CLASSES = ["Angry", "Disgust", "Fear", "Happy", "Sad", "Surprise", "Neutral"]
@@ -196,7 +196,7 @@ def test_stale_or_corrupt_soft_target_caches(tmp_path, trained_tiny_run):
     other = offline_soft_targets(teacher, images, "flip", cache, data_fingerprint="fp")  # other views: recomputed
     assert not torch.allclose(first.probs, other.probs)
     cache.write_bytes(b"not a safetensors file")
-    with pytest.raises(CheckpointError, match="cannot read the cached soft targets"):
+    with pytest.raises(CheckpointError, match="cannot read the soft targets"):
         offline_soft_targets(teacher, images, "none", cache, data_fingerprint="fp")
 
 
@@ -220,8 +220,49 @@ def test_a_teacher_retrained_in_place_is_not_served_stale_targets(tmp_path, trai
     assert not list(tmp_path.glob(".soft.safetensors.*"))  # written atomically: no temporary file left
 
 
+def test_targets_written_here_train_a_student_elsewhere_without_the_teachers_files(tmp_path, trained_tiny_run):
+    """A file of soft targets stands in for the teachers (a GPU window carries it instead of their weights): the
+    student trains exactly as the run that computed the targets itself, and records where they came from."""
+    import shutil
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(trained_tiny_run, teacher)
+    cfg = tiny_config(model="fer-mobile", epochs=2, teachers=[str(teacher)], distill_offline="flip")
+    fit(cfg, tmp_path / "here", progress=False, log=lambda _: None)
+    targets = write_soft_targets(cfg, tmp_path / "targets.safetensors", progress=False, log=lambda _: None)
+    assert stale_teachers(targets) == []
+    shutil.rmtree(teacher)  # elsewhere: the teacher's files are not there
+    assert len(stale_teachers(targets)) == 1
+    logs: list[str] = []
+    fit(tiny_config(model="fer-mobile", epochs=2, teachers=[str(teacher)], distill_offline="flip",
+                    distill_targets=str(targets)), tmp_path / "elsewhere", progress=False, log=logs.append)
+    assert [r["val_acc"] for r in read_history(tmp_path / "here")] == \
+        [r["val_acc"] for r in read_history(tmp_path / "elsewhere")]
+    assert any(f"their soft targets read from {targets}" in m for m in logs)
+    here, there = (json.loads((tmp_path / d / "config.json").read_text()) for d in ("here", "elsewhere"))
+    assert there["teachers"] == here["teachers"] and there["teachers"][0]["model"] == "fer-resnet-s"
+    assert there["distill_targets"]["file"] == str(targets) and len(there["distill_targets"]["teacher_sha256"]) == 1
+
+
+@pytest.mark.parametrize("change, match", [({"distill_temperature": 2.0}, "temperature 4.0 .this run: 2.0"),
+                                           ({"distill_offline": "none"}, "tta 'flip' .this run: 'none'"),
+                                           ({"teachers": ["other"]}, "teachers"),
+                                           ({"synthetic": {**TINY_SYNTHETIC, "seed": 5}}, "data_fingerprint")])
+def test_soft_targets_for_another_run_are_refused(tmp_path, trained_tiny_run, change, match):
+    cfg = tiny_config(model="fer-mobile", epochs=1, teachers=[str(trained_tiny_run)], distill_offline="flip")
+    targets = write_soft_targets(cfg, tmp_path / "t.safetensors", progress=False, log=lambda _: None)
+    other = tiny_config(**{**cfg.to_dict(), **change, "distill_targets": str(targets)})
+    with pytest.raises(CheckpointError, match=f"t.safetensors: these soft targets were computed for other .*{match}"):
+        fit(other, tmp_path / "student", progress=False, log=lambda _: None)
+    with pytest.raises(CheckpointError, match="no such soft-targets file"):
+        fit(tiny_config(**{**cfg.to_dict(), "distill_targets": str(tmp_path / "missing")}), tmp_path / "s2",
+            progress=False, log=lambda _: None)
+
+
 @pytest.mark.parametrize("bad, match", [({"distill_offline": "mirror", "teachers": ["t"]}, "distill_offline"),
-                                        ({"distill_offline": "flip"}, "needs teachers")])
+                                        ({"distill_offline": "flip"}, "needs teachers"),
+                                        ({"teachers": ["t"], "distill_targets": "t.safetensors"},
+                                         "distill_targets .* needs distill_offline")])
 def test_bad_offline_distillation_settings_are_errors(bad, match):
     with pytest.raises(ValueError, match=match):
         TrainConfig(**bad)

@@ -170,6 +170,55 @@ def test_weights_a_plan_does_not_load_are_set_aside_and_restored(tmp_path):
     assert (weights / "c.safetensors").stat().st_size == 300_000
 
 
+KD_PLAN = """
+[[run]]  # the fast student distilled offline (flip views) from a teacher that stays here
+name = "kd"
+config = "configs/fer-mobile-fast-kd-ens.toml"
+set = { teachers = ["TEACHER"] }
+epochs = "fit"
+"""
+
+
+def test_soft_targets_travel_in_place_of_the_teachers(data, tmp_path, trained_tiny_run):
+    import shutil
+
+    csv, _ = data
+    gpu, store, plan, teacher = tmp_path / ".gpu", tmp_path / "store", tmp_path / "plan.toml", tmp_path / "teacher"
+    shutil.copytree(trained_tiny_run, teacher)
+    plan.write_text(KD_PLAN.replace("TEACHER", str(teacher)))
+    assert run("pack", "--data", str(csv), "--out", str(gpu)).returncode == 0
+    res = run("targets", "--plan", str(plan), "--data", str(csv), "--out", str(gpu / "targets"), "--no-progress")
+    assert res.returncode == 0 and f"kd: soft targets of {teacher} in" in res.stdout, res.stdout + res.stderr
+    assert run("stage", str(gpu / "part1"), str(gpu / "part2"), "--store", str(store)).returncode == 0
+    shutil.rmtree(teacher)  # the GPU machine: the pack and the targets, no teacher
+    out = tmp_path / "out"
+    res = run("run", "--dry-run", "--plan", str(plan), "--out", str(out), "--store", str(store), "--targets",
+              str(gpu / "targets"), "--budget", "300", "--calibration-epochs", "2")
+    assert res.returncode == 0 and "kd: soft targets from" in res.stdout, res.stdout + res.stderr
+    assert "no calibration in" in res.stdout  # timed without the teacher: offline targets cost nothing an epoch
+    assert json.loads((out / "campaign.json").read_text())["runs"]["kd"]["finished"]
+    assert run("unpack", *map(str, out.glob("results.tar.gz.*")), "--to", str(tmp_path / "runs")).returncode == 0
+    meta = json.loads((tmp_path / "runs" / "kd" / "config.json").read_text())
+    assert meta["teachers"][0]["spec"] == str(teacher) and meta["distill_targets"]["sha256"]
+
+
+def test_a_run_whose_soft_targets_travel_loads_no_teacher(tmp_path):
+    c = _campaign()
+    manifest = {"a": {"file": "a.safetensors"}, "b": {"file": "b.safetensors"},
+                "ens": {"kind": "ensemble", "members": ["a", "b"]}}
+    online = c.PlannedRun("online", "configs/fer-resnet-s16-20ep.toml", {"teachers": ["a"]})
+    offline = c.PlannedRun("kd", "configs/fer-mobile-fast-kd-ens.toml", {"teachers": ["ens"]})
+    targets = tmp_path / "targets"
+    assert c.weights_needed([online, offline], manifest, targets) == {"a.safetensors", "b.safetensors"}
+    targets.mkdir()
+    (targets / "kd.safetensors").write_bytes(b"targets")
+    assert c.weights_needed([online, offline], manifest, targets) == {"a.safetensors"}
+    assert c.weights_needed([offline], manifest, targets) == set()
+    assert c.use_targets([online, offline], targets)[1].overrides["distill_targets"] == str(
+        (targets / "kd.safetensors").resolve())
+    assert "distill_targets" not in online.overrides
+
+
 def test_a_damaged_part_is_refused(data, tmp_path):
     gpu = tmp_path / ".gpu"
     assert run("pack", "--data", str(data[0]), "--out", str(gpu), "--parts", "3").returncode == 0

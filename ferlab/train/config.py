@@ -84,6 +84,9 @@ class TrainConfig:
     # "" = online (the teacher sees every augmented batch); a TTA mode (none, flip, shift, affine) = offline: the
     # teacher's soft targets are computed once, on the un-augmented training images averaged over that mode's views
     distill_offline: str = ""
+    # offline only: a file of those soft targets computed elsewhere (see fit.write_soft_targets); the teachers'
+    # files are then not needed ("" = compute them here)
+    distill_targets: str = ""
     early_stopping: int = 0  # patience in epochs; 0 = off
     monitor: str = "val_acc"
     seed: int = 0
@@ -127,6 +130,9 @@ class TrainConfig:
                              f"{', '.join(TTA_MODES)}")
         if self.distill_offline and not self.teachers:
             raise ValueError(f"distill_offline = {self.distill_offline!r} needs teachers")
+        if self.distill_targets and not self.distill_offline:
+            raise ValueError("distill_targets (soft targets computed elsewhere) needs distill_offline, the views "
+                             "they were computed over")
         if self.size_start != 0 and self.size_start < PROGRESSIVE_MULTIPLE:
             raise ValueError(f"size_start must be 0 (off) or >= {PROGRESSIVE_MULTIPLE}, got {self.size_start}")
         if self.size_start and not 1 <= self.size_ramp_epochs <= self.epochs:
@@ -223,6 +229,9 @@ FIELD_HELP: dict[str, str] = {
     "distill_offline": "with teachers: compute the soft targets once, on the un-augmented training images averaged "
                        "over these TTA views (none | flip | shift | affine), instead of on every augmented batch: "
                        "far cheaper, blind to the augmentation ('': online)",
+    "distill_targets": "with distill_offline: read the soft targets from this file (written for the same teachers, "
+                       "views, temperature and training images) instead of computing them; the teachers' files "
+                       "need not be present",
     "early_stopping": "patience in epochs (0: off)",
     "monitor": "val_acc | val_loss: selects checkpoints, early stopping, the plateau schedule",
     "seed": "random seed (weights, shuffling, augmentation)",

@@ -43,6 +43,7 @@ class Teacher(nn.Module):
         members = [m.module.requires_grad_(False) for m in loaded]
         normalizers = [m.normalizer for m in loaded]
         metas = [m.meta for m in loaded]
+        self.requested = list(specs)  # as the config names them (a shipped ensemble: its name)
         self.loaded = loaded
         self.members = nn.ModuleList(members).eval()  # never put in training mode: the student's train() skips it
         self.normalizers = normalizers
@@ -67,6 +68,11 @@ class Teacher(nn.Module):
         :func:`ferlab.train.provenance.overlap_warnings`."""
         return [w for spec, meta in zip(self.specs, self.metas, strict=True)
                 for w in overlap_warnings(f"teacher {spec}", meta, fingerprints, split)]
+
+    def records(self) -> list[dict[str, Any]]:
+        """What a student's metadata records of each member: spec, net, training data and result."""
+        return [{"spec": spec, "model": m["model"]["name"], "data_fingerprint": m.get("data", {}).get("fingerprint"),
+                 "result": m.get("result")} for spec, m in zip(self.specs, self.metas, strict=True)]
 
     @torch.no_grad()
     def forward(self, x01: torch.Tensor) -> torch.Tensor:
@@ -125,42 +131,102 @@ class SoftTargets:
             targets = lam * targets + (1.0 - lam) * targets[perm]
         return distillation_loss(student_logits, targets.to(student_logits.device), self.temperature)
 
-    def save(self, path: Path, key: dict[str, Any]) -> None:
-        """Write the targets to ``path`` (safetensors) with ``key``, what they were computed from."""
+    def save(self, path: Path, key: dict[str, Any], about: dict[str, Any] | None = None) -> None:
+        """Write the targets to ``path`` (safetensors) with ``key``, what they were computed from, and ``about``
+        (the teachers as configured, their records and protocol warnings: what a run that reads the file in
+        place of the teachers records; see :func:`read_distill_targets`)."""
         probs = self.probs.contiguous()
-        atomic_write(Path(path), lambda tmp: save_file({"probs": probs}, tmp,
-                                                       metadata={"key": json.dumps(key, sort_keys=True)}))
+        metadata = {"key": json.dumps(key, sort_keys=True), "about": json.dumps(about or {}, sort_keys=True)}
+        atomic_write(Path(path), lambda tmp: save_file({"probs": probs}, tmp, metadata=metadata))
 
     @classmethod
     def load(cls, path: Path, key: dict[str, Any], temperature: float) -> SoftTargets | None:
         """The targets saved at ``path`` when they were computed from ``key``; None when absent or stale."""
         if not path.is_file():
             return None
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                saved = json.loads((f.metadata() or {}).get("key", "null"))
-                probs = f.get_tensor("probs")
-        except (SafetensorError, OSError, ValueError) as e:  # JSONDecodeError is a ValueError
-            raise CheckpointError(f"{path}: cannot read the cached soft targets ({e}); delete the file") from None
+        probs, saved, _ = _read_targets(path)
         return cls(probs, temperature) if saved == json.loads(json.dumps(key, sort_keys=True)) else None
 
 
+def _read_targets(path: Path) -> tuple[torch.Tensor, dict[str, Any], dict[str, Any]]:
+    """(probs (N, K), key, about) of a soft-targets file."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            probs = f.get_tensor("probs")
+        key, about = json.loads(metadata.get("key", "null")), json.loads(metadata.get("about", "{}"))
+    except (SafetensorError, OSError, ValueError) as e:  # JSONDecodeError is a ValueError
+        raise CheckpointError(f"{path}: cannot read the soft targets ({e}); delete the file") from None
+    if not isinstance(key, dict) or not isinstance(about, dict):
+        raise CheckpointError(f"{path}: the soft targets do not say what they were computed from; delete the file")
+    return probs, key, about
+
+
+def targets_key(teacher: Teacher, tta: str, data_fingerprint: str, images: torch.Tensor) -> dict[str, Any]:
+    """What soft targets are computed from: the teachers (their files' bytes: a teacher retrained in place is
+    another teacher), the views, the temperature and the training images (N, 1, H, W) uint8."""
+    return {"teachers": teacher.specs, "teacher_sha256": [sha256_file(resolve(spec)) for spec in teacher.specs],
+            "tta": tta, "temperature": teacher.temperature, **images_key(data_fingerprint, images)}
+
+
+def images_key(data_fingerprint: str, images: torch.Tensor) -> dict[str, Any]:
+    """The part of :func:`targets_key` that names the training images (N, 1, H, W) uint8."""
+    return {"data_fingerprint": data_fingerprint, "n": len(images), "images_sum": int(images.sum(dtype=torch.int64))}
+
+
 def offline_soft_targets(teacher: Teacher, images: torch.Tensor, tta: str, cache: Path | None, *,
-                         data_fingerprint: str, batch_size: int = 512, progress: bool = False) -> SoftTargets:
+                         data_fingerprint: str, batch_size: int = 512, progress: bool = False,
+                         warnings: Sequence[str] = ()) -> SoftTargets:
     """The teacher's :class:`SoftTargets` for the training images (N, 1, H, W) uint8, read from ``cache`` when
-    it holds them for these teachers (their checkpoints' bytes: a teacher retrained in place is another teacher),
-    views, temperature and images, else computed (and written there, atomically)."""
-    key = {"teachers": teacher.specs, "teacher_sha256": [sha256_file(resolve(spec)) for spec in teacher.specs],
-           "tta": tta, "temperature": teacher.temperature,
-           "data_fingerprint": data_fingerprint, "n": len(images),
-           "images_sum": int(images.sum(dtype=torch.int64))}
+    it holds them for the same :func:`targets_key`, else computed (and written there, atomically, with the
+    teachers' records and the protocol ``warnings`` of the run)."""
+    key = targets_key(teacher, tta, data_fingerprint, images)
     if cache is not None and (found := SoftTargets.load(cache, key, teacher.temperature)) is not None:
         return found
     targets = SoftTargets(teacher.soft_targets(images, tta, batch_size=batch_size, progress=progress),
                           teacher.temperature)
     if cache is not None:
-        targets.save(cache, key)
+        targets.save(cache, key, {"teachers": teacher.requested, "records": teacher.records(),
+                                  "warnings": list(warnings)})
     return targets
+
+
+def read_distill_targets(path: Path, *, teachers: Sequence[str], tta: str, temperature: float,
+                         data_fingerprint: str, images: torch.Tensor, num_classes: int
+                         ) -> tuple[SoftTargets, dict[str, Any]]:
+    """Soft targets computed elsewhere and brought as a file (a run's ``distill_targets``): the teachers' files
+    need not be here. Checked against all that can be checked without them: the teachers as configured, the
+    views, the temperature, the classes and the training images (N, 1, H, W) uint8. Returns the targets and the
+    file's record (its key and what it says of the teachers), for the run's metadata."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such soft-targets file (distill_targets)")
+    probs, key, about = _read_targets(path)
+    expected = {"teachers": list(teachers), "tta": tta, "temperature": temperature,
+                **images_key(data_fingerprint, images)}
+    found = {"teachers": about.get("teachers"), **{k: key.get(k) for k in expected if k != "teachers"}}
+    wrong = [f"{k} {found[k]!r} (this run: {v!r})" for k, v in expected.items() if found[k] != v]
+    if wrong:
+        raise CheckpointError(f"{path}: these soft targets were computed for other " + "; ".join(wrong))
+    if probs.ndim != 2 or probs.shape != (len(images), num_classes):
+        raise CheckpointError(f"{path}: soft targets of shape {tuple(probs.shape)}, this run needs "
+                              f"({len(images)}, {num_classes})")
+    return SoftTargets(probs, temperature), {"key": key, **about, "sha256": sha256_file(path)}
+
+
+def stale_teachers(path: Path) -> list[str]:
+    """The teachers of the soft-targets file ``path`` whose checkpoint here is missing or differs from the one the
+    targets were computed from (empty when all are as they were)."""
+    _, key, _ = _read_targets(Path(path))
+    stale = []
+    for spec, digest in zip(key.get("teachers", []), key.get("teacher_sha256", []), strict=False):
+        try:
+            same = sha256_file(resolve(spec)) == digest
+        except (CheckpointError, OSError):
+            same = False
+        if not same:
+            stale.append(spec)
+    return stale
 
 
 def distillation_loss(student_logits: torch.Tensor, soft_targets: torch.Tensor, temperature: float) -> torch.Tensor:

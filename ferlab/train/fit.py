@@ -19,7 +19,7 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -357,10 +357,22 @@ def _warm_start(cfg: TrainConfig, prep: Prepared, net: nn.Module, run_dir: Path,
 
 
 def _build_teacher(cfg: TrainConfig, prep: Prepared, ddp: distributed.Session, full_side: int,
-                   log: Callable[[str], None]) -> Any:
-    """The distillation teacher of ``cfg.teachers`` on the run's device (None without teachers)."""
+                   x_train: torch.Tensor, log: Callable[[str], None]) -> tuple[Any, Any]:
+    """The distillation teacher of ``cfg.teachers`` on the run's device, or with ``cfg.distill_targets`` its soft
+    targets read from that file, and the teachers' records for the run's metadata ((None, None) without
+    teachers)."""
     if not cfg.teachers:
-        return None
+        return None, None
+    if cfg.distill_targets:
+        from ferlab.train.distill import read_distill_targets
+
+        targets, record = read_distill_targets(
+            Path(cfg.distill_targets), teachers=cfg.teachers, tta=cfg.distill_offline,
+            temperature=cfg.distill_temperature, data_fingerprint=prep.data.fingerprint, images=x_train,
+            num_classes=len(prep.data.class_names))
+        for warning in record.get("warnings", []):  # found when the targets were computed, with the teachers
+            log(f"warning: {warning}")
+        return targets, record
     from ferlab.train.distill import Teacher
 
     teacher = Teacher(cfg.teachers, cfg.distill_temperature, precision=cfg.precision, channels_last=cfg.channels_last)
@@ -371,7 +383,30 @@ def _build_teacher(cfg: TrainConfig, prep: Prepared, ddp: distributed.Session, f
         for spec, member in zip(teacher.specs, teacher.members, strict=True):
             check_input_side(member, f"teacher {spec}", min(cfg.size_start, full_side))
     teacher = teacher.to(ddp.device)
-    return teacher.to(memory_format=torch.channels_last) if cfg.channels_last else teacher
+    return (teacher.to(memory_format=torch.channels_last) if cfg.channels_last else teacher), teacher.records()
+
+
+def write_soft_targets(cfg: TrainConfig, path: str | Path, *, progress: bool = True,
+                       log: Callable[[str], None] = print) -> Path:
+    """Compute the offline soft targets of ``cfg``'s teachers for its training images and write them to ``path``
+    (kept when it already holds them). A run of ``cfg`` with ``distill_targets = path`` then needs neither the
+    teachers' files nor their pass over the images: a file of N x K probabilities travels instead of the
+    teachers' weights."""
+    if not (cfg.teachers and cfg.distill_offline):
+        raise ValueError("soft targets to write need teachers and distill_offline (the views to average over)")
+    from ferlab.train.distill import offline_soft_targets
+
+    cfg, _ = resolve_config(replace(cfg, distill_targets=""), "cpu")
+    prep = prepare(cfg, progress)
+    single = distributed.Session()
+    _, x_train, _, _, _ = _training_data(cfg, prep, single)
+    teacher, _ = _build_teacher(cfg, prep, single, int(x_train.shape[-1]), x_train, log)
+    warnings = teacher.protocol_warnings(prep.fingerprints, split_protocol(prep.data, cfg, prep.splits))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    offline_soft_targets(teacher, x_train, cfg.distill_offline, path, data_fingerprint=prep.data.fingerprint,
+                         batch_size=cfg.eval_batch_size, progress=progress, warnings=warnings)
+    return path
 
 
 def _build(cfg: TrainConfig, run_dir: Path, ddp: distributed.Session, progress: bool, resume: bool,
@@ -389,17 +424,19 @@ def _build(cfg: TrainConfig, run_dir: Path, ddp: distributed.Session, progress: 
     # EMA of the weights (and BatchNorm statistics): when on, it is what is validated and checkpointed
     ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True) \
         if cfg.ema_decay else None
-    teacher = _build_teacher(cfg, prep, ddp, full_side, log)
+    teacher, teacher_records = _build_teacher(cfg, prep, ddp, full_side, x_train, log)
     schedule = build_schedule(optimizer, cfg, steps_per_epoch(len(x_train), cfg.batch_size, ddp.world_size))
     mode = "max" if cfg.monitor == "val_acc" else "min"
     meta = build_meta(cfg, net, normalizer, prep)
     if warm is not None:
         meta["init_from"] = warm
-    if teacher is not None:  # what the student learnt from, beyond the specs in meta["train"]["teachers"]
-        meta["teachers"] = [
-            {"spec": spec, "model": m["model"]["name"], "data_fingerprint": m.get("data", {}).get("fingerprint"),
-             "result": m.get("result")} for spec, m in zip(teacher.specs, teacher.metas, strict=True)
-        ]
+    if teacher_records is not None:  # what the student learnt from, beyond the specs in meta["train"]["teachers"]
+        if cfg.distill_targets:
+            meta["teachers"] = teacher_records.get("records", [])
+            meta["distill_targets"] = {"file": cfg.distill_targets, "sha256": teacher_records["sha256"],
+                                       "teacher_sha256": teacher_records["key"].get("teacher_sha256")}
+        else:
+            meta["teachers"] = teacher_records
     return Run(cfg, run_dir, prep, normalizer, x_train, y_train, x_val, y_val, net,
                ema.module if ema is not None else net, ema, optimizer, schedule,
                EarlyStopping(cfg.early_stopping, mode), BestCheckpoint(mode), teacher, meta, [])
@@ -435,7 +472,8 @@ def _begin(run: Run, log: Callable[[str], None]) -> None:
     if run.teacher is not None:
         log(f"distilling from {len(cfg.teachers)} teacher checkpoint(s) at temperature {cfg.distill_temperature}"
             f", weight {cfg.distill_weight}" + (f", offline ({cfg.distill_offline} views)" if cfg.distill_offline
-                                                else "") + f": {', '.join(cfg.teachers)}")
+                                                else "") + f": {', '.join(cfg.teachers)}"
+            + (f"; their soft targets read from {cfg.distill_targets}" if cfg.distill_targets else ""))
 
 
 def _fit(
@@ -461,7 +499,7 @@ def _fit(
         log(f"training on {ddp.world_size} x {ddp.device.type}"
             + (f" with DistributedDataParallel; global batch {cfg.batch_size}, "
                f"{cfg.batch_size // ddp.world_size} per process" if ddp.distributed else ""))
-    if run.teacher is not None and cfg.distill_offline:  # the targets replace the teacher for the whole run
+    if run.teacher is not None and cfg.distill_offline and not cfg.distill_targets:  # targets replace the teacher
         from ferlab.train.distill import offline_soft_targets
 
         t0 = time.perf_counter()
