@@ -71,7 +71,10 @@ class AugmentConfig:
     Photometric and camera changes, for faces from other cameras (each 0 = off): brightness: max shift of the
     level (fraction of white); contrast: max relative change of the contrast; gamma: max tone-curve exponent
     (x^g with log g uniform in [-log gamma, log gamma]); blur_p: probability of a Gaussian blur of random
-    strength (sigma up to 1.5 pixels); noise: max standard deviation of added Gaussian noise.
+    strength (sigma up to 1.5 pixels); noise: max standard deviation of added Gaussian noise; motion_blur_p:
+    probability of a line blur 2-9 pixels long at a random angle (movement); lowres_p: probability of the face
+    reduced to 12-40 pixels a side and enlarged back (a small face upscaled); jpeg_p: probability of JPEG
+    compression at a quality of 10-90 (the 8x8 block DCT quantised with the standard luminance table).
     """
 
     rotation: float = 0.0
@@ -87,6 +90,9 @@ class AugmentConfig:
     gamma: float = 0.0
     blur_p: float = 0.0
     noise: float = 0.0
+    motion_blur_p: float = 0.0
+    lowres_p: float = 0.0
+    jpeg_p: float = 0.0
 
     @property
     def has_affine(self) -> bool:
@@ -94,7 +100,8 @@ class AugmentConfig:
 
     @property
     def has_photometric(self) -> bool:
-        return any(v != 0 for v in (self.brightness, self.contrast, self.gamma, self.blur_p, self.noise))
+        return any(v != 0 for v in (self.brightness, self.contrast, self.gamma, self.blur_p, self.noise,
+                                    self.motion_blur_p, self.lowres_p, self.jpeg_p))
 
     @property
     def is_identity(self) -> bool:
@@ -296,8 +303,91 @@ def _blur_kernel(sigma: float, dtype: torch.dtype) -> torch.Tensor:
     return k / k.sum()
 
 
+MOTION_LENGTHS = (2.0, 9.0)  # training motion blur: line lengths (pixels), uniform
+LOWRES_SIDES = (12, 40)  # training low resolution: the reduced side (pixels), uniform over the integers
+JPEG_QUALITIES = (10, 90)  # training JPEG: qualities, uniform over the integers
+# the JPEG standard's luminance quantisation table (ITU-T T.81, Annex K, Table K.1), quality 50
+JPEG_LUMA = torch.tensor([
+    [16, 11, 10, 16, 24, 40, 51, 61], [12, 12, 14, 19, 26, 58, 60, 55], [14, 13, 16, 24, 40, 57, 69, 56],
+    [14, 17, 22, 29, 51, 87, 80, 62], [18, 22, 37, 56, 68, 109, 103, 77], [24, 35, 55, 64, 81, 104, 113, 92],
+    [49, 64, 78, 87, 103, 121, 120, 101], [72, 92, 95, 98, 112, 100, 103, 99]], dtype=torch.float32)
+
+
+def motion_kernels(lengths: torch.Tensor, angles: torch.Tensor, size: int) -> torch.Tensor:
+    """Line-blur kernels (B, size, size), each summing to 1: a segment ``lengths`` (B,) pixels long through the
+    centre at ``angles`` (B,) radians, anti-aliased over one pixel at its ends and across it."""
+    r = (size - 1) / 2
+    ys, xs = torch.meshgrid(torch.arange(size) - r, torch.arange(size) - r, indexing="ij")  # (K, K)
+    cos, sin = angles.cos().view(-1, 1, 1), angles.sin().view(-1, 1, 1)
+    along = xs * cos + ys * sin  # (B, K, K): position along the line
+    across = ys * cos - xs * sin  # (B, K, K): distance from it
+    half = ((lengths - 1) / 2).view(-1, 1, 1)
+    w = (1 - across.abs()).clamp(min=0) * (half + 1 - along.abs()).clamp(0, 1)
+    return w / w.sum((1, 2), keepdim=True)
+
+
+def motion_blur(x: torch.Tensor, lengths: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """Each image of x (B, C, H, W) blurred along a line of ``lengths`` (B,) pixels at ``angles`` (B,) radians."""
+    b, c, h, w = x.shape
+    size = 2 * math.ceil((float(lengths.max()) - 1) / 2 + 1) + 1  # odd, holds the longest segment
+    k = motion_kernels(lengths.float(), angles.float(), size).to(x.device, x.dtype)  # (B, K, K)
+    r = size // 2
+    xp = F.pad(x.reshape(1, b * c, h, w), (r, r, r, r), mode="replicate")
+    return F.conv2d(xp, k.repeat_interleave(c, 0).unsqueeze(1), groups=b * c).view(b, c, h, w)
+
+
+def low_resolution(x: torch.Tensor, sides: torch.Tensor) -> torch.Tensor:
+    """Each image of x (B, C, H, W) reduced to ``sides`` (B,) pixels a side (area) and enlarged back (bilinear)."""
+    out = x.clone()
+    for side in sides.unique().tolist():
+        m = (sides == side).to(x.device)
+        small = F.interpolate(x[m], size=(side, side), mode="area")
+        out[m] = F.interpolate(small, size=x.shape[-2:], mode="bilinear", align_corners=False)
+    return out
+
+
+def _dct_matrix(n: int = 8) -> torch.Tensor:
+    """The orthonormal DCT-II matrix (n, n): JPEG's 8x8 transform is D @ block @ D.T."""
+    k, i = torch.meshgrid(torch.arange(n, dtype=torch.float64), torch.arange(n, dtype=torch.float64), indexing="ij")
+    d = torch.cos(math.pi * (2 * i + 1) * k / (2 * n)) * math.sqrt(2 / n)
+    d[0] /= math.sqrt(2)
+    return d.float()
+
+
+def jpeg_tables(qualities: torch.Tensor) -> torch.Tensor:
+    """The luminance quantisation tables (B, 8, 8) of JPEG ``qualities`` (B,) 1-100, scaled as libjpeg does."""
+    q = qualities.float().clamp(1, 100).view(-1, 1, 1)
+    scale = torch.where(q < 50, 5000 / q, 200 - 2 * q)
+    return ((JPEG_LUMA * scale + 50) / 100).floor().clamp(1, 255)
+
+
+def jpeg(x: torch.Tensor, qualities: torch.Tensor) -> torch.Tensor:
+    """Each grey image of x (B, 1, H, W) in [0, 1] compressed as a JPEG of ``qualities`` (B,) and decoded: its 8x8
+    blocks' DCT coefficients quantised (H and W padded to multiples of 8, as an encoder does); same shape."""
+    b, c, h, w = x.shape
+    ph, pw = -h % 8, -w % 8
+    v = F.pad(x * 255 - 128, (0, pw, 0, ph), mode="replicate")  # (B, C, H', W'), level-shifted as JPEG does
+    hb, wb = v.shape[-2] // 8, v.shape[-1] // 8
+    blocks = v.reshape(b, c, hb, 8, wb, 8).transpose(3, 4).float()  # (B, C, hb, wb, 8, 8)
+    d = _dct_matrix().to(x.device)
+    table = jpeg_tables(qualities).to(x.device).view(b, 1, 1, 1, 8, 8)
+    coef = torch.round(d @ blocks @ d.T / table) * table
+    out = (d.T @ coef @ d).transpose(3, 4).reshape(b, c, hb * 8, wb * 8)[..., :h, :w]
+    return ((out + 128).round().clamp(0, 255) / 255).to(x.dtype)
+
+
+def _where(on: torch.Tensor, x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """x (B, C, H, W) with the images where ``on`` (B,) bool (on the CPU) replaced by ``fn`` of them (only they
+    are computed)."""
+    if not on.any():
+        return x
+    idx = on.nonzero().squeeze(1).to(x.device)
+    return x.index_copy(0, idx, fn(x[idx]))
+
+
 def photometric(x: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> torch.Tensor:
-    """Random brightness, contrast, gamma, blur and noise per image of x (B, C, H, W) in [0, 1]; same shape."""
+    """Random brightness, contrast, gamma, blur, motion blur, noise, low resolution and JPEG per image of x
+    (B, C, H, W) in [0, 1]; same shape."""
     b = x.shape[0]
     if cfg.gamma:
         log_g = _uniform(b, math.log(cfg.gamma), g).to(x.device, x.dtype).view(b, 1, 1, 1)
@@ -316,9 +406,22 @@ def photometric(x: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> torc
                            groups=c)  # (B, C, H, W)
         w = (torch.rand(b, generator=g) * (torch.rand(b, generator=g) < cfg.blur_p)).to(x.device, x.dtype)
         x = torch.lerp(x, blurred, w.view(b, 1, 1, 1))
+    if cfg.motion_blur_p:
+        on = torch.rand(b, generator=g) < cfg.motion_blur_p
+        lengths = MOTION_LENGTHS[0] + torch.rand(b, generator=g) * (MOTION_LENGTHS[1] - MOTION_LENGTHS[0])
+        angles = torch.rand(b, generator=g) * math.pi
+        x = _where(on, x, lambda some: motion_blur(some, lengths[on], angles[on]))
     if cfg.noise:
         sigma = (torch.rand(b, generator=g) * cfg.noise).to(x.device, x.dtype).view(b, 1, 1, 1)
         x = x + sigma * torch.randn(x.shape, generator=g, dtype=x.dtype).to(x.device)
+    if cfg.lowres_p:
+        on = torch.rand(b, generator=g) < cfg.lowres_p
+        sides = torch.randint(LOWRES_SIDES[0], LOWRES_SIDES[1] + 1, (b,), generator=g)
+        x = _where(on, x, lambda some: low_resolution(some.clamp(0.0, 1.0), sides[on]))
+    if cfg.jpeg_p:
+        on = torch.rand(b, generator=g) < cfg.jpeg_p
+        qualities = torch.randint(JPEG_QUALITIES[0], JPEG_QUALITIES[1] + 1, (b,), generator=g)
+        x = _where(on, x, lambda some: jpeg(some.clamp(0.0, 1.0), qualities[on]))
     return x.clamp(0.0, 1.0)
 
 

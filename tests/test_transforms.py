@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -280,3 +282,72 @@ def test_blur_and_noise_are_seeded_and_bounded():
     assert a.shape == x.shape and 0 <= a.min() and a.max() <= 1
     blur_only = augment(x, AugmentConfig(blur_p=1.0), torch.Generator().manual_seed(1))
     assert blur_only.std() < x.std()  # blurring smooths the noise-like test images
+
+
+def _smooth_faces(n: int = 16) -> np.ndarray:
+    """Face-like uint8 images (n, 48, 48): blurred noise stretched to the full range."""
+    import cv2
+
+    noise = (np.random.default_rng(0).random((n, 48, 48)) * 255).astype(np.uint8)
+    im = np.stack([cv2.GaussianBlur(a, (0, 0), 2) for a in noise]).astype(np.float64)
+    return ((im - im.min()) / (im.max() - im.min()) * 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("quality", [10, 30, 90])
+def test_training_jpeg_is_what_an_encoder_writes(quality):
+    """The DCT quantisation of :func:`jpeg` against OpenCV's libjpeg: far closer to it than to the original."""
+    import cv2
+
+    from ferlab.transforms import JPEG_LUMA, jpeg, jpeg_tables
+
+    faces = _smooth_faces()
+    ref = np.stack([cv2.imdecode(cv2.imencode(".jpg", f, [cv2.IMWRITE_JPEG_QUALITY, quality])[1],
+                                 cv2.IMREAD_GRAYSCALE) for f in faces]).astype(np.float64)
+    ours = jpeg(torch.from_numpy(faces).float().unsqueeze(1) / 255, torch.full((len(faces),), quality))
+    ours = (ours.squeeze(1).double() * 255).numpy()
+    assert np.abs(ours - ref).mean() < 0.3 < np.abs(ref - faces).mean() / 3
+    torch.testing.assert_close(jpeg_tables(torch.tensor([50, 100])), torch.stack([JPEG_LUMA, torch.ones(8, 8)]))
+
+
+def test_motion_blur_kernels_are_lines_that_keep_the_mean():
+    from ferlab.transforms import motion_blur, motion_kernels
+
+    k = motion_kernels(torch.tensor([1.0, 5.0, 9.0]), torch.tensor([0.0, 0.0, math.pi / 2]), 11)  # (3, 11, 11)
+    torch.testing.assert_close(k.sum((1, 2)), torch.ones(3))
+    assert k[0, 5, 5] == 1  # one pixel long: the identity
+    assert torch.equal(k[1].nonzero()[:, 0].unique(), torch.tensor([5]))  # horizontal: the centre row ...
+    assert (k[1, 5] > 0).sum() == 5  # ... 5 pixels of it
+    horizontal = motion_kernels(torch.tensor([9.0]), torch.tensor([0.0]), 11)[0]
+    torch.testing.assert_close(k[2], horizontal.T, atol=1e-6, rtol=0)  # a quarter turn: the transpose
+    flat = torch.full((2, 1, 48, 48), 0.4)
+    torch.testing.assert_close(motion_blur(flat, torch.tensor([5.0, 9.0]), torch.tensor([0.3, 1.2])), flat)
+    x = torch.zeros(1, 1, 48, 48)
+    x[..., 24, 24] = 1.0  # an impulse becomes the kernel
+    torch.testing.assert_close(motion_blur(x, torch.tensor([7.0]), torch.tensor([0.4]))[0, 0, 19:30, 19:30],
+                               motion_kernels(torch.tensor([7.0]), torch.tensor([0.4]), 11)[0])
+
+
+def test_low_resolution_is_a_small_face_upscaled():
+    import cv2
+
+    from ferlab.transforms import low_resolution
+
+    faces = _smooth_faces(4)
+    ref = np.stack([cv2.resize(cv2.resize(f, (24, 24), interpolation=cv2.INTER_AREA), (48, 48),
+                               interpolation=cv2.INTER_LINEAR) for f in faces])
+    ours = low_resolution(torch.from_numpy(faces).float().unsqueeze(1) / 255, torch.tensor([24, 24, 24, 24]))
+    assert np.abs(ours.squeeze(1).numpy() * 255 - ref).mean() < 1.0  # an integer ratio: as OpenCV does it
+    flat = torch.full((2, 1, 48, 48), 0.4)
+    torch.testing.assert_close(low_resolution(flat, torch.tensor([12, 31])), flat)
+
+
+def test_camera_changes_are_seeded_and_bounded():
+    from ferlab.transforms import AugmentConfig, augment
+
+    x = _photo_batch()
+    for field in ("motion_blur_p", "lowres_p", "jpeg_p"):
+        cfg = AugmentConfig(**{field: 1.0})
+        assert cfg.has_photometric and not cfg.is_identity
+        a = augment(x, cfg, torch.Generator().manual_seed(3))
+        assert torch.equal(a, augment(x, cfg, torch.Generator().manual_seed(3)))
+        assert a.shape == x.shape and 0 <= a.min() and a.max() <= 1 and not torch.allclose(a, x)

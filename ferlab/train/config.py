@@ -27,8 +27,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 # Options that do not change what a run learns: where the data file lives (its content is checked by its
-# fingerprint), the thread count, the evaluation batch size and the wall-clock limit of one call.
-NOT_LEARNED: tuple[str, ...] = ("data", "threads", "eval_batch_size", "time_limit")
+# fingerprint), the thread count, the evaluation batch size, the wall-clock limit of one call, and where offline
+# soft targets are read from (checked against the teachers, views, temperature and images they were computed for).
+NOT_LEARNED: tuple[str, ...] = ("data", "threads", "eval_batch_size", "time_limit", "distill_targets")
 
 
 @dataclass
