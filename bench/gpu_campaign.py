@@ -253,9 +253,9 @@ def cmd_targets(args: argparse.Namespace) -> int:
         return 0
     for r in runs:
         t0 = time.perf_counter()
-        path = write_soft_targets(r.train_config(data=args.data), out / f"{r.name}.safetensors",
-                                  progress=not args.no_progress, log=print)
-        print(f"{r.name}: soft targets of {', '.join(r.train_config().teachers)} in {path} "
+        cfg = r.train_config(data=args.data)
+        path = write_soft_targets(cfg, out / f"{r.name}.safetensors", progress=not args.no_progress, log=print)
+        print(f"{r.name}: soft targets of {', '.join(cfg.teachers)} in {path} "
               f"({path.stat().st_size / 2**20:.1f} MiB, {time.perf_counter() - t0:.0f} s)", flush=True)
     return 0
 

@@ -8,6 +8,7 @@ resumed run draws exactly what an uninterrupted one would.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
@@ -346,6 +347,7 @@ def low_resolution(x: torch.Tensor, sides: torch.Tensor) -> torch.Tensor:
     return out
 
 
+@functools.cache
 def _dct_matrix(n: int = 8) -> torch.Tensor:
     """The orthonormal DCT-II matrix (n, n): JPEG's 8x8 transform is D @ block @ D.T."""
     k, i = torch.meshgrid(torch.arange(n, dtype=torch.float64), torch.arange(n, dtype=torch.float64), indexing="ij")

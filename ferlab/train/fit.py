@@ -359,8 +359,8 @@ def _warm_start(cfg: TrainConfig, prep: Prepared, net: nn.Module, run_dir: Path,
 def _build_teacher(cfg: TrainConfig, prep: Prepared, ddp: distributed.Session, full_side: int,
                    x_train: torch.Tensor, log: Callable[[str], None]) -> tuple[Any, Any]:
     """The distillation teacher of ``cfg.teachers`` on the run's device, or with ``cfg.distill_targets`` its soft
-    targets read from that file, and the teachers' records for the run's metadata ((None, None) without
-    teachers)."""
+    targets read from that file, and what the run's metadata records of them ("records", the protocol
+    "warnings", and for a file its "key" and "sha256"); (None, None) without teachers."""
     if not cfg.teachers:
         return None, None
     if cfg.distill_targets:
@@ -377,13 +377,15 @@ def _build_teacher(cfg: TrainConfig, prep: Prepared, ddp: distributed.Session, f
 
     teacher = Teacher(cfg.teachers, cfg.distill_temperature, precision=cfg.precision, channels_last=cfg.channels_last)
     teacher.check_compatible(prep.data.class_names, prep.data.images.shape[1:])
-    for warning in teacher.protocol_warnings(prep.fingerprints, split_protocol(prep.data, cfg, prep.splits)):
+    warnings = teacher.protocol_warnings(prep.fingerprints, split_protocol(prep.data, cfg, prep.splits))
+    for warning in warnings:
         log(f"warning: {warning}")
     if cfg.size_start:  # the teacher sees the student's resized batches
         for spec, member in zip(teacher.specs, teacher.members, strict=True):
             check_input_side(member, f"teacher {spec}", min(cfg.size_start, full_side))
     teacher = teacher.to(ddp.device)
-    return (teacher.to(memory_format=torch.channels_last) if cfg.channels_last else teacher), teacher.records()
+    return ((teacher.to(memory_format=torch.channels_last) if cfg.channels_last else teacher),
+            {"records": teacher.records(), "warnings": warnings})
 
 
 def write_soft_targets(cfg: TrainConfig, path: str | Path, *, progress: bool = True,
@@ -400,12 +402,11 @@ def write_soft_targets(cfg: TrainConfig, path: str | Path, *, progress: bool = T
     prep = prepare(cfg, progress)
     single = distributed.Session()
     _, x_train, _, _, _ = _training_data(cfg, prep, single)
-    teacher, _ = _build_teacher(cfg, prep, single, int(x_train.shape[-1]), x_train, log)
-    warnings = teacher.protocol_warnings(prep.fingerprints, split_protocol(prep.data, cfg, prep.splits))
+    teacher, about = _build_teacher(cfg, prep, single, int(x_train.shape[-1]), x_train, log)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     offline_soft_targets(teacher, x_train, cfg.distill_offline, path, data_fingerprint=prep.data.fingerprint,
-                         batch_size=cfg.eval_batch_size, progress=progress, warnings=warnings)
+                         batch_size=cfg.eval_batch_size, progress=progress, warnings=about["warnings"])
     return path
 
 
@@ -424,19 +425,17 @@ def _build(cfg: TrainConfig, run_dir: Path, ddp: distributed.Session, progress: 
     # EMA of the weights (and BatchNorm statistics): when on, it is what is validated and checkpointed
     ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True) \
         if cfg.ema_decay else None
-    teacher, teacher_records = _build_teacher(cfg, prep, ddp, full_side, x_train, log)
+    teacher, about = _build_teacher(cfg, prep, ddp, full_side, x_train, log)
     schedule = build_schedule(optimizer, cfg, steps_per_epoch(len(x_train), cfg.batch_size, ddp.world_size))
     mode = "max" if cfg.monitor == "val_acc" else "min"
     meta = build_meta(cfg, net, normalizer, prep)
     if warm is not None:
         meta["init_from"] = warm
-    if teacher_records is not None:  # what the student learnt from, beyond the specs in meta["train"]["teachers"]
+    if about is not None:  # what the student learnt from, beyond the specs in meta["train"]["teachers"]
+        meta["teachers"] = about.get("records", [])
         if cfg.distill_targets:
-            meta["teachers"] = teacher_records.get("records", [])
-            meta["distill_targets"] = {"file": cfg.distill_targets, "sha256": teacher_records["sha256"],
-                                       "teacher_sha256": teacher_records["key"].get("teacher_sha256")}
-        else:
-            meta["teachers"] = teacher_records
+            meta["distill_targets"] = {"file": cfg.distill_targets, "sha256": about["sha256"],
+                                       "teacher_sha256": about["key"].get("teacher_sha256")}
     return Run(cfg, run_dir, prep, normalizer, x_train, y_train, x_val, y_val, net,
                ema.module if ema is not None else net, ema, optimizer, schedule,
                EarlyStopping(cfg.early_stopping, mode), BestCheckpoint(mode), teacher, meta, [])
