@@ -139,7 +139,8 @@ Roles: `default` is what `ferlab predict`, `ferlab serve` and `Recognizer()` use
 a written rule that weighs FER+ agreement and the corruption benchmark on PublicTest
 ([results/robustness.md](results/robustness.md#the-default-model)); `best-single` is the FER2013 net with the
 highest PublicTest accuracy without TTA; `most-accurate` is the FER2013 ensemble; `fast` the smallest net;
-`ferplus` is the FER+ net best on FER+ PublicTest without TTA and `ferplus-most-accurate` the FER+ ensemble;
+`ferplus` is the FER+ net best on FER+ PublicTest without TTA and `ferplus-most-accurate` the FER+ entry
+most accurate there (an ensemble where selection on FER+ PublicTest picks more than one net);
 `ensemble-member` marks the nets an ensemble averages. Test-time
 augmentation: `flip` is 2 views per face, `shift` 10, `affine` 18, each one forward pass of every member.
 Labels: the accuracies of a `fer2013` model are against FER2013's labels; those of a `ferplus` model (8 classes)

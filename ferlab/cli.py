@@ -124,9 +124,9 @@ def _print_pretrained(as_json: bool) -> int:
               f"{_fmt(score):>7} {_fmt(ece):>6}")
     print("\nRoles: default = what predict and serve use when no --model is given, chosen by the rule below; "
           "most-accurate = the FER2013 ensemble; fast = the smallest, for slow machines; ferplus = the best single "
-          "net trained on FER+ labels (8 classes) and ferplus-most-accurate the FER+ ensemble, their accuracies "
-          "against FER+ majority votes. Accuracies measured on the shipped files with `ferlab evaluate --pretrained "
-          "NAME --data fer2013.csv --split val|test "
+          "net trained on FER+ labels (8 classes) and ferplus-most-accurate the most accurate FER+ entry, their "
+          "accuracies against FER+ majority votes. Accuracies measured on the shipped files with `ferlab "
+          "evaluate --pretrained NAME --data fer2013.csv --split val|test "
           "[--tta flip|affine]` (bench/shelf.py): trained on Training, chosen on PublicTest, PrivateTest only "
           "reported. MFLOPs per face without TTA; --tta flip doubles it, affine multiplies it by 18. "
           "FER+ val: agreement with the FER+ majority on PublicTest (7 classes); mCA val: mean accuracy against it "

@@ -51,6 +51,8 @@ REMOVED: dict[str, str] = {
     "fer-resnet-s16-30min-fer2013": "fer2013-resnet-s16-110ep",
     "ferplus-resnet-xs": "ferplus-resnet-s16-photometric",
     "ferplus-resnet-xs-photometric": "ferplus-resnet-s16-photometric",
+    "ferplus-resnet-s16": "ferplus-resnet-s16w",
+    "ferplus-ensemble": "ferplus-resnet-s16w",
 }
 KINDS = ("single", "ensemble")
 
