@@ -122,6 +122,15 @@ def fer_resnet_s16w(num_classes: int = 7, in_chans: int = 1, drop: float = 0.3, 
                      input_scale=input_scale)
 
 
+@register_model("fer-resnet-s16wd", source="ferlab",
+                description="fer-resnet-s16w with fer-resnet-m's depths: blocks 1-2-2-1 (16-64-192-384)")
+def fer_resnet_s16wd(num_classes: int = 7, in_chans: int = 1, drop: float = 0.3, input_scale: float = 1.0) -> StagedNet:
+    # A second block in the 24 x 24 and 12 x 12 stages, where fer-resnet-m is deeper: 1.3x fer-resnet-s16w's
+    # parameters for 1.8x its FLOPs (fer-resnet-m: 1.4x and 2.9x), the 48 x 48 stage kept at 16 channels.
+    return StagedNet(BasicBlock, (16, 64, 192, 384), (1, 2, 2, 1), num_classes, in_chans, drop, stem_width=16,
+                     input_scale=input_scale)
+
+
 @register_model("fer-resnet-xs", source="ferlab",
                 description="fer-resnet-s16 at 3/4 width after the first stage (16-48-96-192)")
 def fer_resnet_xs(num_classes: int = 7, in_chans: int = 1, drop: float = 0.3, input_scale: float = 1.0) -> StagedNet:
