@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def scores(name: str, split: str, mode: str) -> np.ndarray:
         members = entries[name].get("members")
-        return ensemble_scores([logits[m, split, mode] for m in members]) if members else logits[name, split, mode]
+        return ensemble_scores([logits[m, split, mode] for m in members], entries[name].get("weights")) if members \
+            else logits[name, split, mode]
 
     results: dict[str, dict] = {}
     print(f"{'name':<26} {'mode':<7} {'T':>6} " + " ".join(
@@ -111,7 +112,7 @@ def test_curves(data, data_path: str) -> dict[str, tuple]:
     curves = {}
     for name, e in entries.items():
         members = e.get("members") or [name]
-        z = ensemble_scores([logits[m, "test", "none"] for m in members]) if e.get("members") else \
+        z = ensemble_scores([logits[m, "test", "none"] for m in members], e.get("weights")) if e.get("members") else \
             logits[name, "test", "none"]
         t = temperature_for(e["calibration"], "none")
         y = labels[source_of[members[0]], "test"]

@@ -30,13 +30,14 @@ def cache_key(spec: str, data, tta: str) -> str:
     from ferlab.checkpoint import resolve
 
     h = hashlib.sha256(resolve(spec).read_bytes())
-    h.update(f"|{data.fingerprint}|{tta}".encode())
+    h.update(f"|{data.fingerprint}|{tta}|uncalibrated".encode())
     return h.hexdigest()[:24]
 
 
 def predict(spec: str, data, tta: str, cache: Path | None = None
             ) -> tuple[dict, dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """A candidate's metadata, its val/test row indices and its probabilities (N, K) on them."""
+    """A candidate's metadata, its val/test row indices and its probabilities (N, K) on them: uncalibrated, as an
+    ensemble averages its members' (a shipped net's temperature would otherwise weigh it differently from a run)."""
     import torch
 
     from ferlab.checkpoint import read_meta
@@ -54,7 +55,7 @@ def predict(spec: str, data, tta: str, cache: Path | None = None
     probs = {}
     for split in SPLITS:
         x = torch.from_numpy(data.images[rows[split]]).unsqueeze(1)  # (N, 1, 48, 48) uint8
-        probs[split] = model.probabilities(x, tta=tta)
+        probs[split] = model.probabilities(x, tta=tta, calibrated=False)
     if file is not None:
         file.parent.mkdir(parents=True, exist_ok=True)
         tmp = file.with_suffix(".tmp.npz")

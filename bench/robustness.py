@@ -90,14 +90,15 @@ def main(argv: list[str] | None = None) -> int:
         members = entries[name].get("members") or [name]
         res: dict = {"faces": faces, "seed": seed, "no_tta": True}
         for split in SPLITS:
-            p = {k: combine([probs[m, split][k] for m in members]) for k in probs[members[0], split]}
+            w = entries[name].get("weights")  # an ensemble's member weights (None: equal)
+            p = {k: combine([probs[m, split][k] for m in members], w) for k in probs[members[0], split]}
             y13, yfp = data.labels[rows[split]], fp_label[rows[split]]
             keep = yfp >= 0
             f13 = score(p, y13, name, keep=7)  # FER2013's 7 classes (a FER+ net's Contempt output dropped)
             ffp = score({k: v[keep] for k, v in p.items()}, yfp[keep], name)  # every output: Contempt is a miss
             idx = data.indices(split)
             agree_rows = fp_label[idx] >= 0
-            pw = combine([whole[m, split] for m in members])
+            pw = combine([whole[m, split] for m in members], w)
             res[split] = {
                 "fer2013": summary(f13), "ferplus": summary(ffp),
                 "ferplus_agreement": float((pw.argmax(1)[agree_rows] == fp_label[idx][agree_rows]).mean()),

@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in wanted:
         members = entries[name].get("members") or [name]
         src = source_of[members[0]]
-        acc = {split: {mode: float((combine([probs[m, split, mode] for m in members]).argmax(1)
+        w = entries[name].get("weights")  # an ensemble's member weights (None: equal)
+        acc = {split: {mode: float((combine([probs[m, split, mode] for m in members], w).argmax(1)
                                     == labels[src, split]).mean()) for mode in MODES} for split in SPLITS}
         manifest[name]["accuracy"] = acc
         manifest[name]["n"] = {split: int(len(labels[src, split])) for split in SPLITS}
@@ -112,7 +113,9 @@ def write_page(path: Path) -> None:
     rows = []
     for e in entries:
         size = e.get("size_bytes", 0) / 1e6  # an ensemble's: its members' together
-        what = ", ".join(f"`{m}`" for m in e["members"]) if e["kind"] == "ensemble" else f"`{e.get('model')}`"
+        what = ", ".join(f"`{m}`" + (f" x{w:g}" if e.get("weights") else "")
+                         for m, w in zip(e["members"], e.get("weights") or e["members"], strict=True)) \
+            if e["kind"] == "ensemble" else f"`{e.get('model')}`"
         labels = e.get("labels", "fer2013")
         rows.append(f"| `{e['name']}` | {', '.join(e['roles']) or '-'} | {what} | {labels} | {size:.1f} | "
                     + " | ".join(pct(e, s, m) for s in SPLITS for m in MODES) + " |")

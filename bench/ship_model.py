@@ -63,7 +63,8 @@ def write_shipped(run: str, name: str, weights_dir: Path, dtype: str) -> tuple[P
     for key in ("data", "labels"):  # the recipe's data and votes files, by name only
         if isinstance(train.get(key), str):
             train[key] = Path(train[key]).name
-    meta["shipped"] = {"name": name, "dtype": DTYPES[dtype], "from_run": Path(run).name}
+    from_run = meta.get("shipped", {}).get("from_run") or Path(run).name  # a shipped file keeps its own run's name
+    meta["shipped"] = {"name": name, "dtype": DTYPES[dtype], "from_run": from_run}
     path = weights_dir / f"{name}.safetensors"
     atomic_write(path, lambda tmp: save_file(state, tmp, metadata={"ferlab": json.dumps(meta)}))
     return path, meta, run_data
@@ -104,6 +105,23 @@ def manifest_entry(name: str, path: Path, meta: dict[str, Any], reports: dict, a
         "labels": "ferplus" if meta.get("labels") else "fer2013",  # what the accuracies are measured against
         "classes": len(meta["class_names"]),
     }
+
+
+def store_file(name: str, new: Path, shipped: Path) -> None:
+    """Replace shipped model ``name``'s file ``shipped`` by ``new`` (the same net stored otherwise) and update its
+    manifest entry's ``dtype``, ``size_bytes`` and ``sha256``; the rest of the entry stays as it was."""
+    import shutil
+
+    from ferlab.checkpoint import atomic_write, read_meta
+
+    dtype = read_meta(new)["shipped"]["dtype"]
+    atomic_write(shipped, lambda tmp: shutil.copyfile(new, tmp))
+    shipped.chmod(0o644)
+    manifest = json.loads((shipped.parent / "manifest.json").read_text())
+    manifest[name].update(dtype=dtype, size_bytes=shipped.stat().st_size, sha256=sha256(shipped))
+    update_manifest(shipped.parent, name, manifest[name])
+    print(f"stored {name} as {dtype}: {shipped} ({shipped.stat().st_size / 1e6:.2f} MB); measure it again with "
+          f"bench/shelf.py, bench/calibration.py --write and bench/robustness.py --write", file=sys.stderr)
 
 
 def update_manifest(weights_dir: Path, name: str, entry: dict[str, Any]) -> Path:

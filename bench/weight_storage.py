@@ -1,6 +1,6 @@
 """What storing the shipped weights as int8 instead of fp16 costs: size, accuracy and changed predictions.
 
-    python bench/weight_storage.py [--data fer2013.csv.gz] [--names NAME ...] [--tta none|affine]
+    python bench/weight_storage.py [--data fer2013.csv.gz] [--names NAME ...] [--tta none|affine] [--write]
 
 Each shipped single model's file is written again as int8 (``bench/ship_model.py --dtype int8``: conv and
 linear weights as int8 with one scale per output channel, the rest fp16) into a temporary folder, and both files
@@ -9,6 +9,10 @@ majority for a FER+ model), as ``ferlab evaluate`` does. Printed per model: both
 split, how many faces' predicted class int8 changes and, for scale, how many computing the fp16 file in bf16
 instead of fp32 changes (on a CPU that computes bf16 natively). Protocol: the models were trained on Training and
 chosen on PublicTest; PrivateTest only reports.
+
+``--write`` then stores each measured model as int8 on the shelf: its file is replaced by the int8 one and its
+manifest entry's ``dtype``, ``size_bytes`` and ``sha256`` follow (the rest of the entry stays). Measure it again
+afterwards: ``bench/shelf.py --names NAME``, ``bench/calibration.py --write`` and ``bench/robustness.py --write``.
 """
 
 from __future__ import annotations
@@ -27,10 +31,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--names", nargs="*", help="only these shipped single models (default: all)")
     ap.add_argument("--tta", default="none", choices=("none", "affine"), help="test-time views (default: none)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--write", action="store_true", help="store the measured models as int8 on the shelf")
     args = ap.parse_args(argv)
 
     import torch
-    from ship_model import write_shipped  # bench/ship_model.py: the shipped file, written as --dtype says
+    from ship_model import store_file, write_shipped  # bench/ship_model.py: the shipped file, written as --dtype says
 
     from ferlab.data.ferplus import apply_labels
     from ferlab.data.source import data_for, label_source, open_data
@@ -86,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| `{name}` | {fp16.stat().st_size / 1e6:.2f} | {int8.stat().st_size / 1e6:.2f} | "
                   f"{acc['val'][0]:.2%} | {acc['val'][1]:.2%} | {acc['test'][0]:.2%} | {acc['test'][1]:.2%} | "
                   f"{by_int8} of {n} | {bf16} |", flush=True)
+            if args.write:
+                store_file(name, int8, fp16)
     return 0
 
 

@@ -15,7 +15,7 @@ from ferlab.data.source import data_for, shared_classes, split_rows  # noqa: F40
 from ferlab.inference import loader
 from ferlab.inference.calibration import ece, log_probabilities, scaled_probabilities
 from ferlab.inference.loader import load_members
-from ferlab.inference.predict import combine
+from ferlab.inference.predict import combine, member_weights
 from ferlab.transforms import tta_mode
 
 
@@ -86,7 +86,8 @@ def evaluate_checkpoints(
     class_names = class_names[:keep_outputs]
 
     members, probs_all = [], []
-    for m in loaded:
+    weights = member_weights(model.weights, len(loaded))  # (M,) summing to 1: equal unless the ensemble weighs them
+    for m, weight in zip(loaded, weights, strict=True):
         # an ensemble averages its members' uncalibrated probabilities, then applies its own temperature (below)
         probs = m.probabilities(x, tta=tta, batch_size=batch_size, progress=progress, desc=Path(m.source).name,
                                 precision=precision, calibrated=len(loaded) == 1)
@@ -98,9 +99,9 @@ def evaluate_checkpoints(
         members.append({
             "checkpoint": m.source, "model": m.architecture, "accuracy": float((probs.argmax(1) == y).mean()),
             "best_epoch": result.get("epoch"), "val_acc_at_selection": result.get("val_acc"),
-            "same_data_as_training": fp_ok, "precision": m.run_precision(precision),
+            "same_data_as_training": fp_ok, "precision": m.run_precision(precision), "weight": float(weight),
         })
-    probs = combine(probs_all)
+    probs = combine(probs_all, model.weights)
     t = model.temperature(tta) if len(loaded) > 1 else 1.0  # a shipped ensemble's calibration
     if t != 1.0:
         probs = scaled_probabilities(log_probabilities(probs), t)
@@ -134,7 +135,8 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"labels: {report['label_note']}")
     for m in report["members"]:
         warn = "" if m["same_data_as_training"] else "  (data differs from training data)"
-        lines.append(f"  {m['model']:<18} acc {m['accuracy']:.4f}  [{m['checkpoint']}]{warn}")
+        weight = f"  weight {m['weight']:.3f}" if len({x.get("weight") for x in report["members"]}) > 1 else ""
+        lines.append(f"  {m['model']:<18} acc {m['accuracy']:.4f}  [{m['checkpoint']}]{weight}{warn}")
     label = f"ensemble of {len(report['members'])}" if report["ensemble"] else "accuracy"
     lines.append(f"{label}: {report['accuracy']:.4f}   macro-F1 {report['macro_f1']:.4f}   "
                  f"ECE {report.get('ece', float('nan')):.4f}"

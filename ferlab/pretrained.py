@@ -18,6 +18,9 @@ An ensemble's entry names its members (shipped single models, so their files shi
     {"kind": "ensemble", "members": ["NAME1", "NAME2"], "roles": ["most-accurate"], "description": "...",
      "accuracy": {...}, "n": {...}, "protocol": "..."}
 
+and may weigh them (``"weights": [4, 3, 1]``, one positive number per member: how often greedy selection with
+replacement picked it); without ``weights`` the members' probabilities are averaged equally.
+
 Single entries may carry ``"kind": "single"`` and ``"roles"`` too. Names of earlier releases keep working for
 one release: a renamed model loads under its new name with a warning; a removed one fails naming its replacement.
 
@@ -27,6 +30,7 @@ one release: a renamed model loads under its new name with a warning; a removed 
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 from pathlib import Path
@@ -52,7 +56,7 @@ REMOVED: dict[str, str] = {
     "ferplus-resnet-xs": "ferplus-resnet-s16-photometric",
     "ferplus-resnet-xs-photometric": "ferplus-resnet-s16-photometric",
     "ferplus-resnet-s16": "ferplus-resnet-s16w",
-    "ferplus-ensemble": "ferplus-resnet-s16w",
+    "ferplus-ensemble": "ferplus-ensemble-s16wd",
 }
 KINDS = ("single", "ensemble")
 
@@ -95,6 +99,14 @@ def _manifest() -> dict[str, dict[str, Any]]:
             if bad:
                 raise ValueError(f"{path}: ensemble {name!r} names members that are not shipped single models: "
                                  f"{', '.join(map(str, bad))}")
+            if len(set(members)) != len(members):
+                raise ValueError(f"{path}: ensemble {name!r} names a member twice; give it a \"weights\" entry instead")
+            weights = entry.get("weights")
+            if weights is not None and (not isinstance(weights, list) or len(weights) != len(members) or not all(
+                    isinstance(w, int | float) and not isinstance(w, bool) and math.isfinite(w) and w > 0
+                    for w in weights)):
+                raise ValueError(f"{path}: ensemble {name!r} has \"weights\" {weights!r}; expected one positive "
+                                 f"number per member ({len(members)})")
         entry.setdefault("roles", [])
         entry.setdefault("labels", "fer2013")  # what its stated accuracies are measured against (or "ferplus")
     return entries

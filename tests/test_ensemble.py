@@ -156,3 +156,27 @@ def test_classification_metrics_known_answer():
     assert m["macro_f1"] == pytest.approx((0.5 + 2 / 3) / 3)
     assert m["most_confused"] == [{"true": "c", "predicted": "a", "rate": 1.0, "count": 1},
                                   {"true": "a", "predicted": "b", "rate": 0.5, "count": 1}]
+
+
+def test_bench_ensemble_selects_on_uncalibrated_probabilities_as_the_shipped_ensemble_averages_them(
+        tmp_path, trained_tiny_run, weights):
+    import json
+    import shutil
+
+    from ferlab.data.source import data_for
+    from ferlab.inference.loader import load_model
+
+    shutil.copy(resolve(trained_tiny_run), weights / "a.safetensors")
+    calibration = {"temperature": {"none": 0.25, "flip": 0.25, "shift": 0.25, "affine": 0.25}, "fit_on": "val"}
+    (weights / "manifest.json").write_text(json.dumps({"tiny-a": {"file": "a.safetensors",
+                                                                   "calibration": calibration}}))
+    spec = importlib.util.spec_from_file_location("bench_ensemble", REPO / "bench/ensemble.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    data = data_for(read_meta(trained_tiny_run), None, progress=False)
+    _, rows, shipped = bench.predict("tiny-a", data, "none")
+    _, _, run = bench.predict(str(trained_tiny_run), data, "none")
+    x = torch.from_numpy(data.images[rows["val"]]).unsqueeze(1)
+    calibrated = load_model("tiny-a").probabilities(x)
+    assert np.abs(calibrated - shipped["val"]).max() > 1e-2  # the temperature would change what is averaged
+    assert np.abs(shipped["val"] - run["val"]).max() < 1e-6  # the shipped file weighs as its run does

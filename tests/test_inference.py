@@ -169,3 +169,58 @@ def test_an_old_name_still_loads_with_a_warning_naming_the_new_one(weights, trai
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_model("fer2013-resnet-s")
+
+
+def test_combine_weighs_members_and_refuses_bad_weights():
+    from ferlab.inference.predict import combine
+
+    a, b = np.array([[1.0, 0.0]], np.float32), np.array([[0.0, 1.0]], np.float32)
+    assert combine([a, b]).tolist() == [[0.5, 0.5]]
+    assert combine([a, b], [3, 1]).tolist() == [[0.75, 0.25]]  # 3 picks of a, 1 of b
+    assert combine([a, b], [0.3, 0.1]).tolist() == combine([a, a, a, b]).tolist()  # any scale; repeats = weights
+    for bad in ([1], [1, 0], [1, -2], [1, float("nan")]):
+        with pytest.raises(ValueError, match="an ensemble of 2 needs 2 positive, finite member weights"):
+            combine([a, b], bad)
+
+
+@pytest.fixture
+def weighted_shelf(shelf):
+    """The shelf's ensemble with member weights 3 (tiny-a) and 1 (tiny-b)."""
+    manifest = json.loads((shelf / "manifest.json").read_text())
+    manifest[ENSEMBLE]["weights"] = [3, 1]
+    (shelf / "manifest.json").write_text(json.dumps(manifest))
+    return shelf
+
+
+@pytest.mark.slow
+def test_a_weighted_ensemble_weighs_its_members_everywhere(weighted_shelf, faces, tmp_path):
+    from ferlab import Recognizer
+    from ferlab.cli import main
+    from ferlab.evaluate import evaluate_checkpoints
+    from ferlab.inference.loader import load_members
+    from ferlab.train.distill import Teacher
+
+    x, y = faces
+    pa, pb = (load_model(n).probabilities(torch.from_numpy(x), precision="fp32", calibrated=False)
+              for n in ("tiny-a", "tiny-b"))
+    want = 0.75 * pa + 0.25 * pb  # (N, 7)
+    assert np.abs(want - (pa + pb) / 2).max() > 1e-3  # the weights change the answer
+    ens = load_model(ENSEMBLE)
+    assert ens.weights == [3.0, 1.0]
+    assert np.abs(Recognizer(ENSEMBLE).classify(x) - want).max() < 1e-5
+    # naming a model three times is the same ensemble, with that model loaded once
+    named = load_members(["tiny-a", "tiny-b", "tiny-a", "tiny-a"])
+    assert [m.source for m in named.members] == ["tiny-a", "tiny-b"] and named.weights == [3.0, 1.0]
+    assert np.abs(named.probabilities(torch.from_numpy(x), precision="fp32") - want).max() < 1e-5
+    both = load_members([ENSEMBLE, "tiny-a"])  # the ensemble's weights (3/4, 1/4) x 2 members, plus tiny-a once
+    assert both.weights == [2.5, 0.5]
+    assert load_members(["tiny-a", "tiny-b"]).weights is None  # equal weights: the plain mean
+    report = evaluate_checkpoints([ENSEMBLE], split="test", progress=False, precision="fp32")
+    assert [m["weight"] for m in report["members"]] == [0.75, 0.25]
+    assert report["accuracy"] == float((want.argmax(1) == y).mean())
+    teacher = Teacher([ENSEMBLE], temperature=1.0, precision="fp32", channels_last=False)
+    soft = teacher(torch.from_numpy(x).float() / 255.0).numpy()
+    assert np.abs(soft - want).max() < 1e-5
+    out = tmp_path / "weighted.onnx"
+    assert main(["export", "--onnx", ENSEMBLE, "--out", str(out)]) == 0
+    assert np.abs(Recognizer(str(out)).classify(x) - want).max() < 1e-4

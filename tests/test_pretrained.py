@@ -19,6 +19,14 @@ from ferlab import pretrained
     ({"e": {"kind": "ensemble"}}, "ensemble 'e' has no \"members\""),
     ({"e": {"kind": "ensemble", "members": ["ghost"]}}, "ensemble 'e' names members that are not shipped single "
                                                         "models: ghost"),
+    ({"a": {"file": "a.safetensors"}, "e": {"kind": "ensemble", "members": ["a", "a"]}},
+     "ensemble 'e' names a member twice; give it a \"weights\" entry instead"),
+    ({"a": {"file": "a.safetensors"}, "e": {"kind": "ensemble", "members": ["a"], "weights": [1, 2]}},
+     "ensemble 'e' has \"weights\" [1, 2]; expected one positive number per member (1)"),
+    ({"a": {"file": "a.safetensors"}, "e": {"kind": "ensemble", "members": ["a"], "weights": [0]}},
+     "ensemble 'e' has \"weights\" [0]"),
+    ({"a": {"file": "a.safetensors"}, "e": {"kind": "ensemble", "members": ["a"], "weights": ["2"]}},
+     "ensemble 'e' has \"weights\" ['2']"),
 ])
 def test_malformed_manifest_names_the_file_and_entry(weights, manifest, expected):
     (weights / "manifest.json").write_text(json.dumps(manifest))

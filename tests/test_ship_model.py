@@ -131,6 +131,21 @@ def test_weight_storage_bench_reports_what_evaluate_measures(trained_tiny_run, w
     assert int(n) == fp16["n"]["val"] + fp16["n"]["test"] and 0 <= int(changed) < int(n)
     assert cells[8] == "(fp32 here)", "the tiny run computes in fp32: no bf16 column to compare"
 
+    # --write: the shelf now holds the int8 file, and the entry says so; the rest of the entry stays
+    assert bench.main(["--names", "tiny-fp16", "--write"]) == 0
+    (stored,) = _cli_json(capsys, ["models", "--pretrained", "--json"])
+    shipped = weights / "tiny-fp16.safetensors"
+    now, want = load_file(shipped), load_file(int8)  # the same tensors (the files' metadata names differ)
+    assert now.keys() == want.keys() and all(torch.equal(now[k], want[k]) for k in now)
+    assert shipped.stat().st_mode & 0o777 == 0o644 and stored["dtype"] == "int8+float16"
+    assert stored["size_bytes"] == shipped.stat().st_size < 0.6 * fp16["size_bytes"]
+    assert stored["sha256"] == hashlib.sha256(shipped.read_bytes()).hexdigest()
+    assert {k: v for k, v in stored.items() if k not in ("dtype", "size_bytes", "sha256")} == \
+        {k: v for k, v in fp16.items() if k not in ("dtype", "size_bytes", "sha256")}
+    capsys.readouterr()
+    assert bench.main(["--names", "tiny-fp16"]) == 0  # int8 already: nothing to compare it with
+    assert "shipped as int8 already" in capsys.readouterr().err
+
 
 def test_unknown_pretrained_name_is_a_clear_error(weights, capsys):
     assert main(["evaluate", "--pretrained", "nope", "--split", "test"]) == 2

@@ -107,7 +107,7 @@ class TorchBackend:
         views = self._views(pixels)  # members x (V, B, K)
         if self.n_members == 1:
             return views[0].mean(0).numpy() / self.temperature  # (B, K)
-        p = combine([v.mean(0).softmax(1).numpy() for v in views])  # members' (B, K) -> (B, K)
+        p = combine([v.mean(0).softmax(1).numpy() for v in views], self.loaded.weights)  # members' (B, K) -> (B, K)
         return log_probabilities(p) / self.temperature
 
 

@@ -33,9 +33,13 @@ def log_probabilities(p: np.ndarray) -> np.ndarray:
     return np.log(np.maximum(p, 1e-12))
 
 
-def ensemble_scores(member_logits: list[np.ndarray]) -> np.ndarray:
-    """An ensemble's scores (N, K) from its members' logits (each (N, K)): the log of the mean of their softmax."""
-    return log_probabilities(np.mean([scaled_probabilities(z, 1.0) for z in member_logits], axis=0))
+def ensemble_scores(member_logits: list[np.ndarray], weights: list[float] | None = None) -> np.ndarray:
+    """An ensemble's scores (N, K) from its members' logits (each (N, K)): the log of the mean of their softmax,
+    weighted by ``weights`` (one per member; default equal)."""
+    if weights is None:
+        return log_probabilities(np.mean([scaled_probabilities(z, 1.0) for z in member_logits], axis=0))
+    w = np.asarray(weights, np.float64) / float(np.sum(weights))  # (M,)
+    return log_probabilities(np.tensordot(w, np.stack([scaled_probabilities(z, 1.0) for z in member_logits]), 1))
 
 
 def scaled_probabilities(z: np.ndarray, temperature: float) -> np.ndarray:

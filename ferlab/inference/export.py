@@ -67,7 +67,8 @@ def export_onnx(model: nn.Module | LoadedModel | Ensemble, meta: dict[str, Any] 
     h, w = loaded.input_size
     members = loaded.members
     temperature = loaded.temperature(mode)  # a shipped model's calibration, baked into the graph
-    graph = PixelsToProbabilities([(m.module, m.normalizer) for m in members], mode, (h, w), temperature).eval()
+    graph = PixelsToProbabilities([(m.module, m.normalizer) for m in members], mode, (h, w), temperature,
+                                  loaded.weights).eval()
     example = torch.zeros(2, 1, h, w, dtype=torch.uint8)
     buf = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():
@@ -80,7 +81,7 @@ def export_onnx(model: nn.Module | LoadedModel | Ensemble, meta: dict[str, Any] 
                           dynamic_axes={INPUT_NAME: {0: "batch"}, **{n: {0: "batch"} for n in OUTPUT_NAMES}})
     proto = onnx.load_from_string(buf.getvalue())
     meta_out = dict(loaded.meta)
-    meta_out["inference"] = {"tta": mode, "members": [m.source for m in members],
+    meta_out["inference"] = {"tta": mode, "members": [m.source for m in members], "weights": loaded.weights,
                              "name": loaded.source, "kind": "ensemble" if len(members) > 1 else "single",
                              "temperature": temperature}
     props = {"ferlab": json.dumps(meta_out), "class_names": json.dumps(list(loaded.class_names)),

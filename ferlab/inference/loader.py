@@ -19,7 +19,7 @@ from ferlab import pretrained
 from ferlab.checkpoint import load_checkpoint, normalizer_from_meta
 from ferlab.hardware import resolve_precision
 from ferlab.inference.calibration import log_probabilities, scaled_probabilities, temperature_for
-from ferlab.inference.predict import combine, predict_view_logits
+from ferlab.inference.predict import combine, member_weights, predict_view_logits
 from ferlab.transforms import Normalizer, tta_mode
 
 ModelSpec = str | Path
@@ -65,6 +65,11 @@ class LoadedModel:
     def members(self) -> list[LoadedModel]:
         return [self]
 
+    @property
+    def weights(self) -> None:
+        """Member weights: a single model has none (see :attr:`Ensemble.weights`)."""
+        return None
+
     def run_precision(self, requested: str = "auto") -> str:
         """The precision this model runs in for ``requested`` (see :func:`checkpoint_precision`)."""
         return checkpoint_precision(self.trained_precision, requested)
@@ -98,15 +103,23 @@ class Ensemble:
     """Several loaded models whose probabilities are averaged (a shipped ensemble, or checkpoints named together).
 
     The members must share the class names and, when they carved their validation part out of the training
-    split, the same carving (else one member's validation rows are another's training rows)."""
+    split, the same carving (else one member's validation rows are another's training rows). ``weights``, one
+    positive number per member (how often selection with replacement picked it), weights the mean; None: equal."""
 
     members: list[LoadedModel]
     source: str
     entry: dict[str, Any] = field(default_factory=dict)  # the shelf's entry for a shipped ensemble
+    weights: list[float] | None = None
 
     def __post_init__(self) -> None:
         if not self.members:
             raise ValueError(f"{self.source}: an ensemble needs at least one member")
+        if self.weights is not None:
+            try:
+                member_weights(self.weights, len(self.members))
+            except ValueError as e:
+                raise ValueError(f"{self.source}: {e}") from None
+            self.weights = [float(w) for w in self.weights]
         check_compatible(self.members)
 
     @property
@@ -133,7 +146,7 @@ class Ensemble:
         """The mean of the members' uncalibrated probabilities (N, K), then, when ``calibrated``, the ensemble's
         own temperature applied to its log (so the argmax, and every stated accuracy, is the mean's); keywords as
         :meth:`LoadedModel.view_logits`."""
-        p = combine([m.probabilities(images, calibrated=False, **kw) for m in self.members])  # (N, K)
+        p = combine([m.probabilities(images, calibrated=False, **kw) for m in self.members], self.weights)  # (N, K)
         t = self.temperature(kw.get("tta", False)) if calibrated else 1.0
         return p if t == 1.0 else scaled_probabilities(log_probabilities(p), t)
 
@@ -167,7 +180,7 @@ def load_model(spec: ModelSpec | LoadedModel | Ensemble) -> LoadedModel | Ensemb
     if not Path(text).exists() and pretrained.is_pretrained(text):
         entry = pretrained.pretrained_entry(text)  # warns for a renamed model; refuses a removed one
         if entry.get("kind") == "ensemble":
-            return Ensemble([_load_single(m) for m in entry["members"]], entry["name"], entry)
+            return Ensemble([_load_single(m) for m in entry["members"]], entry["name"], entry, entry.get("weights"))
         return _load_single(entry["name"], entry.get("calibration"))
     return _load_single(text)
 
@@ -183,9 +196,22 @@ def _load_single(spec: str, calibration: dict[str, Any] | None = None) -> Loaded
 
 
 def load_members(specs: list[ModelSpec] | tuple[ModelSpec, ...]) -> Ensemble | LoadedModel:
-    """One model, or the ensemble of several specs (a shipped ensemble among them contributes its members)."""
-    loaded = [load_model(s) for s in specs]
-    if len(loaded) == 1:
-        return loaded[0]
-    members = [m for x in loaded for m in x.members]
-    return Ensemble(members, " + ".join(str(s) for s in specs))
+    """One model, or the ensemble of several specs (a shipped ensemble among them contributes its members with
+    their weights). A model named twice, directly or through an ensemble, is loaded once and weighs twice, as in
+    greedy selection with replacement."""
+    loaded: dict[str, LoadedModel | Ensemble] = {}
+    for s in specs:
+        if str(s) not in loaded:
+            loaded[str(s)] = load_model(s)
+    if len(specs) == 1:
+        return loaded[str(specs[0])]
+    members: dict[str, LoadedModel] = {}  # by source, in order of first mention
+    weight: dict[str, float] = {}
+    for s in specs:
+        x = loaded[str(s)]
+        for m, w in zip(x.members, member_weights(x.weights, len(x.members)) * len(x.members), strict=True):
+            members.setdefault(m.source, m)
+            weight[m.source] = weight.get(m.source, 0.0) + float(w)
+    w = [weight[k] for k in members]
+    equal = all(abs(v - w[0]) < 1e-9 for v in w)
+    return Ensemble(list(members.values()), " + ".join(str(s) for s in specs), weights=None if equal else w)

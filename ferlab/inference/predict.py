@@ -88,28 +88,46 @@ def predict_logits(model: nn.Module, images: torch.Tensor, normalizer: Normalize
     return predict_view_logits(model, images, normalizer, **kw).mean(0)
 
 
-def combine(member_probs: Sequence[np.ndarray]) -> np.ndarray:
-    """An ensemble's probabilities (N, K): the mean of its members' probabilities (each (N, K))."""
-    return np.mean(np.stack(member_probs), axis=0).astype(np.float32)
+def member_weights(weights: Sequence[float] | None, n: int) -> np.ndarray:
+    """An ensemble's member weights (n,), summing to 1: ``weights`` normalised, or equal ones for None.
+
+    A weight is how often greedy selection with replacement picked the member (Caruana et al. 2004)."""
+    if weights is None:
+        return np.full(n, 1.0 / n)
+    w = np.asarray(weights, np.float64)
+    if w.shape != (n,) or not np.all(np.isfinite(w)) or not np.all(w > 0):
+        raise ValueError(f"an ensemble of {n} needs {n} positive, finite member weights, got {list(weights)}")
+    return w / w.sum()
+
+
+def combine(member_probs: Sequence[np.ndarray], weights: Sequence[float] | None = None) -> np.ndarray:
+    """An ensemble's probabilities (N, K): the mean of its members' probabilities (each (N, K)), weighted by
+    ``weights`` (one per member, any positive scale; default equal)."""
+    if weights is None:
+        return np.mean(np.stack(member_probs), axis=0).astype(np.float32)
+    w = member_weights(weights, len(member_probs))  # (M,)
+    return np.tensordot(w, np.stack(member_probs).astype(np.float64), axes=1).astype(np.float32)
 
 
 class PixelsToProbabilities(nn.Module):
     """(B, 1, H, W) uint8 -> ((B, K) logits, (B, K) probabilities) for one model or an ensemble, with a TTA mode.
 
     members: (model, normaliser) pairs. One member: logits are the mean over the views, probabilities their
-    softmax. Several: probabilities are the mean of the members' probabilities and logits their log (so that
-    softmax(logits) = probabilities). ``temperature`` (calibration) divides those logits before the softmax.
-    The views run as one batch of V x B images per member.
+    softmax. Several: probabilities are the mean of the members' probabilities (weighted by ``weights``, default
+    equal) and logits their log (so that softmax(logits) = probabilities). ``temperature`` (calibration) divides
+    those logits before the softmax. The views run as one batch of V x B images per member.
     """
 
     def __init__(self, members: Sequence[tuple[nn.Module, Normalizer]], tta: str = "none",
-                 input_size: tuple[int, int] = (48, 48), temperature: float = 1.0) -> None:
+                 input_size: tuple[int, int] = (48, 48), temperature: float = 1.0,
+                 weights: Sequence[float] | None = None) -> None:
         super().__init__()
         if not members:
             raise ValueError("no model to run")
         if not temperature > 0:
             raise ValueError(f"a temperature must be > 0, got {temperature}")
         self.temperature = float(temperature)
+        self.weights = None if weights is None else [float(w) for w in member_weights(weights, len(members))]
         self.models = nn.ModuleList([m.eval() for m, _ in members])
         self.normalizers = [n for _, n in members]
         self.views = TTAViews(tta_mode(tta), input_size)
@@ -124,7 +142,11 @@ class PixelsToProbabilities(nn.Module):
         if len(member_logits) == 1:
             z = member_logits[0] / self.temperature if self.temperature != 1.0 else member_logits[0]
             return z, z.softmax(-1)
-        probs = torch.stack([z.softmax(-1) for z in member_logits]).mean(0)  # (B, K)
+        probs = torch.stack([z.softmax(-1) for z in member_logits])  # (M, B, K)
+        if self.weights is None:
+            probs = probs.mean(0)  # (B, K)
+        else:
+            probs = (probs * torch.tensor(self.weights, dtype=probs.dtype).view(-1, 1, 1)).sum(0)  # (B, K)
         if self.temperature == 1.0:
             return probs.clamp_min(1e-12).log(), probs
         z = probs.clamp_min(1e-12).log() / self.temperature  # (B, K)

@@ -23,8 +23,8 @@ from tqdm.auto import tqdm
 
 from ferlab.checkpoint import CheckpointError, atomic_write, resolve
 from ferlab.data.cache import sha256_file
-from ferlab.inference.loader import load_model
-from ferlab.inference.predict import autocast, batches, layout, model_device, to_unit
+from ferlab.inference.loader import load_members
+from ferlab.inference.predict import autocast, batches, layout, member_weights, model_device, to_unit
 from ferlab.train.provenance import overlap_warnings
 from ferlab.transforms import tta_views
 
@@ -39,7 +39,8 @@ class Teacher(nn.Module):
             raise ValueError("a teacher needs at least one checkpoint")
         if temperature <= 0:
             raise ValueError(f"distillation temperature must be > 0, got {temperature}")
-        loaded = [m for spec in specs for m in load_model(spec).members]  # a shipped ensemble gives its members
+        ensemble = load_members(list(specs))  # a shipped ensemble gives its members, with their weights
+        loaded = ensemble.members
         members = [m.module.requires_grad_(False) for m in loaded]
         normalizers = [m.normalizer for m in loaded]
         metas = [m.meta for m in loaded]
@@ -49,6 +50,7 @@ class Teacher(nn.Module):
         self.normalizers = normalizers
         self.metas = metas
         self.specs = [m.source for m in loaded]
+        self.weights = [float(w) for w in member_weights(ensemble.weights, len(loaded))]  # (M,), summing to 1
         self.temperature = temperature
         self.precision = precision
         self.channels_last = channels_last
@@ -78,12 +80,12 @@ class Teacher(nn.Module):
     def forward(self, x01: torch.Tensor) -> torch.Tensor:
         """Images (B, 1, H, W) in [0, 1] -> soft targets (B, K): the members' mean softmax at the temperature."""
         probs = None
-        for model, norm in zip(self.members, self.normalizers, strict=True):
+        for model, norm, w in zip(self.members, self.normalizers, self.weights, strict=True):
             x = layout(norm(x01), self.channels_last).to(model_device(model))  # (B, 1, H, W)
             with autocast(self.precision, x.device):
-                p = (model(x).float() / self.temperature).softmax(1)  # (B, K)
+                p = w * (model(x).float() / self.temperature).softmax(1)  # (B, K)
             probs = p if probs is None else probs + p
-        return probs / len(self.members)
+        return probs
 
     def loss(self, student_logits: torch.Tensor, *, x01: torch.Tensor, **_: Any) -> torch.Tensor:
         """The distillation loss of the student's logits (B, K) on the images (B, 1, H, W) in [0, 1] it saw."""
