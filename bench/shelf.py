@@ -113,8 +113,8 @@ def write_page(path: Path) -> None:
     rows = []
     for e in entries:
         size = e.get("size_bytes", 0) / 1e6  # an ensemble's: its members' together
-        what = ", ".join(f"`{m}`" + (f" x{w:g}" if e.get("weights") else "")
-                         for m, w in zip(e["members"], e.get("weights") or e["members"], strict=True)) \
+        picks = [f" x{w:g}" for w in e["weights"]] if e.get("weights") else [""] * len(e.get("members", []))
+        what = ", ".join(f"`{m}`{x}" for m, x in zip(e["members"], picks, strict=True)) \
             if e["kind"] == "ensemble" else f"`{e.get('model')}`"
         labels = e.get("labels", "fer2013")
         rows.append(f"| `{e['name']}` | {', '.join(e['roles']) or '-'} | {what} | {labels} | {size:.1f} | "

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from ferlab.inference.predict import combine
+
 T_BOUNDS = (0.05, 20.0)  # the temperatures searched; beyond them a model is broken, not miscalibrated
 ECE_BINS = 15  # equal-width confidence bins, as in Guo et al. 2017
 
@@ -35,11 +37,8 @@ def log_probabilities(p: np.ndarray) -> np.ndarray:
 
 def ensemble_scores(member_logits: list[np.ndarray], weights: list[float] | None = None) -> np.ndarray:
     """An ensemble's scores (N, K) from its members' logits (each (N, K)): the log of the mean of their softmax,
-    weighted by ``weights`` (one per member; default equal)."""
-    if weights is None:
-        return log_probabilities(np.mean([scaled_probabilities(z, 1.0) for z in member_logits], axis=0))
-    w = np.asarray(weights, np.float64) / float(np.sum(weights))  # (M,)
-    return log_probabilities(np.tensordot(w, np.stack([scaled_probabilities(z, 1.0) for z in member_logits]), 1))
+    weighted by ``weights`` (one per member; default equal), as :func:`~ferlab.inference.predict.combine` does."""
+    return log_probabilities(combine([scaled_probabilities(z, 1.0) for z in member_logits], weights))
 
 
 def scaled_probabilities(z: np.ndarray, temperature: float) -> np.ndarray:
