@@ -71,6 +71,28 @@ def test_input_scale_upsamples_before_the_stem(name: str) -> None:
         create_model(name, input_scale=0.5)
 
 
+def test_squeeze_excite_scales_each_channel_by_its_gate() -> None:
+    from ferlab.models.modern import SqueezeExcite
+
+    se = SqueezeExcite(32)  # 32 // 16 = 2 < 8: the bottleneck keeps 8 channels
+    assert se.reduce.out_channels == 8
+    x = torch.randn(2, 32, 5, 5)
+    with torch.no_grad():
+        for conv in (se.reduce, se.expand):
+            conv.weight.zero_()
+            conv.bias.zero_()
+        torch.testing.assert_close(se(x), 0.5 * x)  # every gate sigmoid(0)
+        se.expand.bias.copy_(torch.linspace(-3, 3, 32))  # gates independent of x: sigmoid of the bias
+        torch.testing.assert_close(se(x), x * torch.sigmoid(se.expand.bias).view(1, 32, 1, 1))
+
+
+def test_se_net_is_fer_resnet_s16wd_plus_the_gates() -> None:
+    plain, se = create_model("fer-resnet-s16wd"), create_model("fer-resnet-s16wd-se")
+    extra = set(se.state_dict()) - set(plain.state_dict())
+    assert set(plain.state_dict()) <= set(se.state_dict()) and extra
+    assert all(".se." in k for k in extra)
+
+
 @pytest.mark.parametrize("name", sorted(KERAS_COUNTS))
 def test_keras_param_counts(name: str) -> None:
     counts = count_params(create_model(name))
