@@ -139,13 +139,19 @@ def fer_resnet_s16(num_classes: int = 7, in_chans: int = 1, drop: float = 0.3, i
                      input_scale=input_scale)
 
 
+def _s16_wide(block: type[nn.Module], depths: Sequence[int], num_classes: int, in_chans: int, drop: float,
+              input_scale: float) -> StagedNet:
+    """The fer-resnet-s16w family: a 16-wide stem and first stage, then 64-192-384, with the given blocks."""
+    return StagedNet(block, (16, 64, 192, 384), depths, num_classes, in_chans, drop, stem_width=16,
+                     input_scale=input_scale)
+
+
 @register_model("fer-resnet-s16w", source="ferlab",
                 description="fer-resnet-s16 with its last two stages 1.5x wider (16-64-192-384)")
 def fer_resnet_s16w(num_classes: int = 7, in_chans: int = 1, drop: float = 0.3, input_scale: float = 1.0) -> StagedNet:
     # Width where the maps are small: the 12 x 12 and 6 x 6 stages at 1.5x fer-resnet-s16's width give 2.1x its
     # parameters for 1.7x its FLOPs (fer-resnet-m, wider at every stage and twice as deep in the middle: 4.9x).
-    return StagedNet(BasicBlock, (16, 64, 192, 384), (1, 1, 1, 1), num_classes, in_chans, drop, stem_width=16,
-                     input_scale=input_scale)
+    return _s16_wide(BasicBlock, (1, 1, 1, 1), num_classes, in_chans, drop, input_scale)
 
 
 @register_model("fer-resnet-s16wd", source="ferlab",
@@ -153,8 +159,7 @@ def fer_resnet_s16w(num_classes: int = 7, in_chans: int = 1, drop: float = 0.3, 
 def fer_resnet_s16wd(num_classes: int = 7, in_chans: int = 1, drop: float = 0.3, input_scale: float = 1.0) -> StagedNet:
     # A second block in the 24 x 24 and 12 x 12 stages, where fer-resnet-m is deeper: 1.3x fer-resnet-s16w's
     # parameters for 1.8x its FLOPs (fer-resnet-m: 1.4x and 2.9x), the 48 x 48 stage kept at 16 channels.
-    return StagedNet(BasicBlock, (16, 64, 192, 384), (1, 2, 2, 1), num_classes, in_chans, drop, stem_width=16,
-                     input_scale=input_scale)
+    return _s16_wide(BasicBlock, (1, 2, 2, 1), num_classes, in_chans, drop, input_scale)
 
 
 @register_model("fer-resnet-s16wdd", source="ferlab",
@@ -163,8 +168,7 @@ def fer_resnet_s16wdd(num_classes: int = 7, in_chans: int = 1, drop: float = 0.3
                       input_scale: float = 1.0) -> StagedNet:
     # The middle stages' depth paid on FER+ (fer-resnet-s16wd over fer-resnet-s16w); one more 12 x 12 block asks
     # whether it pays again: +20% parameters, +30% FLOPs.
-    return StagedNet(BasicBlock, (16, 64, 192, 384), (1, 2, 3, 1), num_classes, in_chans, drop, stem_width=16,
-                     input_scale=input_scale)
+    return _s16_wide(BasicBlock, (1, 2, 3, 1), num_classes, in_chans, drop, input_scale)
 
 
 @register_model("fer-resnet-s16wd-se", source="ferlab",
@@ -172,8 +176,7 @@ def fer_resnet_s16wdd(num_classes: int = 7, in_chans: int = 1, drop: float = 0.3
 def fer_resnet_s16wd_se(num_classes: int = 7, in_chans: int = 1, drop: float = 0.3,
                         input_scale: float = 1.0) -> StagedNet:
     # Channel attention costs under 1% more parameters and FLOPs than fer-resnet-s16wd (two 1x1 convs per block).
-    return StagedNet(SEBasicBlock, (16, 64, 192, 384), (1, 2, 2, 1), num_classes, in_chans, drop, stem_width=16,
-                     input_scale=input_scale)
+    return _s16_wide(SEBasicBlock, (1, 2, 2, 1), num_classes, in_chans, drop, input_scale)
 
 
 @register_model("fer-resnet-xs", source="ferlab",
