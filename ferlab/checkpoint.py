@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -39,12 +39,18 @@ class CheckpointError(ValueError):
 
 
 def atomic_write(path: Path, write: Any) -> None:
-    """Call ``write(tmp_path)`` then rename over ``path``, so a crash never leaves a half-written file."""
+    """Call ``write(tmp_path)`` then rename over ``path``, so a crash never leaves a half-written file.
+
+    The file gets the permissions a plain ``open(path, "w")`` would give it (0o666 less the umask), not the
+    owner-only 0o600 of :func:`tempfile.mkstemp`, so that shared run folders and shipped files stay readable.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = str(path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the umask applies, as for open()
+    mode = os.stat(tmp).st_mode & 0o777
     try:
         write(tmp)
+        os.chmod(tmp, mode)  # a writer that replaces the file (safetensors does) must not change its permissions
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

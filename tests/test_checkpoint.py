@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
+import stat
 
 import pytest
 import torch
@@ -11,6 +13,7 @@ from safetensors.torch import save_file
 
 from ferlab.checkpoint import (
     CheckpointError,
+    atomic_write,
     load_checkpoint,
     load_state,
     read_meta,
@@ -33,6 +36,22 @@ def test_round_trip(tmp_path):
     x = torch.rand(2, 1, 48, 48)
     assert torch.equal(model(x), loaded(x))
     assert meta["class_names"] == list("abcdefg") and read_meta(tmp_path / "m.safetensors") == meta
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_atomic_writes_get_the_permissions_of_a_plain_write(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        (tmp_path / "plain.txt").write_text("x")
+        atomic_write(tmp_path / "atomic.txt", lambda tmp: open(tmp, "w").write("y"))  # noqa: SIM115
+        save_checkpoint(tmp_path / "w.safetensors", create_model("fer-resnet-xs"), meta_for("fer-resnet-xs"))
+    finally:
+        os.umask(old)
+    want = stat.S_IMODE((tmp_path / "plain.txt").stat().st_mode)
+    assert want == 0o666 & ~umask
+    for name in ("atomic.txt", "w.safetensors"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == want, name
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []  # no temporary file left behind
 
 
 def test_missing_and_corrupt_files(tmp_path):
