@@ -6,6 +6,7 @@ import json
 import os
 import pickle
 import stat
+from pathlib import Path
 
 import pytest
 import torch
@@ -43,7 +44,7 @@ def test_atomic_writes_get_the_permissions_of_a_plain_write(tmp_path, umask):
     old = os.umask(umask)
     try:
         (tmp_path / "plain.txt").write_text("x")
-        atomic_write(tmp_path / "atomic.txt", lambda tmp: open(tmp, "w").write("y"))  # noqa: SIM115
+        atomic_write(tmp_path / "atomic.txt", lambda tmp: Path(tmp).write_text("y"))
         save_checkpoint(tmp_path / "w.safetensors", create_model("fer-resnet-xs"), meta_for("fer-resnet-xs"))
     finally:
         os.umask(old)
