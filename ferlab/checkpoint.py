@@ -45,10 +45,10 @@ def atomic_write(path: Path, write: Any) -> None:
     owner-only 0o600 of :func:`tempfile.mkstemp`, so that shared run folders and shipped files stay readable.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = str(path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+    tmp = str(path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp")
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the umask applies, as for open()
-    mode = os.stat(tmp).st_mode & 0o777
     try:
+        mode = os.stat(tmp).st_mode & 0o777
         write(tmp)
         os.chmod(tmp, mode)  # a writer that replaces the file (safetensors does) must not change its permissions
         os.replace(tmp, path)
