@@ -10,7 +10,9 @@ Modes (all with the same number of threads, all cores by default):
   fast+jemalloc   jemalloc without page decay or background thread: what the `ferlab` launcher does
   fp32-cl+jemalloc  (with --fp32-cl) fp32, channels_last, the launcher's jemalloc: `ferlab train --precision fp32`
 Printed per model: images/s, achieved GFLOP/s (3 x the forward FLOPs of one image, for forward + backward,
-times images/s) and the ratio fast+jemalloc / fp32 (the fast path as `ferlab train` runs it).
+times images/s) and the ratio fast+jemalloc / fp32 (the fast path as `ferlab train` runs it). Where jemalloc is not
+installed the jemalloc modes are skipped (the launcher then runs with glibc's allocator: the ratio is fast / fp32,
+and the fp32-cl mode has no jemalloc).
 
 ``ferlab train`` runs in the precision ``auto`` resolves to on this CPU (bf16 where it has AVX512-BF16 or AMX
 instructions, else fp32): the first line says which, and the ratio column compares that default with plain fp32.
@@ -70,13 +72,19 @@ MODES: dict[str, Mode] = {
 # what `ferlab train --precision fp32` runs (channels_last, the launcher's jemalloc, no autocast): the default
 # where the CPU has no bf16 instructions
 FP32_CL_MODE = "fp32-cl+jemalloc"
-EXTRA_MODES: dict[str, Mode] = {FP32_CL_MODE: Mode("fp32", True, True, JEMALLOC_CONF)}
+FP32_CL_GLIBC_MODE = "fp32-cl"  # the same without jemalloc installed
+EXTRA_MODES: dict[str, Mode] = {FP32_CL_MODE: Mode("fp32", True, True, JEMALLOC_CONF),
+                                FP32_CL_GLIBC_MODE: Mode("fp32", True, False)}
 ALL_MODES = {**MODES, **EXTRA_MODES}
 
 
-def default_mode() -> str:
-    """What ``ferlab train`` runs on this CPU (precision auto): the ratio and the thread table use it."""
-    return "fast+jemalloc" if resolve_precision("auto")[0] == "bf16" else FP32_CL_MODE
+def default_mode(jemalloc: bool = True) -> str:
+    """What ``ferlab train`` runs on this CPU (precision auto; the launcher preloads jemalloc only where it is
+    installed): the ratio and the thread table use it."""
+    bf16 = resolve_precision("auto")[0] == "bf16"
+    if jemalloc:
+        return "fast+jemalloc" if bf16 else FP32_CL_MODE
+    return "fast" if bf16 else FP32_CL_GLIBC_MODE
 
 
 @dataclass(frozen=True)
@@ -193,13 +201,17 @@ def main() -> None:
         print(json.dumps(measure(name, ALL_MODES[mode], int(threads), args.batch, args.steps, args.warmup,
                                  int(side), governed=bool(int(governed)))))
         return
-    if not os.path.exists(JEMALLOC):
-        sys.exit(f"{JEMALLOC} not found (apt-get install libjemalloc2): the jemalloc modes need it")
-    default = default_mode()
+    jemalloc = os.path.exists(JEMALLOC)
+    if not jemalloc:
+        print(f"{JEMALLOC} not found (apt-get install libjemalloc2): the jemalloc modes are skipped; `ferlab train` "
+              "runs with glibc's allocator here", file=sys.stderr)
+    default = default_mode(jemalloc)
     if args.study_calibration:
         study_calibration(args, default)
         return
-    modes = list(MODES) + ([FP32_CL_MODE] if args.fp32_cl or default == FP32_CL_MODE else [])
+    fp32_cl = FP32_CL_MODE if jemalloc else FP32_CL_GLIBC_MODE
+    modes = [m for m in MODES if jemalloc or not MODES[m].jemalloc] + (
+        [fp32_cl] if args.fp32_cl or default == fp32_cl else [])
 
     cores = os.cpu_count() or 1
     threads = args.threads or cores
@@ -210,7 +222,7 @@ def main() -> None:
     print(f"ferlab train's default here: precision {precision} ({why}), i.e. mode {default}")
     results: dict = {"cpu": cpu_name(), "batch": args.batch, "steps": args.steps, "threads": threads,
                      "load_at_start": load, "default_precision": precision, "default_precision_why": why,
-                     "default_mode": default, "models": [], "thread_settings": [], "sides": []}
+                     "default_mode": default, "jemalloc": jemalloc, "models": [], "thread_settings": [], "sides": []}
     head = f"{'model':<14} {'MFLOPs/img':>10}" + "".join(f"  {m + ' img/s':>27} {'GFLOP/s':>7}" for m in modes)
     print(head + f"  {default + ' / fp32':>11}")
     for name in args.models:
