@@ -493,6 +493,33 @@ def test_cli_serve_explain_log_level_and_max_pixels_reach_the_app(trained_tiny_r
     assert (overlay is None) is (explain == "none")
 
 
+def test_cli_serve_max_pixels_above_the_default_reaches_the_recognizer(trained_tiny_run, monkeypatch):
+    import uvicorn
+
+    from ferlab.cli import main
+    from ferlab.images import DEFAULT_MAX_PIXELS
+
+    calls = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append(app))
+    assert main(["serve", "--model", str(trained_tiny_run), "--explain", "none",
+                 "--max-pixels", str(2 * DEFAULT_MAX_PIXELS)]) == 0
+    (app,) = calls
+    assert app.state.info["limits"]["max_pixels"] == 2 * DEFAULT_MAX_PIXELS  # and the recognizer accepts as much:
+    assert app.state.service.recognizer.max_pixels == 2 * DEFAULT_MAX_PIXELS
+
+
+def test_an_app_accepting_more_pixels_than_its_recognizer_is_refused_when_built(trained_tiny_run):
+    from ferlab.recognize.api import Recognizer
+    from ferlab.serve.app import create_app
+
+    small = Recognizer(model=trained_tiny_run, backend="torch", max_pixels=300 * 300)
+    with pytest.raises(ValueError, match="max_pixels=90,001 is above the recognizer's own limit of 90,000"):
+        create_app(small, max_pixels=300 * 300 + 1)
+    with LiveServer(create_app(small, max_pixels=300 * 300)) as srv:  # at the recognizer's limit: served
+        status, out = srv.post_file(encode(np.ascontiguousarray(astronaut()[:300, 100:400]), ".png"), "face.png")
+    assert status == 200 and out["faces"]
+
+
 def test_cli_serve_bad_model_is_clear_error(tmp_path, capsys):
     from ferlab.cli import main
 

@@ -86,6 +86,10 @@ def create_app(recognizer: Any, *, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
                     ("upload_deadline", upload_deadline)):
         if not v > 0:
             raise ValueError(f"{name} must be positive, got {v}")
+    own_limit = getattr(recognizer, "max_pixels", None)
+    if own_limit is not None and own_limit < max_pixels:  # it would refuse, with a 500, images the app accepts
+        raise ValueError(f"max_pixels={max_pixels:,} is above the recognizer's own limit of {own_limit:,} pixels: "
+                         f"build it with Recognizer(..., max_pixels={max_pixels})")
     max_bytes = int(max_upload_mb * 2**20)
     service = FaceService(recognizer, explain_method=explain_method, explain_model=explain_model,
                           model_name=model_name)

@@ -98,7 +98,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
               "no authentication (use --host 127.0.0.1 to keep it local)", file=sys.stderr)
     spec = str(args.model) if args.model is not None else default_model()
     explain = None if args.explain == "none" else args.explain
-    recognizer = Recognizer(model=spec, backend=args.backend, precision=args.precision, tta=args.tta)
+    recognizer = Recognizer(model=spec, backend=args.backend, precision=args.precision, tta=args.tta,
+                            max_pixels=args.max_pixels)
     app = create_app(recognizer, max_upload_mb=args.max_upload_mb, max_pixels=args.max_pixels, explain_method=explain,
                      explain_model=_explain_model(spec, args.backend) if explain else None,
                      max_active=args.max_active, body_timeout=args.body_timeout,
