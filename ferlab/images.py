@@ -316,11 +316,14 @@ def is_video(path: str | Path) -> bool:
     return Path(path).suffix.lower() in VIDEO_EXTS
 
 
-def collect_inputs(paths: Iterable[str | Path]) -> list[Path]:
+def collect_inputs(paths: Iterable[str | Path] | str | Path) -> list[Path]:
     """Files named directly (any extension) plus images and videos found recursively in folders, sorted.
 
-    Missing paths are kept so that the caller reports them per file.
+    One path alone counts as a list of one (not as its characters). Missing paths are kept so that the caller
+    reports them per file.
     """
+    if isinstance(paths, str | Path):
+        paths = [paths]
     out: list[Path] = []
     for raw in paths:
         p = Path(raw)

@@ -255,6 +255,16 @@ def test_predict_many_goes_on_past_bad_files_and_batches_do_not_change_results(r
     assert a.shape == b.shape and np.abs(a - b).max() < 1e-5
 
 
+def test_one_path_is_one_input_not_its_characters(rec, media, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a folder with other images: walking "." or "/" would find them
+    cv2.imwrite("other.png", np.full((60, 60), 128, np.uint8))
+    for one in (str(media["png"]), media["png"]):
+        (r,) = list(rec.predict_many(one))
+        assert (r.file, r.status) == (str(media["png"]), "ok")
+    with pytest.raises(TypeError, match="predict_batch takes a list of images, got one str"):
+        rec.predict_batch(str(media["png"]))
+
+
 def test_a_thin_image_is_faceless_and_a_failing_image_does_not_take_the_batch_with_it(rec, media, tmp_path):
     thin = tmp_path / "thin.png"
     cv2.imwrite(str(thin), np.full((1, 3000), 128, np.uint8))  # downscaled to 1280 wide: 0.43 rows before the fix

@@ -273,6 +273,9 @@ class Recognizer:
 
     def predict_batch(self, images: Sequence[ImageInput], crops: bool = False, color: str = "rgb") -> list[list[Face]]:
         """The faces of each image (as :meth:`predict`), classified in shared batches. Raises on bad input."""
+        if isinstance(images, str | Path | bytes | bytearray | memoryview):
+            raise TypeError(f"predict_batch takes a list of images, got one {type(images).__name__}: use "
+                            "predict() for one image, or predict_batch([image])")
         def frames() -> Iterator[tuple[Result, np.ndarray | None]]:
             for img in images:
                 name = str(img) if isinstance(img, str | Path) else None
@@ -280,9 +283,10 @@ class Recognizer:
 
         return [r.faces for r in self._run(frames(), crops, keep_images=False)]
 
-    def predict_many(self, inputs: Iterable[str | Path], crops: bool = False, every: int = 1, progress: bool = False,
+    def predict_many(self, inputs: Iterable[str | Path] | str | Path, crops: bool = False, every: int = 1, progress: bool = False,
                      keep_images: bool = False) -> Iterator[Result]:
-        """Stream one :class:`Result` per image or kept video frame, for files and folders (recursive).
+        """Stream one :class:`Result` per image or kept video frame, for files and folders (recursive); one path
+        alone is a list of one.
 
         A file that cannot be read (missing, corrupt, not an image, too large) gives a Result whose ``error``
         says why, and the rest go on. Faces are classified in batches of ``batch_size``; ``progress`` shows a
