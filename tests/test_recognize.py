@@ -393,6 +393,17 @@ def test_cli_refuses_a_folder_as_out_before_predicting(trained_tiny_run, media, 
     assert f"--out {tmp_path} is a directory" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag", ["--out", "--tracks", "--timeline"])
+def test_cli_refuses_to_write_over_an_input(trained_tiny_run, media, tmp_path, capsys, flag):
+    photo = tmp_path / "victim.jpg"
+    photo.write_bytes(media["jpg"].read_bytes())
+    before = photo.read_bytes()
+    assert main(["predict", str(media["video"]), str(tmp_path), "--model", str(trained_tiny_run), flag, str(photo),
+                 "--no-progress"]) == 2
+    assert f"{flag} {photo} is one of the inputs" in capsys.readouterr().err
+    assert photo.read_bytes() == before
+
+
 def test_cli_an_image_that_cannot_be_annotated_loses_only_its_drawing(trained_tiny_run, media, tmp_path, capsys):
     out, ann = tmp_path / "faces.json", tmp_path / "annotated"
     (ann / "astro.jpg").mkdir(parents=True)  # where astro.jpg's drawing would go: cv2.imwrite fails there

@@ -121,6 +121,17 @@ def _camera_results(rec: Any, args: argparse.Namespace, note: Any) -> Any:
         note(str(e))
 
 
+def _refuse_overwriting_inputs(args: argparse.Namespace, files: list[Path]) -> None:
+    """ValueError if --out, --tracks or --timeline names one of the inputs (writing it would destroy it)."""
+    for flag in ("out", "tracks", "timeline"):
+        target = Path(getattr(args, flag)) if getattr(args, flag) else None
+        if target is not None and target.is_file():
+            hit = next((f for f in files if f.is_file() and target.samefile(f)), None)
+            if hit is not None:
+                raise ValueError(f"--{flag} {target} is one of the inputs ({hit}); writing it would destroy it: "
+                                 "name another file")
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
@@ -160,6 +171,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.out and Path(args.out).is_dir():
         raise ValueError(f"--out {args.out} is a directory; name the file to write, "
                          f"e.g. {Path(args.out) / 'faces.csv'}")
+    _refuse_overwriting_inputs(args, files)
     counts = {"ok": 0, "no_face": 0, "error": 0, "faces": 0, "not_annotated": 0}
     video_no_face: dict[str, list[int]] = {}  # video -> [frames read, frames without a face]
     out_f = open(args.out, "w", newline="", encoding="utf-8") if args.out else sys.stdout  # noqa: SIM115
