@@ -36,6 +36,18 @@ def test_every_detector_finds_the_astronaut_and_nothing_in_a_blank_image(name):
     assert len(det(blank)) == 0
 
 
+@pytest.mark.parametrize("name", sorted(n for n in DETECTORS if n != "none"))
+def test_min_face_counts_pixels_of_the_photo_even_when_it_is_searched_downscaled(name):
+    big = cv2.resize(np.ascontiguousarray(skdata.astronaut()[:, :, ::-1]), (1024, 1024))  # the face: ~190 pixels
+    bgr = np.full((3000, 4000, 3), 128, np.uint8)  # searched at 1280 x 960: the face is ~61 pixels there
+    bgr[1000:2024, 1500:2524] = big
+    det = create_detector(name, min_face=150)
+    image = bgr if getattr(det, "wants_color", False) else cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
+    x, y, w, h = ASTRO_FACE
+    face = np.array([[1500 + 2 * x, 1000 + 2 * y, 2 * w, 2 * h]])
+    assert _bench().iou(det(image)[:1], face)[0, 0] > 0.5
+
+
 def test_mtcnn_landmarks_sit_on_the_face_in_order():
     det = create_detector("mtcnn")
     bgr = np.ascontiguousarray(skdata.astronaut()[:, :, ::-1])

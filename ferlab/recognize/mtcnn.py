@@ -130,8 +130,9 @@ class MTCNN:
     """Faces and five landmarks in a colour image (a ferlab detector: ``wants_color``, see
     :mod:`ferlab.recognize.detect`).
 
-    min_face: smallest face side found, in pixels of the (downscaled) image; thresholds: the three nets' face
-    probability thresholds; max_side: images are downscaled first so that their longest side is at most this.
+    min_face: smallest face side found, in pixels of the image (as the Haar detectors; on an image downscaled to
+    ``max_side`` the floor is 12 pixels of the downscaled image); thresholds: the three nets' face probability
+    thresholds; max_side: images are downscaled first so that their longest side is at most this.
     """
 
     wants_color = True
@@ -165,30 +166,32 @@ class MTCNN:
             rgb = cv2.resize(rgb, (max(1, round(w0 * scale)), max(1, round(h0 * scale))), interpolation=cv2.INTER_AREA)
         norm = (rgb.astype(np.float32) - 127.5) * 0.0078125  # (H, W, 3) in [-1, 1]
         with self._lock:
-            boxes, marks, scores = self._cascade(norm)
+            boxes, marks, scores = self._cascade(norm, max(12, round(self.min_face * scale)))
         boxes, marks = boxes / scale, marks / scale
         xywh = np.round(np.stack([boxes[:, 0], boxes[:, 1], boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]],
                                  1)).astype(np.int64).reshape(-1, 4)
         order = np.argsort(-(xywh[:, 2] * xywh[:, 3]), kind="stable")
         return xywh[order], marks[order], scores[order]
 
-    def _pyramid(self, h: int, w: int) -> list[float]:
-        m = 12.0 / max(self.min_face, 12)
+    def _pyramid(self, h: int, w: int, min_face: int) -> list[float]:
+        """The P-Net scales that find faces of ``min_face`` pixels and more in an h x w image."""
+        m = 12.0 / max(min_face, 12)
         scales, side = [], min(h, w) * m
         while side >= 12:
             scales.append(m * self.factor ** len(scales))
             side *= self.factor
         return scales
 
-    def _cascade(self, norm: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Boxes (N, 4) x1, y1, x2, y2, landmarks (N, 5, 2) and scores (N,) in a normalised (H, W, 3) image."""
+    def _cascade(self, norm: np.ndarray, min_face: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Boxes (N, 4) x1, y1, x2, y2, landmarks (N, 5, 2) and scores (N,) of faces of ``min_face`` pixels and more
+        in a normalised (H, W, 3) image."""
         import cv2
 
         empty = np.empty((0, 4)), np.empty((0, 5, 2)), np.empty(0)
         h, w = norm.shape[:2]
         # stage 1: P-Net over the pyramid -> candidate boxes (x1, y1, x2, y2), scores, offsets
         found = []
-        for s in self._pyramid(h, w):
+        for s in self._pyramid(h, w, min_face):
             level = cv2.resize(norm, (int(w * s + 1), int(h * s + 1)), interpolation=cv2.INTER_AREA)
             offsets, probs = self.pnet(torch.from_numpy(level).permute(2, 0, 1)[None])  # (1, 4, a, b), (1, 2, a, b)
             ys, xs = np.nonzero(probs[0, 1].numpy() >= self.thresholds[0])
