@@ -163,6 +163,9 @@ def test_a_video_that_stops_decoding_mid_file_keeps_the_frames_before_it(two_fac
             got.append(r)
     assert 10 <= len(got) < 40 and [r.frame for r in got] == list(range(len(got)))
     assert sum(len(r.faces) for r in got) >= len(got)
+    with pytest.raises(ImageError, match="decoding stopped") as caught:  # predict() hands over its faces too
+        Recognizer(batch_size=128).predict(cut)
+    assert [(f.frame, f.box) for f in caught.value.faces] == [(f.frame, f.box) for r in got for f in r.faces]
     out = tmp_path / "cut.csv"
     assert main(["predict", str(cut), str(path), "--out", str(out), "--no-progress"]) == 0  # the batch goes on
     rows = list(csv.DictReader(out.open()))

@@ -264,11 +264,18 @@ class Recognizer:
         """Faces in one image (path, encoded bytes, or array: RGB unless color='bgr'), largest first.
 
         A video path gives the faces of every ``every``-th frame (Face.frame says which). ``crops=True``
-        takes the whole image as one face. Bad input raises ImageError / FileNotFoundError.
+        takes the whole image as one face. Bad input raises ImageError / FileNotFoundError; a video that stops
+        decoding part-way raises ImageError with the faces of the frames read before it in its ``faces``.
         """
         if isinstance(image, str | Path) and is_video(image):
-            results = list(self._run(self._video_frames(Path(image), every), crops, keep_images=False))
-            return [f for r in results for f in r.faces]
+            faces: list[Face] = []
+            try:
+                for r in self._run(self._video_frames(Path(image), every), crops, keep_images=False):
+                    faces.extend(r.faces)
+            except ImageError as e:
+                e.faces = faces  # what was computed is the caller's to keep
+                raise
+            return faces
         return self.predict_batch([image], crops=crops, color=color)[0]
 
     def predict_batch(self, images: Sequence[ImageInput], crops: bool = False, color: str = "rgb") -> list[list[Face]]:
@@ -283,7 +290,8 @@ class Recognizer:
 
         return [r.faces for r in self._run(frames(), crops, keep_images=False)]
 
-    def predict_many(self, inputs: Iterable[str | Path] | str | Path, crops: bool = False, every: int = 1, progress: bool = False,
+    def predict_many(self, inputs: Iterable[str | Path] | str | Path, crops: bool = False, every: int = 1,
+                     progress: bool = False,
                      keep_images: bool = False) -> Iterator[Result]:
         """Stream one :class:`Result` per image or kept video frame, for files and folders (recursive); one path
         alone is a list of one.
