@@ -38,6 +38,8 @@ def greedy_selection(
     """
     if not len(val_probs):
         raise ValueError("no candidates to select from")
+    if max_members is not None and max_members < 1:
+        raise ValueError(f"max_members must be at least 1, got {max_members}")
     if replacement:
         limit = 2 * len(val_probs) if max_members is None else max_members
     else:

@@ -35,6 +35,9 @@ def test_greedy_selection_adds_the_best_candidate_and_stops_when_nothing_helps()
     assert [s.added for s in greedy_selection([strong, weak], y)] == [0]
     with pytest.raises(ValueError, match="no candidates"):
         greedy_selection([], y)
+    for replacement in (False, True):
+        with pytest.raises(ValueError, match="max_members must be at least 1, got 0"):
+            greedy_selection([weak, strong], y, max_members=0, replacement=replacement)
 
 
 def test_selection_with_replacement_weights_a_member_by_picking_it_again():
