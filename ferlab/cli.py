@@ -249,6 +249,30 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- evaluate
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+    return v
+
+
+def _labels_suffix(labels: str | None, checkpoint: Path) -> str:
+    """The output folder's label suffix: ``-ferplus`` when FER+ labels are asked for, ``-fer2013`` when FER2013's
+    are asked for a model trained on FER+ (so that scoring a run on the other labels never overwrites its own
+    results); none for the labels the model was trained on."""
+    if labels is None:
+        return ""
+    if labels != "fer2013":
+        return "-ferplus"
+    from ferlab.checkpoint import read_meta
+
+    return "-fer2013" if read_meta(checkpoint).get("labels") else ""
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from ferlab.evaluate import evaluate_checkpoints, format_report
     from ferlab.pretrained import pretrained_entry
@@ -266,7 +290,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if base is not None:
             out = base / (f"eval-{args.split}" + ("-ensemble" if len(specs) > 1 else "")
                           + {"none": "", "flip": "-tta"}.get(args.tta, f"-tta-{args.tta}")
-                          + ("" if args.labels in (None, "fer2013") else "-ferplus"))
+                          + _labels_suffix(args.labels, first))
     if out is not None:  # a path that cannot be the output folder fails now, not after the evaluation
         if out.exists() and not out.is_dir():
             raise ValueError(f"--out {out} is a file; name a folder for the report and figures")
@@ -274,7 +298,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     report = evaluate_checkpoints(specs, split=args.split, data_path=args.data, tta=args.tta,
                                   batch_size=args.batch_size, out_dir=out,
                                   progress=not (args.json or args.no_progress), precision=args.precision,
-                                  labels=args.labels)
+                                  labels=args.labels, skip_bad=args.skip_bad or None)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
 
@@ -369,7 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--labels", help="score against this label source: fer2013 (the data's own) or ferplus (FER+ "
                                     "majority votes; a fer2013new.csv beside the data, or its path); default: the "
                                     "labels the first checkpoint was trained on")
-    e.add_argument("--batch-size", type=int, default=512, help="images per forward pass (default 512)")
+    e.add_argument("--batch-size", type=positive_int, default=512, help="images per forward pass (default 512)")
+    e.add_argument("--skip-bad", action="store_true",
+                   help="skip malformed rows of the data (default: as the first checkpoint's training run did)")
     e.add_argument("--precision", default="auto", choices=PRECISION_CHOICES, help=EVAL_PRECISION_HELP)
     e.add_argument("--out", help="where to write metrics.json and confusion.png (default RUN_DIR/eval-SPLIT; "
                                  "for shipped models only with --out)")

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
-from ferlab.data.source import data_for, shared_classes, split_rows  # noqa: F401 (part of this module's API)
+from ferlab.data.source import data_for, same_pixels, shared_classes, split_rows  # noqa: F401 (part of this module's API)
 from ferlab.inference import loader
 from ferlab.inference.calibration import ece, log_probabilities, scaled_probabilities
 from ferlab.inference.loader import load_members
@@ -62,6 +62,7 @@ def evaluate_checkpoints(
     progress: bool = True,
     precision: str = "auto",
     labels: str | None = None,
+    skip_bad: bool | None = None,
 ) -> dict[str, Any]:
     """Evaluate each checkpoint on ``split`` and, given several, the ensemble of their averaged probabilities;
     ``tta``: a test-time augmentation of :data:`ferlab.transforms.TTA_MODES` (True: "flip"); ``precision``: see
@@ -71,13 +72,15 @@ def evaluate_checkpoints(
     the first checkpoint was trained on). Scoring 7-class FER2013 models against 8-class FER+ labels leaves out the
     faces FER+ calls Contempt; an 8-class FER+ model scored against FER2013 labels has its Contempt output dropped.
 
+    ``skip_bad``: skip the data's malformed rows (None: as the first checkpoint's training run did).
+
     Writes metrics.json and confusion.png (counts and row-normalised) to ``out_dir``.
     """
     tta = tta_mode(tta)
     model = load_members(list(paths))
     loaded = model.members  # an ensemble's name contributes its members
     first_meta = loaded[0].meta
-    data = data_for(first_meta, data_path, progress, labels=labels)
+    data = data_for(first_meta, data_path, progress, labels=labels, skip_bad=skip_bad)
     idx = split_rows(data, first_meta, split)
     class_names = loaded[0].class_names
     idx, keep_outputs, label_note = shared_classes(data, idx, class_names)
@@ -94,7 +97,7 @@ def evaluate_checkpoints(
         if keep_outputs < probs.shape[1]:  # members share their classes (load_members checks)
             probs = probs[:, :keep_outputs] / probs[:, :keep_outputs].sum(1, keepdims=True)
         probs_all.append(probs)
-        fp_ok = m.meta["data"]["fingerprint"] == data.fingerprint  # also without --data: the file may have changed
+        fp_ok = same_pixels(m.meta, data)  # also without --data: the file may have changed
         result = m.meta.get("result", {})
         members.append({
             "checkpoint": m.source, "model": m.architecture, "accuracy": float((probs.argmax(1) == y).mean()),

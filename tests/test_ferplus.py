@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +68,7 @@ def test_relabel_drops_unknown_and_not_a_face_and_keeps_the_split(fer_dirs):
 def test_the_votes_file_is_found_beside_the_data_and_checked(fer_dirs, tmp_path):
     csv, votes_path = fer_dirs
     assert find_votes("ferplus", str(csv)) == votes_path
+    assert find_votes("ferplus", str(csv.parent)) == votes_path  # the data given as its folder
     with pytest.raises(FileNotFoundError, match="pass --labels"):
         find_votes("ferplus", str(tmp_path / "fer2013.csv"))
     with pytest.raises(ValueError, match="synthetic"):
@@ -141,6 +143,8 @@ def test_a_ferplus_run_has_8_classes_and_scores_across_label_sources(fer_dirs, t
     report7 = evaluate_checkpoints([run], split="test", labels="fer2013", progress=False)
     assert report7["labels"] == "source" and "Contempt output dropped" in report7["label_note"]
     assert len(report7["per_class"]) == 7
+    # the training file under either label source is the training data
+    assert report["members"][0]["same_data_as_training"] and report7["members"][0]["same_data_as_training"]
 
 
 @pytest.mark.slow
@@ -154,6 +158,7 @@ def test_a_fer2013_model_scored_on_ferplus_leaves_out_contempt_faces(fer_dirs, t
         run, progress=False)
     own = evaluate_checkpoints([run], split="train", progress=False)
     fp = evaluate_checkpoints([run], split="train", labels="ferplus", progress=False)
+    assert own["members"][0]["same_data_as_training"] and fp["members"][0]["same_data_as_training"]
     assert own["labels"] == "source" and own["n"] == 300
     assert fp["labels"] == "ferplus" and "1 faces labelled Contempt left out" in fp["label_note"]
     assert fp["n"] == 300 - 2 - 1  # not-a-face, the unknown tie and the Contempt face
@@ -170,6 +175,33 @@ def test_a_fer2013_model_scored_on_ferplus_leaves_out_contempt_faces(fer_dirs, t
     text = page.read_text()
     assert f"| {val['accuracy']:.2%} |" in text and f"| {val_fp['accuracy']:.2%} |" in text
     assert "FER2013's own label, read as a prediction" in text
+
+
+@pytest.mark.slow
+def test_scoring_a_ferplus_run_on_fer2013_labels_keeps_its_own_results(fer_dirs, tmp_path, capsys):
+    from ferlab.cli import main
+
+    csv, _ = fer_dirs
+    run = tmp_path / "run"
+    assert main(["train", "--model", "r004-dnn", "--epochs", "1", "--data", str(csv), "--labels", "ferplus",
+                 "--precision", "fp32", "--out", str(run), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--json"]) == 0
+    own = json.loads(capsys.readouterr().out)
+    assert main(["evaluate", str(run), "--labels", "fer2013", "--json"]) == 0
+    other = json.loads(capsys.readouterr().out)
+    assert json.loads((run / "eval-test" / "metrics.json").read_text())["accuracy"] == own["accuracy"]
+    assert json.loads((run / "eval-test-fer2013" / "metrics.json").read_text())["accuracy"] == other["accuracy"]
+    assert own["members"][0]["same_data_as_training"] and other["members"][0]["same_data_as_training"]
+
+
+def test_ferplus_labels_on_the_synthetic_faces_are_refused_at_evaluation(trained_tiny_run, tmp_path):
+    from ferlab.evaluate import evaluate_checkpoints
+
+    with pytest.raises(ValueError, match="--labels ferplus needs FER2013 data"):
+        evaluate_checkpoints([trained_tiny_run], labels="ferplus", progress=False)
+    with pytest.raises(FileNotFoundError, match="votes file .*missing.csv not found"):
+        evaluate_checkpoints([trained_tiny_run], labels=str(tmp_path / "missing.csv"), progress=False)
 
 
 def test_the_real_ferplus_counts_match_its_readme(fer2013_path):

@@ -64,7 +64,8 @@ def find_votes(labels: str, data_path: str | None) -> Path:
         return p
     if data_path is None:
         raise ValueError("--labels ferplus needs FER2013 data (--data fer2013.csv[.gz]), not the synthetic faces")
-    folder = Path(data_path).expanduser().resolve().parent
+    p = Path(data_path).expanduser().resolve()
+    folder = p if p.is_dir() else p.parent  # a folder given as the data holds the FER2013 file
     for cand in (folder / VOTES_FILE, folder.parent / "ferplus" / VOTES_FILE):
         if cand.is_file():
             return cand
@@ -142,11 +143,17 @@ def relabel(data: FerData, votes: FerPlusVotes) -> FerData:
     out.labels = labels[keep].astype(np.int64)
     out.targets = distribution(v[keep])
     out.class_names = FERPLUS_CLASS_NAMES
-    out.fingerprint = hashlib.sha256((data.fingerprint + votes.sha256).encode()).hexdigest()[:16]
+    out.fingerprint = relabelled_fingerprint(data.fingerprint, votes.sha256)
+    out.pixels_fingerprint = data.fingerprint
     dropped = {s: int(((labels < 0) & (data.split == s)).sum()) for s in SPLITS}
     out.notes.append(f"FER+ labels from {votes.path}: dropped rows whose top vote is unknown/NF "
                      f"(train {dropped['train']}, val {dropped['val']}, test {dropped['test']})")
     return out
+
+
+def relabelled_fingerprint(pixels_fingerprint: str, votes_sha256: str) -> str:
+    """The fingerprint of a source relabelled by a votes file: its own and the votes file's, hashed together."""
+    return hashlib.sha256((pixels_fingerprint + votes_sha256).encode()).hexdigest()[:16]
 
 
 def apply_labels(data: FerData, labels: str, data_path: str | None) -> tuple[FerData, dict[str, str] | None]:

@@ -36,19 +36,34 @@ def label_source(meta: dict[str, Any], labels: str | None = None) -> str:
     return rec["file"] if Path(rec["file"]).is_file() else "ferplus"
 
 
-def data_for(meta: dict[str, Any], data_path: str | None, progress: bool = True, labels: str | None = None
-             ) -> FerData:
+def data_for(meta: dict[str, Any], data_path: str | None, progress: bool = True, labels: str | None = None,
+             skip_bad: bool | None = None) -> FerData:
     """The data to evaluate on: ``data_path`` if given, else the data the checkpoint was trained on; labelled by
-    :func:`label_source`."""
+    :func:`label_source`. ``skip_bad``: skip malformed rows (None: as the checkpoint's training run did)."""
     from ferlab.data.ferplus import apply_labels
 
     d = meta["data"]
-    if data_path is None and d["path"] is None:
-        return open_data(None, synthetic=d.get("synthetic") or {})
+    if data_path is None and d["path"] is None:  # the synthetic faces (FER+ labels refused with a clear error)
+        return apply_labels(open_data(None, synthetic=d.get("synthetic") or {}), label_source(meta, labels), None)[0]
     path = data_path if data_path is not None else d["path"]
     if data_path is None and not Path(path).exists():
         raise FileNotFoundError(f"the training data {d['path']} is not there any more; pass --data PATH")
-    return apply_labels(open_data(path, progress=progress), label_source(meta, labels), path)[0]
+    if skip_bad is None:
+        skip_bad = bool(meta.get("train", {}).get("skip_bad", False))
+    return apply_labels(open_data(path, skip_bad=skip_bad, progress=progress), label_source(meta, labels), path)[0]
+
+
+def same_pixels(meta: dict[str, Any], data: FerData) -> bool:
+    """Whether ``data`` holds the images the checkpoint was trained on, under either label source (a FER+ model
+    scored on FER2013's labels, or the other way round, is scored on its own training file)."""
+    from ferlab.data.ferplus import relabelled_fingerprint
+
+    trained = meta["data"]["fingerprint"]
+    pixels = data.pixels_fingerprint or data.fingerprint
+    seen = {data.fingerprint, pixels}
+    if meta.get("labels", {}).get("sha256"):
+        seen.add(relabelled_fingerprint(pixels, meta["labels"]["sha256"]))
+    return trained in seen
 
 
 def split_rows(data: FerData, meta: dict[str, Any], split: str) -> np.ndarray:

@@ -25,6 +25,7 @@ class FerData:
     split:  (N,) str, one of ``SPLITS``; the split the source itself assigns ("train" when it assigns none).
     ids:    (N,) int64 row ids (the ``id`` column where the source has one, else the row index).
     targets: (N, K) float32 label distributions (e.g. FER+ crowd votes; rows sum to 1), or None: hard labels only.
+    pixels_fingerprint: the fingerprint of the source before it was relabelled (""; not relabelled: ``fingerprint``).
     """
 
     images: np.ndarray
@@ -38,6 +39,7 @@ class FerData:
     n_skipped: int = 0
     notes: list[str] = field(default_factory=list)
     targets: np.ndarray | None = None
+    pixels_fingerprint: str = ""
 
     def __post_init__(self) -> None:
         n = len(self.images)
@@ -61,5 +63,5 @@ class FerData:
         return FerData(
             self.images[idx], self.labels[idx], self.split[idx], self.ids[idx],
             self.source, self.layout, self.fingerprint, self.class_names, 0, list(self.notes),
-            None if self.targets is None else self.targets[idx],
+            None if self.targets is None else self.targets[idx], self.pixels_fingerprint,
         )
