@@ -95,6 +95,33 @@ class AugmentConfig:
     lowres_p: float = 0.0
     jpeg_p: float = 0.0
 
+    def __post_init__(self) -> None:
+        def number(name: str) -> float:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int | float):
+                raise ValueError(f"augmentation option {name} must be a number, got {v!r}")
+            if v < 0:
+                raise ValueError(f"augmentation option {name} must be >= 0 (0: off), got {v}")
+            return v
+
+        for name in ("rotation", "shear", "brightness", "contrast", "gamma", "noise"):
+            number(name)
+        for name in ("shift", "zoom"):
+            if number(name) >= 1:
+                raise ValueError(f"augmentation option {name} is a fraction of the image: it must be < 1, got "
+                                 f"{getattr(self, name)}")
+        for name in ("erase_p", "blur_p", "motion_blur_p", "lowres_p", "jpeg_p"):
+            if number(name) > 1:
+                raise ValueError(f"augmentation option {name} is a probability: it must be in [0, 1], got "
+                                 f"{getattr(self, name)}")
+        if isinstance(self.crop_pad, bool) or not isinstance(self.crop_pad, int) or self.crop_pad < 0:
+            raise ValueError(f"augmentation option crop_pad must be a whole number of pixels >= 0, got "
+                             f"{self.crop_pad!r}")
+        if not isinstance(self.hflip, bool):
+            raise ValueError(f"augmentation option hflip must be true or false, got {self.hflip!r}")
+        if self.fill not in ("nearest", "zeros"):
+            raise ValueError(f"augmentation option fill must be 'nearest' or 'zeros', got {self.fill!r}")
+
     @property
     def has_affine(self) -> bool:
         return any(v != 0 for v in (self.rotation, self.shift, self.shear, self.zoom))

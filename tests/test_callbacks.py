@@ -75,6 +75,9 @@ def test_cosine_with_warmup():
     assert lr[0] < 0.01 and abs(max(lr) - 0.1) < 1e-2 and lr[-1] < 0.01
     lr = lrs(TrainConfig(epochs=10, lr=0.1, schedule="cosine", warmup_epochs=0))
     assert lr[0] == pytest.approx(0.1) and lr[-1] < 0.01
+    for epochs in (1, 2):  # a warm-up as long as the run is capped at 30% of it, as one-cycle's: the rate anneals
+        lr = lrs(TrainConfig(epochs=epochs, lr=0.1, schedule="cosine", warmup_epochs=2))
+        assert abs(max(lr) - 0.1) < 1e-2 and lr[-1] < 0.01
 
 
 def test_plateau_halves_after_patience():

@@ -326,6 +326,42 @@ def test_resume_from_another_directory_and_a_hint_that_names_an_existing_split(t
     assert main(["train", "--resume", str(run), "--no-progress"]) == 0, capsys.readouterr().err
 
 
+def test_a_run_trained_with_skip_bad_is_evaluated_on_its_own_data(tmp_path, capsys):
+    _write_csv_without_usage(tmp_path / "faces.csv")
+    lines = (tmp_path / "faces.csv").read_text().splitlines(keepends=True)
+    lines[12] = lines[12].replace(" ", ",", 1)  # a row with a stray field: malformed
+    (tmp_path / "faces.csv").write_text("".join(lines))
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(tmp_path / "faces.csv"), "--skip-bad", "--model", "r004-dnn", "--epochs", "1",
+                 "--precision", "fp32", "--out", str(run), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--split", "val", "--json"]) == 0, capsys.readouterr().err
+    assert json.loads(capsys.readouterr().out)["n"] > 0
+    other = tmp_path / "other.csv"  # other data with a bad row: evaluate's --skip-bad skips it
+    _write_csv_without_usage(other)
+    other.write_text(other.read_text() + "3,1 2 3\n")
+    assert main(["evaluate", str(run), "--data", str(other), "--split", "val", "--skip-bad", "--json"]) == 0
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--eval-batch-size", "0"], "eval_batch_size must be >= 1, got 0"),
+    (["--threads", "-1"], "threads must be >= 0"),
+    (["--synthetic", '{"n_trian": 10}'], "unknown synthetic option(s) ['n_trian']; known: n_train"),
+    (["--synthetic", "[1]"], "synthetic must be a table of make_synthetic() arguments"),
+    (["--augment", '{"fill": "nearst"}'], "fill must be 'nearest' or 'zeros', got 'nearst'"),
+    (["--augment", '{"rotation": "10"}'], "rotation must be a number, got '10'"),
+    (["--augment", '{"erase_p": 2}'], "erase_p is a probability"),
+])
+def test_bad_numbers_are_refused_before_any_work(tmp_path, capsys, argv, message):
+    assert main(["train", "--out", str(tmp_path / "r"), *argv]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+    with pytest.raises(SystemExit) as ei:  # a usage error: argparse's exit status 2
+        main(["evaluate", str(tmp_path), "--batch-size", "0"])
+    assert ei.value.code == 2 and "argument --batch-size: must be at least 1, got 0" in capsys.readouterr().err
+
+
 def test_every_option_of_every_command_has_help_and_max_pixels_has_one_default():
     import argparse
 

@@ -1,4 +1,6 @@
+import dataclasses
 import math
+import re
 
 import numpy as np
 import pytest
@@ -127,6 +129,24 @@ def test_normalizer_modes():
 def test_unknown_augment_option_is_an_error():
     with pytest.raises(ValueError, match="unknown augmentation option"):
         AugmentConfig.from_dict({"rotate": 10})
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"fill": "reflect"}, "fill must be 'nearest' or 'zeros', got 'reflect'"),
+    ({"rotation": "10"}, "rotation must be a number"),
+    ({"rotation": True}, "rotation must be a number"),
+    ({"shear": -5}, "shear must be >= 0"),
+    ({"zoom": 1.5}, "zoom is a fraction of the image"),
+    ({"jpeg_p": 1.2}, "jpeg_p is a probability"),
+    ({"crop_pad": -2}, "crop_pad must be a whole number of pixels >= 0"),
+    ({"crop_pad": 2.5}, "crop_pad must be a whole number of pixels >= 0"),
+    ({"hflip": "no"}, "hflip must be true or false"),
+])
+def test_augment_option_values_are_checked(options, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        AugmentConfig.from_dict(options)
+    for preset in AUGMENT_PRESETS.values():  # every preset is valid
+        AugmentConfig.from_dict(dataclasses.asdict(preset))
 
 
 def test_mix_batch_off_is_the_identity_and_draws_nothing():

@@ -108,9 +108,12 @@ class TrainConfig:
         if isinstance(self.augment, str) and self.augment not in AUGMENT_PRESETS:
             raise ValueError(f"augment preset {self.augment!r} unknown; presets: {', '.join(AUGMENT_PRESETS)}")
         self.augment_config()  # validates option names
-        for name in ("epochs", "batch_size"):
+        for name in ("epochs", "batch_size", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0 (0: the cores not busy at start), got {self.threads}")
+        self._check_synthetic()
         for name in ("mixup", "cutmix"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} (a Beta alpha) must be >= 0, got {getattr(self, name)}")
@@ -145,6 +148,20 @@ class TrainConfig:
             raise ValueError(f"time_limit must be >= 0 seconds (0: none), got {self.time_limit}")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+
+    def _check_synthetic(self) -> None:
+        """ValueError unless ``synthetic`` holds arguments that make_synthetic() takes."""
+        import inspect
+
+        from ferlab.data.synthetic import make_synthetic
+
+        if not isinstance(self.synthetic, dict):
+            raise ValueError(f"synthetic must be a table of make_synthetic() arguments, e.g. "
+                             f'{{"n_train": 700}}, got {self.synthetic!r}')
+        params = inspect.signature(make_synthetic).parameters
+        unknown = sorted(set(self.synthetic) - set(params))
+        if unknown:
+            raise ValueError(f"unknown synthetic option(s) {unknown}; known: {', '.join(params)}")
 
     def augment_config(self) -> AugmentConfig:
         if isinstance(self.augment, str):

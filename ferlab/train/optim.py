@@ -59,7 +59,7 @@ def _onecycle(opt: torch.optim.Optimizer, cfg: TrainConfig, steps: int) -> Sched
 
 
 def _cosine(opt: torch.optim.Optimizer, cfg: TrainConfig, steps: int) -> Schedule:
-    warm = int(steps * cfg.warmup_epochs / max(cfg.epochs, 1))
+    warm = min(int(steps * cfg.warmup_epochs / max(cfg.epochs, 1)), int(0.3 * steps))  # as one-cycle: <= 30%
     cos = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps - warm, 1))
     if warm == 0:
         return Schedule(cos, per_batch=True)
