@@ -216,12 +216,18 @@ def evaluate_hint(run_dir: Path) -> str:
 
 
 def resume_data_path(cfg: Any, saved: dict[str, Any]) -> Any:
-    """``cfg`` whose data path, as typed when the run started (kept for display), is replaced by the absolute
-    path saved beside it when the typed one does not exist from here (a resume from another directory)."""
+    """``cfg`` whose data path and FER+ votes path, as typed when the run started (kept for display), are replaced
+    by the absolute paths saved beside them when the typed ones do not exist from here (a resume from another
+    directory)."""
     data = saved.get("data")
     resolved = data.get("path") if isinstance(data, dict) else None
     if cfg.data and resolved and not Path(cfg.data).exists():
-        return dataclasses.replace(cfg, data=str(resolved))
+        cfg = dataclasses.replace(cfg, data=str(resolved))
+    labels = saved.get("labels")
+    votes = labels.get("file") if isinstance(labels, dict) else None
+    if (cfg.labels not in ("", "fer2013", "ferplus") and votes and Path(votes).is_absolute()
+            and not Path(cfg.labels).expanduser().exists()):
+        cfg = dataclasses.replace(cfg, labels=str(votes))
     return cfg
 
 

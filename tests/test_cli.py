@@ -326,6 +326,21 @@ def test_resume_from_another_directory_and_a_hint_that_names_an_existing_split(t
     assert main(["train", "--resume", str(run), "--no-progress"]) == 0, capsys.readouterr().err
 
 
+def test_resume_from_another_directory_finds_a_votes_file_given_relative(tmp_path, monkeypatch, capsys):
+    from conftest import write_fer_dirs
+
+    write_fer_dirs(tmp_path / "a", sizes=(120, 40, 20))
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    assert main(["train", "--data", "fer2013/fer2013.csv", "--labels", "ferplus/fer2013new.csv", "--model",
+                 "r004-dnn", "--epochs", "2", "--time-limit", "0.01", "--precision", "fp32", "--out", "run",
+                 "--no-progress"]) == 0
+    assert "stopped" in capsys.readouterr().out  # after its first epoch
+    monkeypatch.chdir(tmp_path / "b")  # where neither relative path exists
+    assert main(["train", "--resume", str(tmp_path / "a" / "run"), "--no-progress"]) == 0, capsys.readouterr().err
+    assert "finished" in capsys.readouterr().out
+
+
 def test_a_run_trained_with_skip_bad_is_evaluated_on_its_own_data(tmp_path, capsys):
     _write_csv_without_usage(tmp_path / "faces.csv")
     lines = (tmp_path / "faces.csv").read_text().splitlines(keepends=True)

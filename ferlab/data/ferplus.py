@@ -98,7 +98,7 @@ def read_votes(path: str | Path) -> FerPlusVotes:
         rows.append(v)
         split.append(_USAGE[usage])
     return FerPlusVotes(np.array(rows, np.int64).reshape(-1, len(COLUMNS)), np.array(split),
-                        str(path), hashlib.sha256(raw).hexdigest())
+                        str(path.resolve()), hashlib.sha256(raw).hexdigest())
 
 
 def majority(votes: np.ndarray) -> np.ndarray:

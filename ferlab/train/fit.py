@@ -194,13 +194,19 @@ def check_same_options(run_dir: Path, cfg: TrainConfig) -> None:
     one, to its epoch count). An option newer than the run counts as its default."""
     path = run_dir / "config.json"
     try:
-        saved = json.loads(path.read_text())["train"]
+        meta = json.loads(path.read_text())
+        saved = meta["train"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path}: cannot read the run's training options ({e})") from None
     now = json.loads(json.dumps(cfg.to_dict()))  # as config.json holds them (tuples as lists)
     default = json.loads(json.dumps(TrainConfig().to_dict()))
-    differ = [k for k in sorted(set(saved) | set(now))
-              if k not in NOT_LEARNED and saved.get(k, default.get(k)) != now.get(k, default.get(k))]
+    votes = (meta.get("labels") or {}).get("file") if isinstance(meta.get("labels"), dict) else None
+
+    def same(k: str) -> bool:  # a votes path as typed, or the absolute one the run recorded for it
+        a, b = saved.get(k, default.get(k)), now.get(k, default.get(k))
+        return a == b or (k == "labels" and votes is not None and b == votes)
+
+    differ = [k for k in sorted(set(saved) | set(now)) if k not in NOT_LEARNED and not same(k)]
     if differ:
         changes = "; ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in differ)
         raise CheckpointError(f"{run_dir}: started with other training options than these ({changes}); "
