@@ -164,6 +164,33 @@ def test_batchnorm_net_with_augmentation_stays_in_sync_and_resumes(tmp_path):
     assert [h["val_acc"] for h in ref["history"]] == [h["val_acc"] for h in cut["history"]]
 
 
+CLOCK_WORKER = textwrap.dedent("""
+    import json, os, sys
+    from pathlib import Path
+    from ferlab.train import fit as fit_module
+    from ferlab.train.config import TrainConfig
+
+    base, cfg = Path(sys.argv[1]), TrainConfig.from_dict(json.loads(sys.argv[2]))
+    rank = os.environ["RANK"]
+    if rank == "1":  # rank 1's clock says the time is up at once; rank 0's never does
+        fit_module.out_of_time = lambda limit, elapsed, epoch_seconds: bool(epoch_seconds)
+    summary = fit_module.fit(cfg, base / f"run-rank{rank}", progress=False, log=lambda s: None)
+    (base / f"report-rank{rank}.json").write_text(json.dumps(
+        {"epochs_run": summary["epochs_run"], "spread": summary["rank_spread"]}))
+""")
+
+
+def test_rank_0_decides_the_time_limit_for_every_rank(tmp_path):
+    """Each rank's clock differs (rank 0 also writes the files): the ranks stop at rank 0's epoch together."""
+    script = tmp_path / "worker.py"
+    script.write_text(CLOCK_WORKER)
+    cfg = TrainConfig(model="mlp-matched", epochs=3, batch_size=32, augment="none", precision="fp32",
+                      synthetic=TINY, time_limit=3600.0)
+    _torchrun([str(script), str(tmp_path), json.dumps(cfg.to_dict())])
+    reports = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("report-rank*.json"))]
+    assert reports == [{"epochs_run": 3, "spread": 0.0}] * 2
+
+
 FERLAB_SCRIPT = Path(sys.executable).parent / "ferlab"
 
 

@@ -540,7 +540,9 @@ def _epochs(run: Run, ddp: distributed.Session, governor: hardware.ThreadGoverno
     for epoch in range(run.start, cfg.epochs):
         if run.stopped_early or (stop_after is not None and len(epoch_seconds) >= stop_after):
             break
-        if out_of_time(cfg.time_limit, time.perf_counter() - t_start, epoch_seconds):
+        # rank 0 decides for all (its epochs also write the files): ranks that decided apart would deadlock
+        if ddp.broadcast_object(out_of_time(cfg.time_limit, time.perf_counter() - t_start, epoch_seconds)
+                                if cfg.time_limit else False):
             run.out_of_time = True
             log(f"time limit: {cfg.time_limit:g} s would be passed by epoch {epoch + 1}; stopping after epoch "
                 f"{epoch} of {cfg.epochs} (continue with --resume {run.run_dir})")
