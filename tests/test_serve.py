@@ -628,6 +628,33 @@ def test_browser_webcam_capture(browser, recognizer, tmp_path):
         cam.close()
 
 
+def test_a_live_face_heat_map_explains_the_smoothed_label_it_is_answered_with(recognizer, monkeypatch):
+    import ferlab.explain
+    from ferlab.serve.service import FaceService
+
+    service = FaceService(recognizer, explain_method="saliency")
+    bgr = np.ascontiguousarray(astronaut()[..., ::-1])
+    raw = service.analyse(bgr, explain=False)["faces"][0]["label"]
+    other = next(c for c in service.class_names if c != raw)
+    track = service._track
+
+    def smoothed_elsewhere(stream, faces, t):  # the stream's history outvotes this frame's own top class
+        ids, smoothed = track(stream, faces, t)
+        smoothed = np.zeros_like(smoothed)
+        smoothed[:, service.class_names.index(other)] = 1.0
+        return ids, smoothed
+
+    targets = []
+    real = ferlab.explain.attribute
+    monkeypatch.setattr(service, "_track", smoothed_elsewhere)
+    monkeypatch.setattr(ferlab.explain, "attribute",
+                        lambda model, x, method, target: targets.append(target.tolist()) or real(model, x, method,
+                                                                                                 target=target))
+    face = service.analyse(bgr, stream="cam-1", t=0.0)["faces"][0]
+    assert face["label"] == other != raw and face["gradcam"] is not None
+    assert targets == [[service.class_names.index(other)]]
+
+
 def test_live_stream_frames_keep_their_track_ids(recognizer):
     """POST /predict?stream=ID: the service tracks a stream's faces across calls with the recognizer's tracker."""
     import cv2

@@ -92,7 +92,10 @@ class FaceService:
             faces = self.recognizer.predict(image_bgr, color="bgr")  # largest first
             tracked = self._track(stream, faces, t) if stream is not None else None
             explain = explain and bool(faces) and bool(self.explain_method)
-            overlays = self._overlays(image_bgr, faces) if explain else [None] * len(faces)
+            # each face's heat map explains the label it is answered with: on a stream, the smoothed one
+            shown = [f.label for f in faces] if tracked is None else \
+                [self.class_names[int(np.argmax(p))] for p in tracked[1]]
+            overlays = self._overlays(image_bgr, faces, shown) if explain else [None] * len(faces)
         answers = []
         for i, (f, ov) in enumerate(zip(faces, overlays, strict=True)):
             a = {"box": [int(v) for v in f.box], "label": f.label, "score": float(f.score),
@@ -135,8 +138,9 @@ class FaceService:
         probs = np.array([[f.probabilities[c] for c in self.class_names] for f in faces], np.float64)
         return tracker.update(boxes, probs.reshape(len(faces), len(self.class_names)), t)
 
-    def _overlays(self, image_bgr: np.ndarray, faces: list[Any]) -> list[str]:
-        """A PNG data URL per face: its attribution map over the grey crop the model saw."""
+    def _overlays(self, image_bgr: np.ndarray, faces: list[Any], labels: list[str]) -> list[str]:
+        """A PNG data URL per face: its attribution map for ``labels`` (one per face) over the grey crop the model
+        saw."""
         import cv2
         import torch
 
@@ -150,7 +154,7 @@ class FaceService:
         marks = np.array([f.landmarks for f in faces]) if faces and faces[0].landmarks is not None else None
         pix = rec.crops(gray, boxes, marks)  # (F, 1, 48, 48) uint8: the model input
         x = normalizer(torch.from_numpy(pix).float() / 255.0)  # (F, 1, 48, 48)
-        target = torch.tensor([self.class_names.index(f.label) for f in faces])  # (F,) explain the shown label
+        target = torch.tensor([self.class_names.index(label) for label in labels])  # (F,) the shown labels
         heat = attribute(model, x, method=self.explain_method, target=target)  # (F, 48, 48) in [0, 1]
         heat = np.asarray(heat.detach().cpu() if hasattr(heat, "detach") else heat, np.float32)
         return [png_data_url(heat_overlay(p[0], hm)) for p, hm in zip(pix, heat, strict=True)]
