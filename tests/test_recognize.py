@@ -255,6 +255,21 @@ def test_predict_many_goes_on_past_bad_files_and_batches_do_not_change_results(r
     assert a.shape == b.shape and np.abs(a - b).max() < 1e-5
 
 
+@pytest.mark.parametrize("cut", ["left", "top"])
+def test_a_face_the_edge_cuts_is_boxed_by_its_visible_part(rec, cut):
+    from skimage import data as skdata
+
+    rgb = skdata.astronaut()
+    rgb = np.ascontiguousarray(rgb[:, 200:] if cut == "left" else rgb[90:])  # the face cut by the edge
+    mtcnn = type(rec)(backend=rec.backend, detector="mtcnn")
+    raw = mtcnn.detector.detect(np.ascontiguousarray(rgb[..., ::-1]))[0][0]  # (4,) as the detector gives it
+    assert min(raw[0], raw[1]) < 0  # past the edge
+    (face,) = mtcnn.predict(rgb)[:1]
+    x, y, w, h = face.box
+    assert x >= 0 and y >= 0 and x + w <= rgb.shape[1] and y + h <= rgb.shape[0]
+    assert (x + w, y + h) == (raw[0] + raw[2], raw[1] + raw[3])  # the far edges as detected
+
+
 def test_one_path_is_one_input_not_its_characters(rec, media, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a folder with other images: walking "." or "/" would find them
     cv2.imwrite("other.png", np.full((60, 60), 128, np.uint8))

@@ -53,7 +53,8 @@ KEEP_BYTES = 256 * 2**20  # with keep_images, classify early rather than hold mo
 
 @dataclass
 class Face:
-    """One classified face. box: (x, y, w, h) in pixels of the original image (as detected, before the margin)."""
+    """One classified face. box: (x, y, w, h) in pixels of the original image (as detected, before the margin; cut
+    to the image where the face reaches past its edge)."""
 
     box: tuple[int, int, int, int]
     label: str
@@ -125,6 +126,16 @@ def load_image(image: ImageInput, color: str = "rgb", max_pixels: int | None = D
     if arr.ndim >= 2:
         check_pixels(arr.shape[1], arr.shape[0], max_pixels)
     return to_bgr8(arr, color)
+
+
+def inside(boxes: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Boxes (F, 4) x, y, w, h cut to the part inside an image of ``shape`` (H, W, ...): a face the photo's edge
+    cuts is reported by its visible part, so that ``image[y:y + h, x:x + w]`` is that part."""
+    h, w = shape[:2]
+    b = np.asarray(boxes, np.int64).reshape(-1, 4)
+    x0, y0 = np.clip(b[:, 0], 0, w - 1), np.clip(b[:, 1], 0, h - 1)
+    x1, y1 = np.clip(b[:, 0] + b[:, 2], x0 + 1, w), np.clip(b[:, 1] + b[:, 3], y0 + 1, h)
+    return np.stack([x0, y0, x1 - x0, y1 - y0], 1)
 
 
 def _thread_governor():  # -> hardware.ThreadGovernor
@@ -398,7 +409,8 @@ class Recognizer:
                 boxes, marks, _ = self.detector.detect(image)  # (F, 4), (F, 5, 2)
             else:
                 boxes, marks = self.detector(image), None
-            return boxes, marks, self.crops(gray, boxes, marks)
+            pix = self.crops(gray, boxes, marks)  # from the detector's boxes, which may reach past the edge
+            return inside(boxes, gray.shape), marks, pix
         except (cv2.error, ValueError) as e:  # one odd image fails alone; the batch's other results stay
             res.error = f"face detection failed on this {bgr.shape[1]}x{bgr.shape[0]} image: {one_line(e)}"
             return none
