@@ -428,6 +428,30 @@ def test_cli_filters_feature_maps_layers(trained_tiny_run, tmp_path, capsys):
         capsys.readouterr().out)
 
 
+def test_cli_figures_named_without_a_suffix_are_pngs_and_the_path_printed_is_the_one_written(
+        trained_tiny_run, tmp_path, capsys):
+    assert run_cli("feature-maps", str(trained_tiny_run), "--layer", "stages.1", "--image", "data:test:2",
+                   "--out", str(tmp_path / "fmaps")) == 0
+    assert (tmp_path / "fmaps.png").is_file() and f"wrote {tmp_path / 'fmaps.png'}" in capsys.readouterr().out
+    assert run_cli("filters", str(trained_tiny_run), "--layer", "stages.0", "--steps", "1", "--max-filters", "2",
+                   "--out", str(tmp_path / "filt")) == 0
+    assert (tmp_path / "filt.png").is_file() and f"wrote {tmp_path / 'filt.png'}" in capsys.readouterr().out
+
+
+def test_explained_probabilities_are_calibrated_as_predict_reports_them(trained_tiny_run):
+    from ferlab.explain.pipeline import explain_images
+    from ferlab.inference.loader import load_model
+
+    m = load_model(str(trained_tiny_run))
+    faces = np.random.default_rng(3).integers(0, 256, (5, 48, 48), dtype=np.uint8)
+    m.module.float().eval()
+    raw = explain_images(m.module, m.normalizer, faces, "saliency", faithfulness=False)
+    hot = explain_images(m.module, m.normalizer, faces, "saliency", faithfulness=False, temperature=2.0)
+    want = torch.softmax(torch.log(raw.probs) / 2.0, 1)
+    assert torch.allclose(hot.probs, want, atol=1e-6) and torch.equal(hot.targets, raw.targets)
+    assert not torch.allclose(hot.probs, raw.probs)
+
+
 def test_cli_limits_and_no_per_image(trained_tiny_run, tmp_path, capsys):
     # without --channels, --max-filters / --max-channels cap how many filters or maps are drawn
     assert run_cli("filters", str(trained_tiny_run), "--layer", "stages.0", "--steps", "2", "--max-filters", "3",
@@ -453,6 +477,11 @@ def test_cli_limits_and_no_per_image(trained_tiny_run, tmp_path, capsys):
     (["explain", "{run}", "--images", "data:tset:2"], "bad data spec 'data:tset:2'"),
     (["explain", "{run}", "--images", "data:test:2", "--target", "Bored"], "unknown target 'Bored'"),
     (["feature-maps", "{run}", "--layer", "stem", "--image", "data:test:100000"], "fewer than 100001"),
+    (["explain", "{tmp}/model.onnx", "--images", "data:test:2"], "model.onnx: explanations need the model's gradients"),
+    (["filters", "{tmp}/model.onnx", "--layer", "stem"], "name the run directory or .safetensors checkpoint"),
+    (["explain", "{run}", "--images", "data:test:2", "--faith-steps", "1"], "--faith-steps must be at least 2, got 1"),
+    (["explain", "{run}", "--images", "data:test", "--count", "-1"], "--count must be at least 1, got -1"),
+    (["feature-maps", "{run}", "--layer", "stem", "--image", "data:test:0", "--out", "{tmp}"], "is a folder"),
 ])
 def test_cli_errors(trained_tiny_run, tmp_path, capsys, argv, message):
     import cv2

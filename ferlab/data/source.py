@@ -66,14 +66,14 @@ def same_pixels(meta: dict[str, Any], data: FerData) -> bool:
     return trained in seen
 
 
-def split_rows(data: FerData, meta: dict[str, Any], split: str) -> np.ndarray:
-    """Row indices of ``split`` under the checkpoint's own split protocol."""
+def split_rows(data: FerData, meta: dict[str, Any], split: str, hint: str = "; try --split val") -> np.ndarray:
+    """Row indices of ``split`` under the checkpoint's own split protocol; ``hint``: how the caller's user names
+    the val split instead, added to the error when ``split`` is an empty test split."""
     s = meta["split"]
     idx = train_val_test(data, val_fraction=s["val_fraction"], seed=s["split_seed"])[split]
     idx = idx[data.labels[idx] >= 0]
     if not len(idx):
-        raise ValueError(f"{data.source}: split {split!r} has no labelled rows"
-                         + ("; try --split val" if split == "test" else ""))
+        raise ValueError(f"{data.source}: split {split!r} has no labelled rows" + (hint if split == "test" else ""))
     return idx
 
 

@@ -16,6 +16,9 @@ MODEL_HELP = "run directory, .safetensors checkpoint or shipped model name"
 def _load(spec: str):  # -> LoadedModel
     from ferlab.inference.loader import LoadedModel, load_model
 
+    if str(spec).lower().endswith(".onnx"):
+        raise ValueError(f"{spec}: explanations need the model's gradients, which an .onnx file does not give: "
+                         "name the run directory or .safetensors checkpoint it was exported from")
     m = load_model(spec)
     if not isinstance(m, LoadedModel):
         raise ValueError(f"{spec} is an ensemble of {len(m.members)}; explanations run on one net: name one of its "
@@ -56,13 +59,17 @@ def cmd_explain(args: argparse.Namespace) -> int:
         raise ValueError(f"unknown explanation method {args.method!r}; choose one of {', '.join(METHODS)}")
     if not 0.0 <= args.threshold <= 1.0:
         raise ValueError(f"--threshold must be in [0, 1], got {args.threshold}")
+    if not args.no_faithfulness and args.faith_steps < 2:  # checked now, not after every map is computed
+        raise ValueError(f"--faith-steps must be at least 2, got {args.faith_steps}")
+    if args.count < 1:
+        raise ValueError(f"--count must be at least 1, got {args.count}")
     m = _load(args.model)
     model, meta, norm, names = m.module, m.meta, m.normalizer, m.class_names
     faces = load_faces(args.images, meta, default_count=args.count, data_path=args.data)
     target = parse_target(args.target, names, faces.labels)
     t0 = time.perf_counter()
     exp = explain_images(model, norm, faces.images, args.method, target=target, faithfulness=not args.no_faithfulness,
-                         faith_steps=args.faith_steps)
+                         faith_steps=args.faith_steps, temperature=m.temperature())
     out = Path(args.out) if args.out else _default_out(args.model, f"explain-{args.method}")
     report = write_explanations(exp, faces, names, out, threshold=args.threshold, model_name=m.architecture,
                                 per_image=not args.no_per_image,
@@ -98,7 +105,7 @@ def cmd_filters(args: argparse.Namespace) -> int:
     fig = image_grid_figure([stretch(im) for im in res.images], titles=[str(c) for c in res.channels],
                             suptitle=f"{m.architecture} {args.layer}: inputs maximising each filter's mean "
                                      f"activation ({args.steps} steps from grey noise)")
-    save_figure(fig, out)
+    out = save_figure(fig, out)
     up = int((res.final_activation > res.start_activation).sum())
     print(f"{m.architecture} {args.layer}: {len(chans)} of {info.channels} filters, {args.steps} steps in "
           f"{secs:.1f} s; mean activation {float(res.start_activation.mean()):.4f} -> "
@@ -125,7 +132,7 @@ def cmd_feature_maps(args: argparse.Namespace) -> int:
     if bad:
         raise ValueError(f"layer {args.layer!r} has channels 0..{info.channels - 1}; got {bad}")
     with torch.no_grad():
-        probs = model(x).softmax(1)[0]
+        probs = (model(x).float() / m.temperature()).softmax(1)[0]  # calibrated, as predict reports them
     names = m.class_names
     k = int(probs.argmax())
     true = f", true {names[int(face.labels[0])]}" if face.labels[0] >= 0 else ""
@@ -135,7 +142,7 @@ def cmd_feature_maps(args: argparse.Namespace) -> int:
                             suptitle=f"{m.architecture} {args.layer} {tuple(maps.shape)} on {face.names[0]} "
                                      f"(pred {names[k]} {float(probs[k]):.2f}{true})")
     out = Path(args.out) if args.out else _default_out(args.model, f"feature-maps-{args.layer}.png")
-    save_figure(fig, out)
+    out = save_figure(fig, out)
     print(f"{args.layer}: {len(chans)} of {maps.shape[0]} maps of {maps.shape[1]}x{maps.shape[2]}; wrote {out}")
     return 0
 

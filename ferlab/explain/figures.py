@@ -164,8 +164,13 @@ def image_grid_figure(
 
 
 def save_figure(fig, path: str | Path) -> Path:
-    """Write a figure to ``path`` (PNG by its suffix), creating the folder."""
+    """Write a figure to ``path`` (its suffix names the format; none: PNG, ``.png`` added), creating the folder;
+    returns the path written."""
     p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"{p} is a folder: name the image file to write, e.g. {p / 'figure.png'}")
+    if not p.suffix:
+        p = p.with_suffix(".png")
     p.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(p)
     return p

@@ -60,7 +60,7 @@ def data_faces(meta: dict[str, Any], split: str, rows: Sequence[int] | slice, da
     from ferlab.data.source import data_for, split_rows
 
     data = data_for(meta, data_path, progress=False)
-    idx = split_rows(data, meta, split)
+    idx = split_rows(data, meta, split, hint="; try data:val[:N]")
     pos = np.arange(len(idx))[rows]  # positions within the split; IndexError when out of range
     pick = idx[pos]
     return Faces(np.asarray(data.images[pick], dtype=np.uint8), np.asarray(data.labels[pick], dtype=np.int64),

@@ -63,12 +63,15 @@ def explain_images(
     faithfulness: bool = True,
     faith_steps: int = 10,
     batch_size: int = 64,
+    temperature: float = 1.0,
     **options: Any,
 ) -> Explanation:
     """Explain uint8 faces ``images`` (N, 48, 48) or (N, 1, 48, 48): predictions, heat maps and faithfulness.
 
     ``target``: None (predicted class), an int, or (N,) classes. The baseline (integrated gradients,
     occlusion, deletion/insertion) defaults to the normalised mean grey (:func:`baseline_value`).
+    ``temperature``: the model's calibration (a shipped model's), applied to the probabilities reported, as
+    ``predict`` and ``serve`` report them (the predicted class is the same either way).
     """
     from ferlab.explain.methods import resolve_target
 
@@ -87,6 +90,8 @@ def explain_images(
             targets.append(t)
             probs.append(p)
     t_all, p_all = torch.cat(targets), torch.cat(probs)
+    if temperature != 1.0:  # softmax(z / T) from softmax(z): the log-sum-exp constant cancels
+        p_all = (p_all.clamp_min(1e-30).log() / temperature).softmax(1)
     heat = torch.cat([explainer.explain(x[i:i + batch_size], t_all[i:i + batch_size])
                       for i in range(0, len(x), batch_size)])  # (N, H, W)
     seconds["attribution"] = time.perf_counter() - t0
