@@ -382,6 +382,15 @@ def test_folds_are_the_same_without_the_test_rows(tmp_path):
         np.testing.assert_array_equal(a.split, b.split)
 
 
+def test_the_overfitting_sentence_names_a_larger_gap_only_when_there_is_one():
+    from ferlab.study.report import gap_sentence
+
+    assert "neither shows overfitting" in gap_sentence(-0.001, -0.12)  # both at or below val: no claim
+    assert "-0.1 points for the MLP and -12.0 for the CNN" in gap_sentence(-0.001, -0.12)
+    assert "about the same gap" in gap_sentence(0.051, 0.048)
+    assert gap_sentence(0.02, 0.09).endswith("is the CNN's.") and gap_sentence(0.09, -0.02).endswith("the MLP's.")
+
+
 def test_late_gain_measures_the_last_fifth_of_a_curve():
     from ferlab.study.report import late_gain
 

@@ -228,11 +228,22 @@ def section_q2(ctx: Context, doc: Document) -> None:
     gc = cnn.history[-1]["train_acc"] - cnn.history[-1]["val_acc"] if cnn.history else float("nan")
     gm = mlp.history[-1]["train_acc"] - mlp.history[-1]["val_acc"] if mlp.history else float("nan")
     if np.isfinite(gc) and np.isfinite(gm):
-        larger = "the MLP's" if gm > gc else "the CNN's"
-        text.append(f"At the last epoch, train accuracy (on augmented batches, during the epoch) minus val accuracy "
-                    f"is {100 * gm:+.1f} points for the MLP and {100 * gc:+.1f} for the CNN; the larger gap, the sign "
-                    f"of fitting the training images more than generalising, is {larger}.")
+        text.append(gap_sentence(gm, gc))
     doc.add(Para(" ".join(text)))
+
+
+def gap_sentence(gap_mlp: float, gap_cnn: float) -> str:
+    """What the last epoch's train-minus-val accuracy gaps (fractions) say about overfitting: a larger gap is
+    named only when a gap is positive and the two differ by a point or more."""
+    gaps = (f"At the last epoch, train accuracy (on augmented batches, during the epoch) minus val accuracy "
+            f"is {100 * gap_mlp:+.1f} points for the MLP and {100 * gap_cnn:+.1f} for the CNN")
+    if max(gap_mlp, gap_cnn) <= 0:
+        return (f"{gaps}: neither fits its training images better than the val faces, so neither shows overfitting "
+                "at this length.")
+    if abs(gap_mlp - gap_cnn) < 0.01:
+        return f"{gaps}: about the same gap, the sign of fitting the training images more than generalising, for both."
+    larger = "the MLP's" if gap_mlp > gap_cnn else "the CNN's"
+    return f"{gaps}; the larger gap, the sign of fitting the training images more than generalising, is {larger}."
 
 
 def section_q3(ctx: Context, doc: Document) -> None:
