@@ -13,6 +13,7 @@ from ferlab.explain import METHODS, attribute
 from ferlab.explain.faithfulness import deletion_insertion, ranks_from_heat
 from ferlab.explain.filters import (
     AscentConfig,
+    _channel_means,
     capture,
     check_layer,
     feature_maps,
@@ -363,6 +364,35 @@ def test_gradient_ascent_finds_each_filters_pattern():
         act = torch.relu(net.conv(norm(res.images[:, None]))).mean(dim=(2, 3))  # (F image, 2 filters)
     assert act[0, 0] > 2 * act[0, 1] and act[1, 1] > 2 * act[1, 0]  # each image excites its own filter most
     assert no_hooks(net)
+
+
+class SilentNet(nn.Module):
+    """A conv whose second filter is silent (biased far below 0) on any [0, 1] image, then an in-place ReLU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3, padding=1)
+        self.act = nn.ReLU(inplace=True)
+        with torch.no_grad():
+            self.conv.weight.fill_(0.1)
+            self.conv.bias.copy_(torch.tensor([0.0, -5.0]))
+        self.fc = nn.Linear(2, 7)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.act(self.conv(x)).mean(dim=(2, 3)))
+
+
+def test_gradient_ascent_on_a_relu_layer_wakes_a_filter_silent_on_the_start_image():
+    net = SilentNet().eval()
+    norm = Normalizer("unit")
+    res = visualize_filters(net, "act", norm, config=AscentConfig(steps=24))
+    assert bool((res.final_activation > res.start_activation).all()), (res.start_activation, res.final_activation)
+    assert float(res.images[1].mean()) > 0.6  # the silent filter's input brightens towards its positive weights
+    assert no_hooks(net)
+    with torch.no_grad():  # on a layer with a gradient everywhere, the layer's own output as before
+        out = _channel_means(net, "conv", norm(torch.full((2, 1, 48, 48), 0.5)), torch.tensor([0, 1]))
+    mean_conv = 0.1 * 0.5 * 142**2 / 48**2  # 0.1 x 0.5 over the in-bounds neighbours: (3 x 48 - 2)^2 in all
+    assert torch.allclose(out, torch.tensor([mean_conv, 0.05 * (mean_conv - 5)]), atol=1e-5)
 
 
 def test_gradient_ascent_raises_activation_of_trained_model(trained_tiny_run):

@@ -112,6 +112,27 @@ def layer_output(model: nn.Module, layer: str, x: torch.Tensor) -> torch.Tensor:
     return outs[layer]
 
 
+def layer_input(model: nn.Module, layer: str, x: torch.Tensor) -> torch.Tensor:
+    """Input (B, C, h, w) of ``layer`` for model inputs ``x`` (B, 1, H, W); the forward pass stops before it runs
+    (so an in-place layer cannot change it)."""
+    got: dict[str, torch.Tensor] = {}
+
+    def pre_hook(_module: nn.Module, inputs) -> None:
+        got["x"] = inputs[0].clone()
+        raise _StopForward
+
+    handle = dict(model.named_modules())[layer].register_forward_pre_hook(pre_hook)
+    try:
+        model(x)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    if "x" not in got:
+        raise ValueError(f"layer {layer!r} did not run in the forward pass")
+    return got["x"]
+
+
 @torch.no_grad()
 def feature_maps(model: nn.Module, layer: str, x: torch.Tensor) -> torch.Tensor:
     """A layer's outputs (C, h, w) on one normalised face ``x`` (1, 1, H, W)."""
@@ -176,9 +197,13 @@ def _channel_means(model: nn.Module, layer: str, x: torch.Tensor, channels: torc
     Rectified as Keras' ``Conv2D(activation="relu")`` outputs are: the same for ReLU and block outputs, and
     for pre-activation conv/BatchNorm outputs it avoids the trivial optimum of a linear map (a uniformly black
     or white image). The rectifier leaks (slope ``LEAK``) so that a filter silent on the start image still
-    gets a gradient.
+    gets a gradient; on a ReLU layer, whose output has no gradient where it is 0, it rectifies the layer's input
+    (where positive, the ReLU's output itself).
     """
-    out = layer_output(model, layer, x)  # (F, C, h, w)
+    if isinstance(dict(model.named_modules())[layer], nn.ReLU | nn.ReLU6):
+        out = layer_input(model, layer, x)  # (F, C, h, w) pre-activation
+    else:
+        out = layer_output(model, layer, x)  # (F, C, h, w)
     return F.leaky_relu(out[torch.arange(len(channels)), channels], LEAK).mean(dim=(1, 2))  # (F,)
 
 
