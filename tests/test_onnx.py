@@ -71,6 +71,18 @@ def test_onnx_runtime_equals_pytorch(name, normalize, model_args, faces, tmp_pat
         assert np.abs(got_probs - torch.from_numpy(want).softmax(1).numpy()).max() < TOL
 
 
+@pytest.mark.parametrize("tta", ["none", "affine"])
+def test_an_empty_batch_gives_no_rows(tmp_path, faces, tta):
+    ckpt = make_checkpoint(tmp_path / "e.safetensors", "fer-resnet-xs")
+    out = tmp_path / "e.onnx"
+    assert main(["export", "--onnx", str(ckpt), "--tta", tta, "--out", str(out)]) == 0
+    onnx_be = OnnxBackend(out, threads=1)
+    logits, probs = onnx_be.session.run(["logits", "probabilities"], {"pixels": faces[:0]})
+    assert logits.shape == probs.shape == (0, 7)  # not (7, 7): a frame without faces
+    want = TorchBackend.from_module(*load_checkpoint(ckpt), tta=tta).logits(faces)
+    assert np.abs(onnx_be.session.run(["logits"], {"pixels": faces})[0] - want).max() < TOL
+
+
 def test_onnx_file_is_self_contained(tmp_path):
     import onnx
 

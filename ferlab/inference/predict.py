@@ -131,6 +131,7 @@ class PixelsToProbabilities(nn.Module):
         self.models = nn.ModuleList([m.eval() for m, _ in members])
         self.normalizers = [n for _, n in members]
         self.views = TTAViews(tta_mode(tta), input_size)
+        self.n_views = tta_view_count(tta_mode(tta), (1, *input_size))
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         b = pixels.shape[0]
@@ -138,7 +139,9 @@ class PixelsToProbabilities(nn.Module):
         member_logits = []
         for model, norm in zip(self.models, self.normalizers, strict=True):
             z = model(norm(views))  # (V * B, K)
-            member_logits.append(z.reshape(-1, b, z.shape[-1]).mean(0))  # (B, K)
+            # the mean over the views by slices, not a reshape to (V, B, K): an ONNX Reshape reads a batch of 0
+            # as "keep this dimension", and an empty batch then gave a (K, K) answer
+            member_logits.append(sum(z[v * b : (v + 1) * b] for v in range(self.n_views)) / self.n_views)  # (B, K)
         if len(member_logits) == 1:
             z = member_logits[0] / self.temperature if self.temperature != 1.0 else member_logits[0]
             return z, z.softmax(-1)
