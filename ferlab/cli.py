@@ -48,7 +48,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     from ferlab.models.summary import model_table
 
     if args.pretrained:
-        return _print_pretrained(args.json)
+        return _print_pretrained(args.json, args.pattern)
     rows = model_table(args.pattern)
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -93,16 +93,20 @@ def _shelf_rows() -> list[dict[str, Any]]:
     return rows
 
 
-def _print_pretrained(as_json: bool) -> int:
-    """The shipped models and ensembles with roles, stated accuracies (measured on the shipped files) and sizes."""
+def _print_pretrained(as_json: bool, pattern: str = "*") -> int:
+    """The shipped models and ensembles whose names match ``pattern``, with roles, stated accuracies (measured on
+    the shipped files) and sizes."""
+    from fnmatch import fnmatchcase
+
     from ferlab.pretrained import DEFAULT_RULE, default_rule_score, manifest_path
 
-    rows = _shelf_rows()
+    rows = [r for r in _shelf_rows() if fnmatchcase(r["name"], pattern)]
     if as_json:
         print(json.dumps(rows, indent=2))
         return 0
     if not rows:
-        print(f"no pretrained models are shipped in this build ({manifest_path()} lists none)")
+        print(f"no pretrained models are shipped in this build ({manifest_path()} lists none)" if pattern == "*"
+              else f"no shipped model matches {pattern!r}")
         return 0
     nw = max(24, *(len(r["name"]) for r in rows))
     rw = max(5, *(len(",".join(r["roles"])) for r in rows))
@@ -361,7 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("models", help="list the registered models with parameter counts and MFLOPs")
     m.add_argument("--json", action="store_true", help="print JSON")
-    m.add_argument("--pattern", default="*", help="shell-style name filter, e.g. 'r00*'")
+    m.add_argument("--pattern", default="*", help="shell-style name filter, e.g. 'r00*' (with --pretrained: "
+                                                  "'ferplus*')")
     m.add_argument("--pretrained", action="store_true",
                    help="list the shipped pretrained models with their stated PublicTest/PrivateTest accuracy")
     m.set_defaults(func=cmd_models)

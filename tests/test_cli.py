@@ -65,6 +65,17 @@ def test_models_json_lists_every_model(capsys):
     assert all(r["mflops"] > 0 and r["keras_total"] >= r["trainable"] > 0 for r in rows)
 
 
+def test_models_pretrained_pattern_filters_the_shelf(capsys):
+    from ferlab.pretrained import list_pretrained
+
+    assert main(["models", "--pretrained", "--json", "--pattern", "ferplus*"]) == 0
+    names = [r["name"] for r in json.loads(capsys.readouterr().out)]
+    shipped = [e["name"] for e in list_pretrained()]
+    assert names == [n for n in shipped if n.startswith("ferplus")] and len(names) < len(shipped)
+    assert main(["models", "--pretrained", "--pattern", "nothing*"]) == 0
+    assert "no shipped model matches 'nothing*'" in capsys.readouterr().out
+
+
 def test_models_pattern_filters_by_name_and_version_prints_the_package_version(capsys):
     from fnmatch import fnmatch
 
