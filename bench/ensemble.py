@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     from ferlab.inference.options import tta_argument
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("candidates", nargs="+", help="run directories, .safetensors files or shipped model names")
+    p.add_argument("candidates", nargs="+", help="run directories, .safetensors files or shipped model names (a "
+                                                 "shipped ensemble's name: its members)")
     p.add_argument("--data", help="the data all candidates were trained on, e.g. fer2013.csv.gz (default: the first "
                                   "candidate's training data)")
     p.add_argument("--tta", **tta_argument())  # each member's test-time augmentation, as in `ferlab evaluate`
@@ -82,6 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache", type=Path, default=None,
                    help="a folder that keeps each candidate's val/test predictions for the next selection")
     args = p.parse_args(argv)
+    from ferlab.pretrained import list_pretrained
+
+    ensembles = {e["name"]: e["members"] for e in list_pretrained() if e.get("members")}
+    args.candidates = list(dict.fromkeys(  # a shipped ensemble's name stands for its members (each once)
+        m for c in args.candidates for m in (ensembles[c] if c in ensembles and not Path(c).exists() else [c])))
 
     data = data_for(read_meta(args.candidates[0]), args.data)
     metas, probs = [], []

@@ -99,6 +99,13 @@ def main() -> None:
     unknown = set(args.backends) - set(factories)
     if unknown:
         ap.error(f"unknown backend(s) {sorted(unknown)}; choose from {', '.join(factories)}")
+    from ferlab.pretrained import list_pretrained
+
+    ensembles = {e["name"]: e["members"] for e in list_pretrained() if e.get("members")}
+    for spec in args.models:  # before any timing: a shipped ensemble has no single weights to time
+        if spec in ensembles and not Path(spec).exists():
+            ap.error(f"{spec} is a shipped ensemble: time its members ({', '.join(ensembles[spec])}); it costs "
+                     "about their sum")
     load_avg = ", ".join(f"{v:.1f}" for v in os.getloadavg())
     print(f"{cpu_name()}, {os.cpu_count()} cores; threads: torch {torch.get_num_threads()}, onnxruntime intra-op "
           f"{args.threads}; torch {torch.__version__}, onnxruntime {onnxruntime.__version__}; "
