@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     from ferlab.data.source import open_data
     from ferlab.inference.loader import load_model
     from ferlab.inference.predict import combine
-    from ferlab.pretrained import apply_default_rule, list_pretrained, manifest_path
+    from ferlab.pretrained import apply_default_rule, current_name, list_pretrained, manifest_path
     from ferlab.robustness import corruption_probabilities, sample_rows, score
 
     faces = args.faces or DEFAULT_FACES
@@ -63,7 +63,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     entries = {e["name"]: e for e in list_pretrained()}
-    wanted = args.names or list(entries)
+    try:
+        wanted = [current_name(n) for n in args.names] if args.names else list(entries)
+    except KeyError as e:  # a name no longer shipped
+        ap.error(e.args[0])
+    unknown = [n for n in wanted if n not in entries]
+    if unknown:
+        ap.error(f"not shipped: {', '.join(unknown)} (shipped: {', '.join(entries)})")
     singles = sorted({m for n in wanted for m in (entries[n].get("members") or [n])})
     data = open_data(args.data, progress=False)
     if not np.array_equal(data.ids, np.arange(len(data))):
@@ -76,13 +82,14 @@ def main(argv: list[str] | None = None) -> int:
     rows = {s: sample_rows(data.indices(s), faces, seed) for s in SPLITS}
     probs: dict[tuple[str, str], dict] = {}  # (model, split) -> {(corruption, severity): (N, 7)}
     whole: dict[tuple[str, str], np.ndarray] = {}  # (model, split) -> (N_split, 7) clean probs of the whole split
-    for name in singles:
+    for name in singles:  # uncalibrated, as an ensemble averages its members (a single net's argmax is the same)
         model = load_model(name)
         for split in SPLITS:
-            out = corruption_probabilities(model, data.images[rows[split]], seed=seed, progress=True)
+            out = corruption_probabilities(model, data.images[rows[split]], seed=seed, progress=True,
+                                           calibrated=False)
             probs[name, split] = out
             x = torch.from_numpy(data.images[data.indices(split)]).unsqueeze(1)  # (N, 1, 48, 48) uint8
-            whole[name, split] = model.probabilities(x)
+            whole[name, split] = model.probabilities(x, calibrated=False)
         print(f"measured {name}", flush=True)
 
     results: dict[str, dict] = {}

@@ -69,8 +69,9 @@ class RobustnessResult:
 
 def corruption_probabilities(model: LoadedModel | Ensemble, images: np.ndarray, *, seed: int = DEFAULT_SEED,
                              corruptions: Sequence[str] | None = None, tta: str = "none", batch_size: int = 512,
-                             progress: bool = True) -> dict[tuple[str, int], np.ndarray]:
-    """Probabilities (N, K) of ``model`` on the clean faces (key ``("clean", 0)``) and on every corrupted set."""
+                             progress: bool = True, calibrated: bool = True) -> dict[tuple[str, int], np.ndarray]:
+    """Probabilities (N, K) of ``model`` on the clean faces (key ``("clean", 0)``) and on every corrupted set;
+    ``calibrated=False``: before the model's temperature (what an ensemble averages over its members)."""
     names = list(corruptions or CORRUPTIONS)
     out = {}
 
@@ -82,7 +83,7 @@ def corruption_probabilities(model: LoadedModel | Ensemble, images: np.ndarray, 
     for name, severity, faces in tqdm(all_sets(), total=total, desc=f"{getattr(model, 'source', 'model')} corrupted",
                                       disable=not progress, leave=False):
         x = torch.from_numpy(np.ascontiguousarray(faces)).unsqueeze(1)  # (N, 1, H, W) uint8
-        out[name, severity] = model.probabilities(x, tta=tta, batch_size=batch_size)
+        out[name, severity] = model.probabilities(x, tta=tta, batch_size=batch_size, calibrated=calibrated)
     return out
 
 
