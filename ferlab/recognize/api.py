@@ -294,6 +294,7 @@ class Recognizer:
         if isinstance(images, str | Path | bytes | bytearray | memoryview):
             raise TypeError(f"predict_batch takes a list of images, got one {type(images).__name__}: use "
                             "predict() for one image, or predict_batch([image])")
+
         def frames() -> Iterator[tuple[Result, np.ndarray | None]]:
             for img in images:
                 name = str(img) if isinstance(img, str | Path) else None
@@ -302,8 +303,7 @@ class Recognizer:
         return [r.faces for r in self._run(frames(), crops, keep_images=False)]
 
     def predict_many(self, inputs: Iterable[str | Path] | str | Path, crops: bool = False, every: int = 1,
-                     progress: bool = False,
-                     keep_images: bool = False) -> Iterator[Result]:
+                     progress: bool = False, keep_images: bool = False) -> Iterator[Result]:
         """Stream one :class:`Result` per image or kept video frame, for files and folders (recursive); one path
         alone is a list of one.
 
