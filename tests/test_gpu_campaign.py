@@ -241,12 +241,25 @@ def test_privatetest_never_travels(data, tmp_path):
 def test_fitted_epochs():
     c = _campaign()
     run_ = c.PlannedRun("r", "configs/fer-resnet-s16-20ep.toml", min_epochs=10, max_epochs=300)
-    # 0.85 x (445 - 45) s x 1,000 images/s / 28,709 images an epoch = 11.8
+    # 0.8 x (445 - 45) s x 1,000 images/s / 28,709 images an epoch = 11.1
     assert c.fitted_epochs(run_, 1000.0, 445.0) == 11
     assert c.fitted_epochs(c.PlannedRun("r", "x", min_epochs=12), 1000.0, 445.0) == 0  # too few: not started
     assert c.fitted_epochs(c.PlannedRun("r", "x", max_epochs=5, min_epochs=1), 1000.0, 445.0) == 5
     assert c.fitted_epochs(c.PlannedRun("r", "x", epochs=7), 1000.0, 445.0) == 7
     assert c.fitted_epochs(run_, None, 445.0) == 10  # no calibration: the least the plan allows
+
+
+def test_a_history_cut_mid_write_reads_as_no_epoch_yet(tmp_path):
+    from ferlab.train.fit import HISTORY_FIELDS, write_history
+
+    row = {"epoch": 1, "lr": 1e-3, "train_loss": 1.5, "train_acc": 0.4, "val_loss": 1.4, "val_acc": 0.45,
+           "seconds": 3.0, "images_per_s": 9000.0, "size": 48}
+    write_history(tmp_path, [row, {**row, "epoch": 2}], plot=False)
+    assert _campaign().last_epoch(tmp_path)["epoch"] == 2
+    text = (tmp_path / "history.csv").read_text()
+    assert text.splitlines()[0] == ",".join(HISTORY_FIELDS) and not (tmp_path / "curves.png").exists()
+    (tmp_path / "history.csv").write_text(text[: text.rindex("\n", 0, -1) + 5])  # the last row cut short
+    assert _campaign().last_epoch(tmp_path) is None  # a progress line, not an error that ends the campaign
 
 
 @pytest.mark.parametrize("text, message", [

@@ -114,3 +114,16 @@ def test_time_limit_stops_cleanly_and_a_resume_takes_another(tmp_path):
     assert main(["train", "--resume", str(tmp_path / "r"), "--no-progress", "--threads", "1"]) == 0
     s = json.loads((tmp_path / "r/summary.json").read_text())
     assert s["finished"] and s["epochs_run"] == 3 and not s["out_of_time"]
+
+
+def test_curves_are_redrawn_at_most_every_so_often_and_always_at_the_end(tmp_path, monkeypatch):
+    from ferlab.plots import plot_history
+    from ferlab.train import fit as fit_module
+
+    drawn = []
+    monkeypatch.setattr(fit_module, "PLOT_EVERY_S", 3600.0)  # one drawing during the run, then the last
+    monkeypatch.setattr("ferlab.plots.plot_history", lambda h, p, **kw: drawn.append(len(h)) or plot_history(h, p))
+    summary = fit_module.fit(tiny_config(model="r004-dnn", epochs=3), tmp_path / "run", progress=False)
+    assert summary["epochs_run"] == 3 and drawn == [1, 3]
+    assert (tmp_path / "run" / "curves.png").is_file()
+    assert len(fit_module.read_history(tmp_path / "run")) == 3

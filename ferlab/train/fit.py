@@ -31,7 +31,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import ferlab
 from ferlab import hardware
-from ferlab.checkpoint import BEST, LAST_STATE, CheckpointError, save_checkpoint
+from ferlab.checkpoint import BEST, LAST_STATE, CheckpointError, atomic_write, save_checkpoint
 from ferlab.data.ferplus import apply_labels
 from ferlab.data.source import open_data
 from ferlab.data.splits import train_val_test
@@ -166,16 +166,23 @@ def default_run_dir(cfg: TrainConfig, root: str | Path = "runs") -> Path:
 
 HISTORY_FIELDS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "seconds", "images_per_s",
                   "size")
+PLOT_EVERY_S = 30.0  # curves.png is redrawn at most this often during a run (and at its end): short epochs
 
 
-def write_history(run_dir: Path, history: list[dict[str, float]]) -> None:
+def write_history(run_dir: Path, history: list[dict[str, float]], plot: bool = True) -> None:
+    """RUN_DIR/history.csv (replaced whole, so a reader never sees half a file) and, with ``plot``, curves.png."""
+    import io
+
     from ferlab.plots import plot_history
 
-    with open(run_dir / "history.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=HISTORY_FIELDS, restval="")
-        w.writeheader()
-        w.writerows(history)
-    plot_history(history, run_dir / "curves.png")
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=HISTORY_FIELDS, restval="")
+    w.writeheader()
+    w.writerows(history)
+    text = buf.getvalue()
+    atomic_write(run_dir / "history.csv", lambda tmp: Path(tmp).write_text(text, newline=""))
+    if plot:
+        plot_history(history, run_dir / "curves.png")
 
 
 def read_history(run_dir: str | Path) -> list[dict[str, float]]:
@@ -291,6 +298,7 @@ class Run:
     start: int = 0  # the first epoch (0-based) this call trains
     stopped_early: bool = False
     out_of_time: bool = False  # this call stopped at its time_limit (the run can resume)
+    plotted_at: float = float("-inf")  # time.perf_counter() when curves.png was last drawn
 
     @property
     def full_side(self) -> int:
@@ -604,7 +612,9 @@ def _end_epoch(run: Run, ddp: distributed.Session, epoch: int, lr: float, side: 
             save_checkpoint(run.run_dir / BEST, run.eval_net, run.meta)
     run.stopped_early = run.early.update(monitored, epoch + 1)
     if ddp.is_main:
-        write_history(run.run_dir, run.history)
+        plot = time.perf_counter() - run.plotted_at >= PLOT_EVERY_S  # the last epoch's curves: see _finish
+        write_history(run.run_dir, run.history, plot=plot)
+        run.plotted_at = time.perf_counter() if plot else run.plotted_at
         ResumeState.capture(epoch, run.net, run.optimizer, run.schedule, run.early, run.best, run.history,
                             run.stopped_early, run.prep.data.fingerprint, run.ema).save(run.run_dir / LAST_STATE)
     return is_best
@@ -629,5 +639,8 @@ def _finish(run: Run, ddp: distributed.Session, last_train: dict[str, float] | N
         if summary["rank_spread"] > 0:
             log(f"warning: the ranks' weights differ by up to {summary['rank_spread']:.3g}")
     if ddp.is_main:
-        (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        if history:
+            write_history(run.run_dir, history)  # the curves to the last epoch
+        text = json.dumps(summary, indent=2)
+        atomic_write(run.run_dir / "summary.json", lambda tmp: Path(tmp).write_text(text))
     return summary
