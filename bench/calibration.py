@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     from ferlab.checkpoint import atomic_write
     from ferlab.data.source import open_data
     from ferlab.inference.calibration import ensemble_scores, fit_temperature, nll, reliability, scaled_probabilities
-    from ferlab.pretrained import list_pretrained, manifest_path
+    from ferlab.pretrained import list_pretrained, manifest_path, shipped_names
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -52,10 +52,10 @@ def main(argv: list[str] | None = None) -> int:
         write_page(Path(args.page), open_data(args.data), args.data)
         return 0
     entries = {e["name"]: e for e in list_pretrained()}
-    wanted = args.names or list(entries)
-    unknown = [n for n in wanted if n not in entries]
-    if unknown:
-        ap.error(f"not shipped: {', '.join(unknown)} (shipped: {', '.join(entries)})")
+    try:
+        wanted = shipped_names(args.names)
+    except KeyError as e:
+        ap.error(e.args[0])
     singles = sorted({m for n in wanted for m in (entries[n].get("members") or [n])})
     data = open_data(args.data)
     logits, labels, source_of = mode_logits(singles, data, args.data, MODES)  # (name, split, mode) -> (N, K)

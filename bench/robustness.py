@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     from ferlab.data.source import open_data
     from ferlab.inference.loader import load_model
     from ferlab.inference.predict import combine
-    from ferlab.pretrained import apply_default_rule, current_name, list_pretrained, manifest_path
+    from ferlab.pretrained import apply_default_rule, list_pretrained, manifest_path, shipped_names
     from ferlab.robustness import corruption_probabilities, sample_rows, score
 
     faces = args.faces or DEFAULT_FACES
@@ -64,12 +64,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     entries = {e["name"]: e for e in list_pretrained()}
     try:
-        wanted = [current_name(n) for n in args.names] if args.names else list(entries)
-    except KeyError as e:  # a name no longer shipped
+        wanted = shipped_names(args.names)
+    except KeyError as e:
         ap.error(e.args[0])
-    unknown = [n for n in wanted if n not in entries]
-    if unknown:
-        ap.error(f"not shipped: {', '.join(unknown)} (shipped: {', '.join(entries)})")
     singles = sorted({m for n in wanted for m in (entries[n].get("members") or [n])})
     data = open_data(args.data, progress=False)
     if not np.array_equal(data.ids, np.arange(len(data))):

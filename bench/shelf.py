@@ -38,19 +38,16 @@ def main(argv: list[str] | None = None) -> int:
     from ferlab.checkpoint import atomic_write
     from ferlab.data.source import open_data
     from ferlab.inference.predict import combine
-    from ferlab.pretrained import current_name, list_pretrained, manifest_path
+    from ferlab.pretrained import list_pretrained, manifest_path, shipped_names
 
     if args.page_only:
         write_page(Path(args.page))
         return 0
     entries = {e["name"]: e for e in list_pretrained()}
     try:
-        wanted = [current_name(n) for n in args.names] if args.names else list(entries)
-    except KeyError as e:  # a name no longer shipped
+        wanted = shipped_names(args.names)
+    except KeyError as e:
         ap.error(e.args[0])
-    unknown = [n for n in wanted if n not in entries]
-    if unknown:
-        ap.error(f"not shipped: {', '.join(unknown)} (shipped: {', '.join(entries)})")
     singles = sorted({m for n in wanted for m in (entries[n].get("members") or [n])})
     logits, labels, source_of = mode_logits(singles, open_data(args.data), args.data, MODES)
     probs = {k: torch.from_numpy(z).softmax(1).numpy() for k, z in logits.items()}  # (name, split, mode) -> (N, K)

@@ -33,6 +33,7 @@ import json
 import math
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +111,19 @@ def _manifest() -> dict[str, dict[str, Any]]:
         entry.setdefault("roles", [])
         entry.setdefault("labels", "fer2013")  # what its stated accuracies are measured against (or "ferplus")
     return entries
+
+
+def shipped_names(names: Sequence[str] | None) -> list[str]:
+    """``names`` as shipped names (a renamed model's under its new name), or every shipped name when none are
+    given; a KeyError names those that are not shipped (the benches' ``--names``)."""
+    shipped = sorted(_manifest())
+    if not names:
+        return shipped
+    out = [current_name(n) for n in names]  # a KeyError for a model no longer shipped
+    unknown = [n for n in out if n not in shipped]
+    if unknown:
+        raise KeyError(f"not shipped: {', '.join(unknown)} (shipped: {', '.join(shipped)})")
+    return out
 
 
 def list_pretrained() -> list[dict[str, Any]]:

@@ -182,3 +182,15 @@ def test_every_shipped_model_carries_its_calibration(monkeypatch):
         assert set(cal["temperature"]) == set(TTA_MODES)
         assert all(0.2 < t < 5 for t in cal["temperature"].values())
         assert cal["ece"]["val"]["none"]["after"] <= cal["ece"]["val"]["none"]["before"] + 0.01
+
+
+def test_shipped_names_resolve_renamed_models_and_name_the_unknown():
+    from ferlab.pretrained import RENAMED, list_pretrained, shipped_names
+
+    shipped = [e["name"] for e in list_pretrained()]
+    assert shipped_names(None) == shipped_names([]) == shipped
+    old, new = next((o, n) for o, n in RENAMED.items() if n in shipped)
+    with pytest.warns(FutureWarning, match=f"now called '{new}'"):
+        assert shipped_names([old, shipped[0]]) == [new, shipped[0]]
+    with pytest.raises(KeyError, match="not shipped: nosuch"):
+        shipped_names(["nosuch"])
