@@ -299,6 +299,7 @@ class Run:
     stopped_early: bool = False
     out_of_time: bool = False  # this call stopped at its time_limit (the run can resume)
     plotted_at: float = float("-inf")  # time.perf_counter() when curves.png was last drawn
+    epoch_written_at: float = float("-inf")  # ... and when history.csv was last written
 
     @property
     def full_side(self) -> int:
@@ -614,7 +615,8 @@ def _end_epoch(run: Run, ddp: distributed.Session, epoch: int, lr: float, side: 
     if ddp.is_main:
         plot = time.perf_counter() - run.plotted_at >= PLOT_EVERY_S  # the last epoch's curves: see _finish
         write_history(run.run_dir, run.history, plot=plot)
-        run.plotted_at = time.perf_counter() if plot else run.plotted_at
+        run.epoch_written_at = time.perf_counter()
+        run.plotted_at = run.epoch_written_at if plot else run.plotted_at
         ResumeState.capture(epoch, run.net, run.optimizer, run.schedule, run.early, run.best, run.history,
                             run.stopped_early, run.prep.data.fingerprint, run.ema).save(run.run_dir / LAST_STATE)
     return is_best
@@ -639,8 +641,10 @@ def _finish(run: Run, ddp: distributed.Session, last_train: dict[str, float] | N
         if summary["rank_spread"] > 0:
             log(f"warning: the ranks' weights differ by up to {summary['rank_spread']:.3g}")
     if ddp.is_main:
-        if history:
-            write_history(run.run_dir, history)  # the curves to the last epoch
+        if history and run.plotted_at < run.epoch_written_at:  # the curves to the last epoch (the CSV is current)
+            from ferlab.plots import plot_history
+
+            plot_history(history, run.run_dir / "curves.png")
         text = json.dumps(summary, indent=2)
         atomic_write(run.run_dir / "summary.json", lambda tmp: Path(tmp).write_text(text))
     return summary
