@@ -39,6 +39,33 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _name_only(value: Any) -> Any:
+    return Path(value).name if isinstance(value, str) and value else value
+
+
+def without_local_paths(meta: dict[str, Any]) -> dict[str, Any]:
+    """``meta`` with every file it names (the data, the FER+ votes, a warm start, soft targets, teacher runs) by
+    its name only: users pass --data, and a shipped file does not carry the shipping machine's folders."""
+    meta = json.loads(json.dumps(meta))
+    data = meta.get("data") or {}
+    for key in ("path", "source"):
+        data[key] = _name_only(data.get(key))
+    if isinstance(meta.get("labels"), dict) and "file" in meta["labels"]:
+        meta["labels"]["file"] = _name_only(meta["labels"]["file"])
+    train = meta.get("train") or {}
+    for key in ("data", "init_from", "distill_targets"):
+        if key in train:
+            train[key] = _name_only(train[key])
+    if train.get("labels") not in (None, "", "fer2013", "ferplus"):  # a votes file given by its path
+        train["labels"] = _name_only(train["labels"])
+    if isinstance(train.get("teachers"), list):
+        train["teachers"] = [_name_only(t) for t in train["teachers"]]
+    for teacher in meta.get("teachers") or []:  # what the distillation recorded of each teacher
+        if isinstance(teacher, dict) and "spec" in teacher:
+            teacher["spec"] = _name_only(teacher["spec"])
+    return meta
+
+
 def write_shipped(run: str, name: str, weights_dir: Path, dtype: str) -> tuple[Path, dict[str, Any], str | None]:
     """Copy the run's best weights to WEIGHTS_DIR/NAME.safetensors (floating tensors cast to ``dtype``).
 
@@ -57,12 +84,7 @@ def write_shipped(run: str, name: str, weights_dir: Path, dtype: str) -> tuple[P
     state = {k: v if k.endswith(INT8_SCALE) or not v.is_floating_point() else v.to(target)
              for k, v in state.items()}
     run_data = meta["data"].get("path")
-    if run_data:
-        meta["data"]["path"] = Path(run_data).name  # users pass --data; no local paths shipped
-    train = meta.get("train", {})
-    for key in ("data", "labels"):  # the recipe's data and votes files, by name only
-        if isinstance(train.get(key), str):
-            train[key] = Path(train[key]).name
+    meta = without_local_paths(meta)
     from_run = meta.get("shipped", {}).get("from_run") or Path(run).name  # a shipped file keeps its own run's name
     meta["shipped"] = {"name": name, "dtype": DTYPES[dtype], "from_run": from_run}
     path = weights_dir / f"{name}.safetensors"

@@ -322,6 +322,8 @@ MALFORMED = [
     ("usage missing", lambda s: s.rsplit(",", 1)[0] + ",", "Usage missing"),
     ("extra field", lambda s: s + ",x", "4 fields, expected 3"),
     ("missing field", lambda s: s.rsplit(",", 1)[0], "2 fields, expected 3"),
+    ("only commas", lambda s: ",,", "empty row (3 empty fields)"),
+    ("commas and spaces", lambda s: " , ,", "empty row (3 empty fields)"),
 ]
 
 

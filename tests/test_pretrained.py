@@ -172,6 +172,29 @@ def test_shipped_default_follows_the_rule():
     assert "default" in manifest[chosen]["roles"]
 
 
+def test_shipped_files_name_no_folders_of_the_machine_that_made_them(monkeypatch):
+    """The metadata inside each shipped file names its data and votes files by their names only."""
+    from ferlab.checkpoint import read_meta
+
+    monkeypatch.delenv("FERLAB_WEIGHTS_DIR", raising=False)
+
+    def strings(value):
+        if isinstance(value, dict):
+            for v in value.values():
+                yield from strings(v)
+        elif isinstance(value, list):
+            for v in value:
+                yield from strings(v)
+        elif isinstance(value, str):
+            yield value
+
+    for e in pretrained.list_pretrained():
+        if e["kind"] == "single":
+            meta = read_meta(pretrained.pretrained_path(e["name"]))
+            paths = [s for s in strings(meta) if "/" in s or "\\" in s]
+            assert not paths, f"{e['name']} names local paths {paths}"
+
+
 def test_every_shipped_model_carries_its_calibration(monkeypatch):
     monkeypatch.delenv("FERLAB_WEIGHTS_DIR", raising=False)
     from ferlab.transforms import TTA_MODES

@@ -190,13 +190,19 @@ def test_shipped_file_names_its_data_files_without_local_paths(trained_tiny_run,
     run.mkdir()
     meta = read_meta(trained_tiny_run / "best.safetensors")
     meta["data"]["path"] = "/home/someone/data/fer2013.csv.gz"
+    meta["data"]["source"] = "/home/someone/data/fer2013.csv.gz"
+    meta["labels"] = {"source": "ferplus", "file": "/home/someone/data/ferplus/fer2013new.csv", "sha256": "0" * 64}
     meta["train"]["data"] = "/home/someone/data/fer2013.csv.gz"
     meta["train"]["labels"] = "/home/someone/data/ferplus/fer2013new.csv"
+    meta["train"]["init_from"] = "/home/someone/runs/warm/best.safetensors"
+    meta["train"]["teachers"] = ["/home/someone/runs/teacher", "fer2013-resnet-s"]
+    meta["teachers"] = [{"spec": "/home/someone/runs/teacher", "model": "fer-resnet-s"}]
     save_file(load_file(trained_tiny_run / "best.safetensors"), str(run / "best.safetensors"),
               metadata={"ferlab": json.dumps(meta)})
     path, shipped, _ = _ship_module().write_shipped(str(run), "tiny-paths", weights, "fp16")
     on_disk = read_meta(path)
     for m in (shipped, on_disk):
         assert m["data"]["path"] == "fer2013.csv.gz" and m["train"]["data"] == "fer2013.csv.gz"
-        assert m["train"]["labels"] == "fer2013new.csv"
+        assert m["train"]["labels"] == "fer2013new.csv" and m["labels"]["file"] == "fer2013new.csv"
+        assert m["data"]["source"] == "fer2013.csv.gz" and m["train"]["teachers"] == ["teacher", "fer2013-resnet-s"]
         assert "/home/someone" not in json.dumps(m)

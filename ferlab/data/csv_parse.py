@@ -154,6 +154,8 @@ def _check_int(value: str, what: str) -> int:
 
 def _check_row(spec: _CsvSpec, fields: list[str], row_index: int) -> tuple[np.ndarray, int, int, int]:
     """Validate one row; returns (image, label, split code, id) or raises _RowError naming the problem."""
+    if all(not f.strip() for f in fields):
+        raise _RowError(f"empty row ({len(fields)} empty fields)")
     if len(fields) != len(spec.header):
         names = ",".join(h.strip() for h in spec.header)
         raise _RowError(f"{len(fields)} fields, expected {len(spec.header)} ({names})")
@@ -302,8 +304,8 @@ def _parse_csv_rows(spec: _CsvSpec, gz: bool, skip_bad: bool, progress: bool) ->
             for fields in reader:
                 line = line_end + 1
                 line_end = reader.line_num
-                if not fields or all(not f.strip() for f in fields):
-                    continue  # blank line
+                if not fields or (len(fields) == 1 and not fields[0].strip()):
+                    continue  # blank line (a row of bare commas is a record, checked below)
                 pending.append((line, out.rows, fields))
                 out.rows += 1
                 if len(pending) >= CHUNK_ROWS:
