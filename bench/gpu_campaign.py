@@ -786,10 +786,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def use_targets(runs: list[PlannedRun], targets: Path) -> list[PlannedRun]:
     """``runs`` with ``distill_targets`` set where a run's soft targets came along (see `targets`): those runs
-    need neither their teachers' files nor their pass."""
+    need neither their teachers' files nor their pass. The path is the repository's relative one where it lies
+    inside it (runs start there), so the recipe that comes back names the same file here as on the GPU machine."""
     for r in runs:
         if (path := targets_file(r, targets)) is not None:
-            r.overrides["distill_targets"] = str(path.resolve())
+            path = path.resolve()
+            r.overrides["distill_targets"] = str(path.relative_to(REPO) if path.is_relative_to(REPO) else path)
             print(f"{r.name}: soft targets from {path} in place of its teachers", flush=True)
     return runs
 

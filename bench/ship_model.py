@@ -52,6 +52,8 @@ def without_local_paths(meta: dict[str, Any]) -> dict[str, Any]:
         data[key] = _name_only(data.get(key))
     if isinstance(meta.get("labels"), dict) and "file" in meta["labels"]:
         meta["labels"]["file"] = _name_only(meta["labels"]["file"])
+    if isinstance(meta.get("distill_targets"), dict) and "file" in meta["distill_targets"]:
+        meta["distill_targets"]["file"] = _name_only(meta["distill_targets"]["file"])
     train = meta.get("train") or {}
     for key in ("data", "init_from", "distill_targets"):
         if key in train:

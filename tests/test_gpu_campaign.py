@@ -219,6 +219,19 @@ def test_a_run_whose_soft_targets_travel_loads_no_teacher(tmp_path):
     assert "distill_targets" not in online.overrides
 
 
+def test_soft_targets_inside_the_repository_are_named_by_its_relative_path(monkeypatch, tmp_path):
+    """Runs start in the repository: the recipe that comes back from the GPU machine names the targets file by
+    the path it has in every checkout, not by the GPU machine's folders."""
+    c = _campaign()
+    offline = c.PlannedRun("kd", str(c.REPO / "configs/fer-mobile-fast-kd-ens.toml"), {"teachers": ["ens"]})
+    monkeypatch.setattr(c, "REPO", tmp_path)
+    targets = tmp_path / ".gpu" / "targets"
+    targets.mkdir(parents=True)
+    (targets / "kd.safetensors").write_bytes(b"targets")
+    assert c.use_targets([offline], targets)[0].overrides["distill_targets"] == str(
+        Path(".gpu") / "targets" / "kd.safetensors")
+
+
 def test_a_damaged_part_is_refused(data, tmp_path):
     gpu = tmp_path / ".gpu"
     assert run("pack", "--data", str(data[0]), "--out", str(gpu), "--parts", "3").returncode == 0

@@ -197,6 +197,7 @@ def test_shipped_file_names_its_data_files_without_local_paths(trained_tiny_run,
     meta["train"]["init_from"] = "/home/someone/runs/warm/best.safetensors"
     meta["train"]["teachers"] = ["/home/someone/runs/teacher", "fer2013-resnet-s"]
     meta["teachers"] = [{"spec": "/home/someone/runs/teacher", "model": "fer-resnet-s"}]
+    meta["distill_targets"] = {"file": "/home/someone/.gpu/targets/tiny.safetensors", "sha256": "0" * 64}
     save_file(load_file(trained_tiny_run / "best.safetensors"), str(run / "best.safetensors"),
               metadata={"ferlab": json.dumps(meta)})
     path, shipped, _ = _ship_module().write_shipped(str(run), "tiny-paths", weights, "fp16")
