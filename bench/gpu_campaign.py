@@ -45,6 +45,7 @@ import tarfile
 import time
 import tomllib
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -654,7 +655,48 @@ def smoke_checks(work: Path, dry_run: bool) -> dict[str, Any]:
     print(f"ok: evaluation: val accuracy {gpu_val:.4f} on the device, {cpu_val:.4f} by `ferlab evaluate` on the CPU")
     if abs(gpu_val - cpu_val) > 0.03:  # the same weights; bf16 rounding moves a few borderline images at most
         raise SystemExit("smoke check failed: the device's validation accuracy differs from the CPU's")
+    checks["waits_per_batch"] = waits_per_batch(dry_run, batches=2 if dry_run else 20)
+    print(f"measured: the trainer waits for the device {checks['waits_per_batch']} time(s) a batch")
     return checks
+
+
+def waits_per_batch(dry_run: bool, batches: int = 20) -> float | str:
+    """How often one training batch waits for the GPU (each wait idles it while the CPU prepares the next batch):
+    synchronising calls counted by CUDA's sync debug mode over ``batches`` batches (the running loss, read every
+    ``SYNC_STEPS`` batches, is one of them). A figure to report, never a failure; a dry run trains the same
+    batches on the CPU, where nothing waits (0)."""
+    import warnings
+
+    import torch
+
+    from ferlab.models import create_model
+    from ferlab.train.engine import train_one_epoch
+    from ferlab.transforms import AugmentConfig, Normalizer
+
+    device = torch.device("cpu" if dry_run else "cuda")
+    g = torch.Generator().manual_seed(0)
+    n = 64 * batches
+    images = torch.randint(0, 256, (n, 1, 48, 48), generator=g, dtype=torch.uint8)
+    labels = torch.randint(0, 7, (n,), generator=g)
+    model = create_model("fer-resnet-s").to(device)
+    run = partial(train_one_epoch, model, torch.optim.AdamW(model.parameters()), images, labels, batch_size=64,
+                  aug=AugmentConfig(**EVERY_AUGMENTATION), normalizer=Normalizer("unit"), mixup=0.2,
+                  precision="bf16", progress=False)
+    try:
+        run(g=torch.Generator().manual_seed(1))  # warm-up: cuDNN's choices and allocations
+        if device.type != "cuda":
+            return 0.0
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                run(g=torch.Generator().manual_seed(2))
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    except (RuntimeError, ValueError, TypeError) as e:
+        return f"not measured ({type(e).__name__}: {e})"
+    return round(sum("synchroniz" in str(w.message) for w in seen) / batches, 2)
 
 
 # every training augmentation at once, so that the smoke check runs each on the device

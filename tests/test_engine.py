@@ -24,3 +24,21 @@ def test_a_non_finite_loss_stops_the_epoch_naming_the_batch():
                         progress=False)
     for p, q in zip(before, net.parameters(), strict=True):  # no optimiser step was taken
         assert torch.equal(p.nan_to_num(), q.nan_to_num())
+
+
+def test_a_cpu_batch_bound_for_a_gpu_is_copied_from_pinned_memory_without_blocking(monkeypatch):
+    """A copy from pageable memory would wait for the GPU's queued work at every batch."""
+    from ferlab.inference.predict import to_device
+
+    calls = []
+
+    class Pinned:
+        def to(self, device, non_blocking=False):
+            calls.append((device, non_blocking))
+            return "on the GPU"
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: calls.append("pin") or Pinned())
+    assert to_device(torch.zeros(2, 3), torch.device("cuda")) == "on the GPU"
+    assert calls == ["pin", (torch.device("cuda"), True)]
+    x = torch.zeros(2, 3)
+    assert to_device(x, torch.device("cpu")) is x and calls == ["pin", (torch.device("cuda"), True)]

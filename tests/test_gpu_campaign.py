@@ -114,7 +114,8 @@ def test_a_window_of_one_call_checks_and_times_the_nets_before_training(data, tm
     assert res.stdout.index("ok: evaluation") < res.stdout.index("no calibration in") < res.stdout.index("s16: ")
     campaign = json.loads((out / "campaign.json").read_text())
     assert set(campaign["smoke"]) == {"augmentation", "train (stopped after epoch 1 by its time limit)",
-                                      "resume (epoch 2)", "evaluation"}
+                                      "resume (epoch 2)", "evaluation", "waits_per_batch"}
+    assert campaign["smoke"]["waits_per_batch"] == 0.0  # trained on the CPU, which nothing waits for
     calibration = campaign["calibration"]
     assert calibration["measured_by"] == "run" and calibration["images_per_s"]["s16"] > 0
     assert json.loads((store / "calibration.json").read_text()) == calibration  # a retry on this machine reuses it

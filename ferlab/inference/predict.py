@@ -33,6 +33,15 @@ def model_device(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``. A CPU tensor bound for a GPU goes through pinned memory without blocking: a copy from
+    pageable memory waits for the GPU's queued work, so the CPU could not prepare the next batch meanwhile (the
+    pinned buffer is kept until its copy is done)."""
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def to_unit(xb_u8: torch.Tensor) -> torch.Tensor:
     """(B, 1, H, W) uint8 -> (B, 1, H, W) float in [0, 1]."""
     return xb_u8.float().div_(255.0)
@@ -73,10 +82,10 @@ def predict_view_logits(
     for idx in tqdm(batches(len(images), batch_size), total=n_batches, desc=desc, disable=not progress, leave=False):
         per_view = []
         for view in tta_views(to_unit(images[idx]), tta):  # V x (B, 1, H, W) in [0, 1]
-            x = layout(normalizer(view), channels_last).to(device, non_blocking=True)  # (B, 1, H, W)
+            x = to_device(layout(normalizer(view), channels_last), device)  # (B, 1, H, W)
             with autocast(precision, device):
-                per_view.append(model(x).float().cpu())  # (B, K)
-        out.append(torch.stack(per_view))  # (V, B, K)
+                per_view.append(model(x).float())  # (B, K) on the device
+        out.append(torch.stack(per_view).cpu())  # (V, B, K): one wait for the device a batch
     if not out:
         return torch.empty(tta_view_count(tta, images.shape[1:]), 0, getattr(model, "num_classes", 7))
     return torch.cat(out, dim=1)

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from ferlab.checkpoint import CheckpointError, atomic_write, resolve
 from ferlab.data.cache import sha256_file
 from ferlab.inference.loader import load_members
-from ferlab.inference.predict import autocast, batches, layout, member_weights, model_device, to_unit
+from ferlab.inference.predict import autocast, batches, layout, member_weights, model_device, to_device, to_unit
 from ferlab.train.provenance import overlap_warnings
 from ferlab.transforms import tta_views
 
@@ -80,8 +80,9 @@ class Teacher(nn.Module):
     def forward(self, x01: torch.Tensor) -> torch.Tensor:
         """Images (B, 1, H, W) in [0, 1] -> soft targets (B, K): the members' mean softmax at the temperature."""
         probs = None
+        x01 = to_device(x01, model_device(self.members[0]))  # one copy for every member (all on one device)
         for model, norm, w in zip(self.members, self.normalizers, self.weights, strict=True):
-            x = layout(norm(x01), self.channels_last).to(model_device(model))  # (B, 1, H, W)
+            x = layout(norm(x01), self.channels_last)  # (B, 1, H, W)
             with autocast(self.precision, x.device):
                 p = w * (model(x).float() / self.temperature).softmax(1)  # (B, K)
             probs = p if probs is None else probs + p
@@ -131,7 +132,7 @@ class SoftTargets:
         targets = self.probs[idx]  # (B, K)
         if perm is not None:
             targets = lam * targets + (1.0 - lam) * targets[perm]
-        return distillation_loss(student_logits, targets.to(student_logits.device), self.temperature)
+        return distillation_loss(student_logits, to_device(targets, student_logits.device), self.temperature)
 
     def save(self, path: Path, key: dict[str, Any], about: dict[str, Any] | None = None) -> None:
         """Write the targets to ``path`` (safetensors) with ``key``, what they were computed from, and ``about``

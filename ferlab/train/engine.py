@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ferlab.inference.predict import autocast, layout, model_device, predict_logits, to_unit
+from ferlab.inference.predict import autocast, layout, model_device, predict_logits, to_device, to_unit
 from ferlab.transforms import AugmentConfig, Normalizer, augment, mix_batch, resize
 
 SYNC_STEPS = 50  # on a GPU, batches between reads of the running loss (each read waits for the GPU)
@@ -161,8 +161,7 @@ def train_one_epoch(
         x01, perm, lam = mix_batch(x01, mixup, cutmix, aug_g)  # perm (b,): each image's partner (None: unmixed)
         y_mix = y if perm is None else y[perm]  # (b,) the partners' labels
         x = layout(normalizer(x01), channels_last)  # (b, 1, H, W)
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        y_mix = y_mix.to(device, non_blocking=True)
+        x, y, y_mix = to_device(x, device), to_device(y, device), to_device(y_mix, device)
         forward = partial(batch_loss, model, x, y, y_mix, lam, precision=precision, label_smoothing=label_smoothing,
                           teacher=teacher, distill_weight=distill_weight, x01=x01, idx=idx, perm=perm)
         loss, logits = forward()
