@@ -83,8 +83,8 @@ def measure(rec: Any, video: Path) -> tuple[int, int, float, dict[str, float]]:
     from ferlab.recognize import api
 
     timers = Timers()
-    saved = api.read_video, api.crop_faces, rec.detector, rec.classify, rec._track
-    api.read_video = timers.wrap_iter("decode", saved[0])
+    saved = api.read_video_frames, api.crop_faces, rec.detector, rec.classify, rec._track
+    api.read_video_frames = timers.wrap_iter("decode", saved[0])
     api.crop_faces = timers.wrap("crop", saved[1])
     rec.detector = timers.wrap("detect", saved[2])
     rec.classify = timers.wrap("classify", saved[3])
@@ -97,7 +97,7 @@ def measure(rec: Any, video: Path) -> tuple[int, int, float, dict[str, float]]:
             faces += len(r.faces)
         seconds = time.perf_counter() - t0
     finally:
-        api.read_video, api.crop_faces = saved[0], saved[1]
+        api.read_video_frames, api.crop_faces = saved[0], saved[1]
         del rec.detector, rec.classify, rec._track  # the instance attributes; the class's methods show again
         rec.detector = saved[2]
     return frames, faces, seconds, dict(timers.seconds)

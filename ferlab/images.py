@@ -9,10 +9,12 @@ composited over white. Bad input raises :class:`ImageError` naming the file.
 
 from __future__ import annotations
 
+import math
 import struct
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -232,13 +234,23 @@ def _check_capture(cap, name: str, not_open: str, max_pixels: int | None) -> Non
         raise ImageError(f"{name}: video frames: {e}") from None
 
 
-def read_video(path: str | Path, every: int = 1,
-               max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Iterator[tuple[int, np.ndarray]]:
-    """Yield (frame index, (H, W, 3) uint8 BGR) for every ``every``-th frame (0, every, 2*every, ...).
+class VideoFrame(NamedTuple):
+    """One decoded video frame: its index in the file, its time and the image."""
 
-    A video that ends before the frame count its container states, or has kept frames that do not decode (a
-    damaged or truncated file), raises :class:`ImageError` after yielding every frame it could decode, naming
-    where decoding stopped; the frames before it are the caller's to keep.
+    index: int
+    time: float | None  # seconds from the video's start: the frame's own timestamp (None: the file gives none)
+    image: np.ndarray  # (H, W, 3) uint8 BGR
+
+
+def read_video_frames(path: str | Path, every: int = 1,
+                      max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Iterator[VideoFrame]:
+    """Yield every ``every``-th frame (0, every, 2*every, ...) as a :class:`VideoFrame`.
+
+    Times are the frames' own timestamps, right for variable frame rates (most phone videos) and for files whose
+    container skips dropped frames; where the decoder gives none, frame index / stated frame rate. A video that
+    ends before its stated length (in frames and, where timestamps exist, in time), or has kept frames that do
+    not decode (a damaged or truncated file), raises :class:`ImageError` after yielding every frame it could
+    decode, naming where decoding stopped; the frames before it are the caller's to keep.
     """
     import cv2
 
@@ -251,20 +263,26 @@ def read_video(path: str | Path, every: int = 1,
     try:
         _check_capture(cap, f"{p}", "cannot open as a video (corrupt or unsupported)", max_pixels)
         stated = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)  # 0 or less: the container states none
-        i, n_read, bad = 0, 0, []
+        fps = float(cap.get(cv2.CAP_PROP_FPS) or 0.0)
+        fps = fps if math.isfinite(fps) and fps > 0 else 0.0
+        i, n_read, bad, t = 0, 0, [], None
         while cap.grab():  # grab every frame (cheap), decode only the kept ones
+            t = _frame_time(cap.get(cv2.CAP_PROP_POS_MSEC), i, t, fps)
             if i % every == 0:
                 ok, frame = cap.retrieve()
                 if ok and frame is not None:
                     n_read += 1
-                    yield i, to_bgr8(frame, "bgr")
+                    yield VideoFrame(i, t, to_bgr8(frame, "bgr"))
                 else:
                     bad.append(i)
             i += 1
         if n_read == 0:
             raise ImageError(f"{p}: no decodable video frames")
         problems = []
-        if stated > 0 and i < stated - 1:  # one frame of slack: some containers round their count
+        # one frame of slack: some containers round their count; a container that skips dropped frames holds
+        # fewer than it states but its last timestamp reaches the stated length
+        reached_end = fps > 0 and t is not None and t >= (stated - 2) / fps
+        if stated > 0 and i < stated - 1 and not reached_end:
             problems.append(f"decoding stopped at frame {i} of the {stated} the file states (damaged or truncated)")
         if bad:
             problems.append(f"{len(bad)} frame(s) could not be decoded and were skipped (first: frame {bad[0]})")
@@ -272,6 +290,27 @@ def read_video(path: str | Path, every: int = 1,
             raise ImageError(f"{p}: " + "; ".join(problems) + f"; the {n_read} frame(s) decoded are kept")
     finally:
         cap.release()
+
+
+def _frame_time(pos_ms: float, index: int, previous: float | None, fps: float) -> float | None:
+    """Seconds of frame ``index`` from the decoder's position ``pos_ms`` after grabbing it; where the decoder gives
+    no usable timestamp (none, not finite, not after the previous one, or still 0 after the first frame), the
+    previous frame's time plus one frame at ``fps`` (None without a frame rate)."""
+    t = pos_ms / 1000.0
+    usable = math.isfinite(t) and t >= 0 and (previous is None or t > previous) and (index == 0 or t > 0)
+    if usable:
+        return t
+    if not fps:
+        return None  # callers then count frames as seconds, as frame 0's time 0 already does
+    return index / fps if previous is None else previous + 1.0 / fps
+
+
+def read_video(path: str | Path, every: int = 1,
+               max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield (frame index, (H, W, 3) uint8 BGR) for every ``every``-th frame; see :func:`read_video_frames`
+    (which also gives each frame's time)."""
+    for f in read_video_frames(path, every, max_pixels):
+        yield f.index, f.image
 
 
 def read_camera(index: int, max_frames: int | None = None,
@@ -297,18 +336,6 @@ def read_camera(index: int, max_frames: int | None = None,
             i += 1
     finally:
         cap.release()
-
-
-def video_fps(path: str | Path) -> float | None:
-    """The frame rate a video file states (None when it states none usable)."""
-    import cv2
-
-    cap = cv2.VideoCapture(str(path))
-    try:
-        fps = float(cap.get(cv2.CAP_PROP_FPS)) if cap.isOpened() else 0.0
-    finally:
-        cap.release()
-    return fps if 0 < fps < 1000 else None
 
 
 # --------------------------------------------------------------------------- inputs

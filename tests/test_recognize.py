@@ -157,6 +157,65 @@ def test_video_gives_every_nth_frame(media):
         list(read_video(media["text"]))
 
 
+class FakeCapture:
+    """A cv2.VideoCapture over given frame timestamps (ms) that states ``stated`` frames at ``fps``."""
+
+    def __init__(self, times_ms: list[float], stated: int, fps: float) -> None:
+        self.times, self.stated, self.fps, self.i = times_ms, stated, fps, -1
+
+    def isOpened(self) -> bool:  # noqa: N802 (cv2's names)
+        return True
+
+    def get(self, prop: int) -> float:
+        return {cv2.CAP_PROP_FRAME_WIDTH: 8, cv2.CAP_PROP_FRAME_HEIGHT: 8, cv2.CAP_PROP_FRAME_COUNT: self.stated,
+                cv2.CAP_PROP_FPS: self.fps, cv2.CAP_PROP_POS_MSEC: self.times[self.i] if self.i >= 0 else 0.0}[prop]
+
+    def grab(self) -> bool:
+        self.i += 1
+        return self.i < len(self.times)
+
+    def retrieve(self) -> tuple[bool, np.ndarray]:
+        return True, np.full((8, 8, 3), self.i, np.uint8)
+
+    def release(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    ("times_ms", "stated", "fps", "expected", "damaged"),
+    [
+        # variable frame rate (phone videos): each frame's own timestamp, not index / stated rate
+        ([0, 50, 100, 250, 400, 550], 6, 10.0, [0, 0.05, 0.1, 0.25, 0.4, 0.55], False),
+        # a container that skips 10 dropped frames: the times jump, and the file is complete, not damaged
+        ([0, 100, 200, 1300, 1400, 1500, 1600, 1700, 1800, 1900], 20, 10.0,
+         [0, 0.1, 0.2, 1.3, 1.4, 1.5, 1.6, 1.7, 1.8, 1.9], False),
+        # truncated after 4 of 20 frames: damaged, its frames kept
+        ([0, 100, 200, 300], 20, 10.0, [0, 0.1, 0.2, 0.3], True),
+        # a decoder that gives no timestamps: index / frame rate
+        ([0, 0, 0, 0], 4, 25.0, [0, 0.04, 0.08, 0.12], False),
+        # neither timestamps nor a frame rate: none after the first frame (callers count frames)
+        ([0, 0, 0], 3, 0.0, [0, None, None], False),
+    ],
+)
+def test_video_frame_times_are_the_frames_own(monkeypatch, tmp_path, times_ms, stated, fps, expected, damaged):
+    from ferlab.images import read_video_frames
+
+    path = tmp_path / "clip.mp4"
+    path.write_bytes(b"video")
+    monkeypatch.setattr(cv2, "VideoCapture", lambda _: FakeCapture(times_ms, stated, fps))
+    frames = []
+    try:
+        for f in read_video_frames(path):
+            frames.append(f)
+    except ImageError as e:
+        assert damaged and "decoding stopped at frame 4 of the 20" in str(e)
+    else:
+        assert not damaged
+    assert [f.index for f in frames] == list(range(len(times_ms)))
+    assert [f.time is None for f in frames] == [t is None for t in expected]
+    assert [f.time for f in frames if f.time is not None] == pytest.approx([t for t in expected if t is not None])
+
+
 # --------------------------------------------------------------------------- cropping
 def test_crop_is_exact_inside_and_replicates_edges_outside():
     gray = np.arange(100 * 120, dtype=np.int64).reshape(100, 120).astype(np.uint8)

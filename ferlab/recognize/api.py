@@ -28,9 +28,8 @@ from ferlab.images import (
     one_line,
     read_camera,
     read_image,
-    read_video,
+    read_video_frames,
     to_bgr8,
-    video_fps,
 )
 from ferlab.inference.backends import Backend, ModelSpec, default_model, open_backend
 from ferlab.recognize.detect import (
@@ -64,7 +63,7 @@ class Face:
     frame: int | None = None  # video frame index; None for images
     index: int = 0  # face number within its image, largest first
     track: int | None = None  # videos: the same number while the same person stays in view
-    time: float | None = None  # videos: seconds from the start (frame / the video's frame rate)
+    time: float | None = None  # videos: seconds from the start (the frame's timestamp)
     smoothed: dict[str, float] | None = None  # videos: the track's probabilities smoothed over time
     # detectors with landmarks (mtcnn): left eye, right eye, nose, left and right mouth corner (x, y), as seen
     landmarks: list[tuple[float, float]] | None = None
@@ -332,11 +331,10 @@ class Recognizer:
                 bar.update(1)
 
     def _video_frames(self, path: Path, every: int) -> Iterator[tuple[Result, np.ndarray]]:
-        fps = video_fps(path)
         self._video_passes += 1
         run = self._video_passes  # reading the same video again starts new tracks
-        for i, frame in read_video(path, every, self.max_pixels):
-            yield Result(str(path), frame=i, time=i / fps if fps else None, video_pass=run), frame
+        for f in read_video_frames(path, every, self.max_pixels):
+            yield Result(str(path), frame=f.index, time=f.time, video_pass=run), f.image
 
     def track(self, video: str | Path, every: int = 1, crops: bool = False) -> Iterator[Result]:
         """Stream the frames of ``video`` (every ``every``-th), each with its faces; a face keeps its ``track``
@@ -362,7 +360,7 @@ class Recognizer:
         """Track ids and smoothed probabilities of a video frame's faces (a new tracker for each video)."""
         if self._tracker is None or self._tracker[0] != res.video_pass:
             self._tracker = (res.video_pass, FaceTracker(self.track_iou, smooth_s=self.smooth))
-        time = res.time if res.time is not None else float(res.frame or 0)  # no frame rate: frames as seconds
+        time = res.time if res.time is not None else float(res.frame or 0)  # no timestamps: frames as seconds
         return self._tracker[1].update(boxes, probs, time)
 
     def _run(self, frames: Iterator[tuple[Result, np.ndarray | None]], crops: bool,

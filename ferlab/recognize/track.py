@@ -125,7 +125,8 @@ class TrackLog:
             return
         raw = np.array([face.probabilities[c] for c in self.class_names])
         smooth = np.array([(face.smoothed or face.probabilities)[c] for c in self.class_names])
-        self.rows.setdefault((face.file, face.track), []).append((float(face.time or 0.0), raw, smooth))
+        time = face.time if face.time is not None else float(face.frame or 0)  # no timestamps: frames as seconds
+        self.rows.setdefault((face.file, face.track), []).append((float(time), raw, smooth))
 
     def summaries(self) -> list[TrackSummary]:
         out = []
