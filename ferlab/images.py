@@ -47,8 +47,10 @@ _JPEG_NO_LENGTH = {0x01, *range(0xD0, 0xD9)}  # TEM, RST0-7, SOI
 def _jpeg_size(b: bytes) -> tuple[int, int]:
     i, n = 2, len(b)
     while i < n:
-        if b[i] != 0xFF:
-            raise ImageError(f"JPEG marker expected at byte {i} (corrupt file)")
+        if b[i] != 0xFF:  # stray bytes between segments: skipped to the next marker, as the decoder does
+            i = b.find(b"\xff", i)
+            if i < 0:
+                break
         while i < n and b[i] == 0xFF:  # fill bytes
             i += 1
         if i >= n:
@@ -162,11 +164,63 @@ def to_bgr8(img: np.ndarray, color: str = "bgr") -> np.ndarray:
     return np.ascontiguousarray(x[:, :, ::-1] if color == "rgb" else x)
 
 
+def _tiff_orientation(tiff: bytes) -> int:
+    """The Orientation tag (1-8) of an EXIF block (TIFF layout, maybe after an ``Exif\\0\\0`` prefix); 1 if none."""
+    tiff = tiff[6:] if tiff.startswith(b"Exif\0\0") else tiff
+    order = {b"II": "<", b"MM": ">"}.get(tiff[:2])
+    if order is None or len(tiff) < 8:
+        return 1
+    (ifd,) = struct.unpack(order + "I", tiff[4:8])
+    if ifd + 2 > len(tiff):
+        return 1
+    (n,) = struct.unpack(order + "H", tiff[ifd : ifd + 2])
+    for e in range(ifd + 2, min(ifd + 2 + 12 * n, len(tiff) - 11), 12):
+        tag, kind = struct.unpack(order + "HH", tiff[e : e + 4])
+        if tag == 0x0112 and kind == 3:  # Orientation, a SHORT
+            (value,) = struct.unpack(order + "H", tiff[e + 8 : e + 10])
+            return value if 1 <= value <= 8 else 1
+    return 1
+
+
+def _exif_orientation(data: bytes, fmt: str) -> int:
+    """The EXIF orientation a PNG (eXIf chunk) or WEBP (EXIF chunk) states; 1 if none."""
+    if fmt == "png":
+        i, big = 8, ">I"
+        while i + 8 <= len(data):
+            (length,), kind = struct.unpack(big, data[i : i + 4]), data[i + 4 : i + 8]
+            if kind == b"eXIf":
+                return _tiff_orientation(data[i + 8 : i + 8 + length])
+            if kind in (b"IDAT", b"IEND"):
+                return 1
+            i += 12 + length
+    elif fmt == "webp" and data[12:16] == b"VP8X" and len(data) > 20 and data[20] & 0x08:  # the EXIF flag
+        i = 12
+        while i + 8 <= len(data):
+            kind, (length,) = data[i : i + 4], struct.unpack("<I", data[i + 4 : i + 8])
+            if kind == b"EXIF":
+                return _tiff_orientation(data[i + 8 : i + 8 + length])
+            i += 8 + length + (length & 1)
+    return 1
+
+
+# EXIF orientation -> how to turn the stored pixels (H, W, ...) upright
+_ORIENT: dict[int, Callable[[np.ndarray], np.ndarray]] = {
+    1: lambda x: x,
+    2: lambda x: x[:, ::-1],
+    3: lambda x: x[::-1, ::-1],
+    4: lambda x: x[::-1],
+    5: lambda x: x.swapaxes(0, 1),
+    6: lambda x: np.rot90(x, -1),
+    7: lambda x: x.swapaxes(0, 1)[::-1, ::-1],
+    8: lambda x: np.rot90(x, 1),
+}
+
+
 def decode_image(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decode an encoded image (bytes) to (H, W, 3) uint8 BGR after checking its header size.
 
-    JPEG is decoded in colour with its EXIF orientation applied; PNG/WEBP/BMP unchanged
-    (gray, alpha and 16-bit kept, then converted by :func:`to_bgr8`).
+    JPEG is decoded in colour; PNG/WEBP/BMP unchanged (gray, alpha and 16-bit kept, then converted by
+    :func:`to_bgr8`). Every format's EXIF orientation is applied (a phone's portrait photo comes out upright).
     """
     import cv2
 
@@ -181,6 +235,10 @@ def decode_image(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np
         raise ImageError(f"cannot decode {fmt.upper()} ({str(e).strip().splitlines()[-1]})") from None
     if img is None or img.size == 0:
         raise ImageError(f"cannot decode {fmt.upper()} data (corrupt or truncated file)")
+    if flags == cv2.IMREAD_UNCHANGED:  # OpenCV applies the orientation only when it converts the pixels
+        img = np.ascontiguousarray(_ORIENT[_exif_orientation(data, fmt)](img))
+    if fmt == "bmp" and img.ndim == 3 and img.shape[2] == 4 and not img[:, :, 3].any():
+        img = img[:, :, :3]  # a 32-bit BMP whose writer left alpha at 0 means opaque, as viewers show it
     return to_bgr8(img, "bgr")
 
 

@@ -149,6 +149,51 @@ def test_to_bgr8_of_a_large_16_bit_rgba_image_matches_the_exact_formula_band_by_
     assert np.abs(got.astype(float) - exact[:, :, ::-1]).max() <= 1.5  # 8-bit alpha: within a level or so
 
 
+def _with_exif(encoded: bytes, fmt: str, orientation: int) -> bytes:
+    """``encoded`` (a PNG or a simple WEBP from cv2.imencode) carrying an EXIF block with ``orientation``."""
+    tiff = b"MM\0*" + struct.pack(">IH", 8, 1) + struct.pack(">HHIHH", 0x112, 3, 1, orientation, 0) + b"\0" * 4
+    if fmt == "png":  # an eXIf chunk after IHDR
+        return encoded[:33] + struct.pack(">I", len(tiff)) + b"eXIf" + tiff + struct.pack(
+            ">I", zlib.crc32(b"eXIf" + tiff)) + encoded[33:]
+    from ferlab.images import probe
+
+    _, w, h = probe(encoded)
+    vp8x = b"VP8X" + struct.pack("<I", 10) + bytes([0x08, 0, 0, 0]) + (w - 1).to_bytes(3, "little") + (
+        h - 1).to_bytes(3, "little")
+    exif = b"EXIF" + struct.pack("<I", len(tiff)) + tiff + b"\0" * (len(tiff) & 1)
+    body = b"WEBP" + vp8x + encoded[12:] + exif
+    return b"RIFF" + struct.pack("<I", len(body)) + body
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize(("fmt", "channels"), [("png", 3), ("png", 4), ("webp", 3)])
+def test_png_and_webp_photos_are_turned_upright_by_their_exif_orientation(fmt, channels, orientation):
+    """As JPEG always was: a phone's portrait photo saved as PNG or WEBP is analysed upright, not sideways."""
+    from ferlab.images import decode_image
+
+    g = np.random.default_rng(orientation)
+    img = g.integers(0, 256, (24, 40, channels), dtype=np.uint8)
+    if channels == 4:
+        img[:, :, 3] = 255  # opaque: the same pixels as without alpha
+    params = [cv2.IMWRITE_WEBP_QUALITY, 101] if fmt == "webp" else []  # lossless
+    data = _with_exif(cv2.imencode(f".{fmt}", img, params)[1].tobytes(), fmt, orientation)
+    upright = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)  # OpenCV applies the orientation
+    assert (upright.shape[:2] == (40, 24)) == (orientation >= 5)
+    np.testing.assert_array_equal(decode_image(data), upright)
+
+
+def test_a_bmp_whose_alpha_is_all_zero_is_opaque_and_stray_jpeg_bytes_are_skipped():
+    from ferlab.images import decode_image
+
+    img = np.random.default_rng(0).integers(0, 256, (16, 16, 4), dtype=np.uint8)
+    img[:, :, 3] = 0
+    np.testing.assert_array_equal(decode_image(cv2.imencode(".bmp", img)[1].tobytes()), img[:, :, :3])
+    jpg = cv2.imencode(".jpg", img[:, :, :3])[1].tobytes()
+    app0_end = 4 + struct.unpack(">H", jpg[4:6])[0]
+    padded = jpg[:app0_end] + b"\0\0" + jpg[app0_end:]  # two stray bytes the decoder skips with a warning
+    np.testing.assert_array_equal(decode_image(padded), decode_image(jpg))
+
+
 def test_video_gives_every_nth_frame(media):
     frames = list(read_video(media["video"], every=2))
     assert [i for i, _ in frames] == [0, 2, 4]
