@@ -300,9 +300,10 @@ class VideoFrame(NamedTuple):
     image: np.ndarray  # (H, W, 3) uint8 BGR
 
 
-def read_video_frames(path: str | Path, every: int = 1,
-                      max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Iterator[VideoFrame]:
-    """Yield every ``every``-th frame (0, every, 2*every, ...) as a :class:`VideoFrame`.
+def read_video_frames(path: str | Path, every: int = 1, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                      max_frames: int | None = None) -> Iterator[VideoFrame]:
+    """Yield every ``every``-th frame (0, every, 2*every, ...) of the first ``max_frames`` (None: all) as a
+    :class:`VideoFrame`.
 
     Times are the frames' own timestamps, right for variable frame rates (most phone videos) and for files whose
     container skips dropped frames; where the decoder gives none, frame index / stated frame rate. A video that
@@ -314,6 +315,8 @@ def read_video_frames(path: str | Path, every: int = 1,
 
     if every < 1:
         raise ValueError(f"every must be >= 1, got {every}")
+    if max_frames is not None and max_frames < 1:
+        raise ValueError(f"max_frames must be >= 1, got {max_frames}")
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"{p}: no such file")
@@ -324,7 +327,7 @@ def read_video_frames(path: str | Path, every: int = 1,
         fps = float(cap.get(cv2.CAP_PROP_FPS) or 0.0)
         fps = fps if math.isfinite(fps) and fps > 0 else 0.0
         i, n_read, bad, t = 0, 0, [], None
-        while cap.grab():  # grab every frame (cheap), decode only the kept ones
+        while (max_frames is None or i < max_frames) and cap.grab():  # grab each frame (cheap), decode the kept
             t = _frame_time(cap.get(cv2.CAP_PROP_POS_MSEC), i, t, fps)
             if i % every == 0:
                 ok, frame = cap.retrieve()
@@ -340,7 +343,7 @@ def read_video_frames(path: str | Path, every: int = 1,
         # one frame of slack: some containers round their count; a container that skips dropped frames holds
         # fewer than it states but its last timestamp reaches the stated length
         reached_end = fps > 0 and t is not None and t >= (stated - 2) / fps
-        if stated > 0 and i < stated - 1 and not reached_end:
+        if stated > 0 and i < stated - 1 and not reached_end and i != max_frames:
             problems.append(f"decoding stopped at frame {i} of the {stated} the file states (damaged or truncated)")
         if bad:
             problems.append(f"{len(bad)} frame(s) could not be decoded and were skipped (first: frame {bad[0]})")
@@ -404,19 +407,22 @@ def is_video(path: str | Path) -> bool:
 def collect_inputs(paths: Iterable[str | Path] | str | Path) -> list[Path]:
     """Files named directly (any extension) plus images and videos found recursively in folders, sorted.
 
-    One path alone counts as a list of one (not as its characters). Missing paths are kept so that the caller
-    reports them per file.
+    One path alone counts as a list of one (not as its characters); a file reached twice is listed once. Missing
+    paths are kept so that the caller reports them per file.
     """
     if isinstance(paths, str | Path):
         paths = [paths]
     out: list[Path] = []
+    seen: set[Path] = set()  # a file reached twice (named and in a named folder) is read once
     for raw in paths:
         p = Path(raw)
-        if p.is_dir():
-            found = [f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTS + VIDEO_EXTS]
-            out.extend(sorted(found))
-        else:
-            out.append(p)
+        found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTS + VIDEO_EXTS) \
+            if p.is_dir() else [p]
+        for f in found:
+            key = f.resolve()
+            if key not in seen:
+                seen.add(key)
+                out.append(f)
     return out
 
 

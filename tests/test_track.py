@@ -211,3 +211,60 @@ def test_to_dataframe_has_a_row_per_tracked_face(two_face_video):
     assert {"file", "frame", "time", "track", "label", "p_Happy", "s_Happy"} <= set(df.columns)
     assert np.allclose(df["time"], df["frame"] / FPS)  # a constant frame rate: timestamps are frame / rate
     assert len(to_dataframe(results[0].faces)) == len(results[0].faces)
+
+
+def test_max_frames_caps_each_video_and_a_file_reached_twice_is_read_once(two_face_video, tmp_path, capsys):
+    from ferlab import Recognizer
+    from ferlab.cli import main
+
+    path, _ = two_face_video
+    rec = Recognizer()
+    frames = [r.frame for r in rec.track(path, every=3, max_frames=10)]
+    assert frames == [0, 3, 6, 9]  # the first 10 frames, every 3rd; stopping early is not damage
+    with pytest.raises(ValueError, match="max_frames must be >= 1"):
+        next(rec.predict_many([path], max_frames=0))
+    out, tracks = tmp_path / "t.csv", tmp_path / "tracks.json"
+    assert main(["predict", str(path.parent), str(path), "--max-frames", "5", "--out", str(out), "--tracks",
+                 str(tracks), "--no-progress"]) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert sorted({int(r["frame"]) for r in rows}) == [0, 1, 2, 3, 4]
+    assert len(rows) == len({(r["frame"], r["face"]) for r in rows})  # the folder and the file: read once
+    assert all(s["frames"] <= 5 for s in json.loads(tracks.read_text()))
+    assert main(["predict", str(path), "--max-frames", "0"]) == 2
+    assert "--max-frames must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_annotated_images_of_inputs_that_would_share_a_name_are_all_kept(two_face_video, tmp_path):
+    """a.jpg and a.JPG, or a photo named like a video frame's drawing: none overwrites another."""
+    import shutil
+
+    import cv2
+    from skimage import data as skdata
+
+    from ferlab.cli import main
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    astro = np.ascontiguousarray(skdata.astronaut()[:, :, ::-1])
+    cv2.imwrite(str(folder / "a.jpg"), astro)
+    cv2.imwrite(str(folder / "a.JPG"), astro[:, ::-1])
+    shutil.copy(two_face_video[0], folder / "two.avi")
+    cv2.imwrite(str(folder / "two_avi_f000000.jpg"), astro)
+    ann = tmp_path / "ann"
+    assert main(["predict", str(folder), "--max-frames", "1", "--annotate", str(ann), "--out",
+                 str(tmp_path / "f.csv"), "--no-progress"]) == 0
+    written = sorted(p.name for p in ann.iterdir())
+    assert len(written) == 4, written  # two photos, a photo named like the frame, and the video's frame 0
+    assert {"a.jpg", "two_avi_f000000.jpg"} <= set(written)
+
+
+def test_a_timeline_of_more_tracks_than_it_draws_says_so(two_face_video, tmp_path, capsys, monkeypatch):
+    from ferlab.cli import main
+    from ferlab.recognize.track import TrackLog
+
+    plot = TrackLog.plot
+    monkeypatch.setattr(TrackLog, "plot", lambda self, path: plot(self, path, max_tracks=1))
+    timeline = tmp_path / "timeline.png"
+    assert main(["predict", str(two_face_video[0]), "--timeline", str(timeline), "--out", str(tmp_path / "f.csv"),
+                 "--no-progress"]) == 0
+    assert "timeline of the 1 longest of" in capsys.readouterr().err and timeline.is_file()

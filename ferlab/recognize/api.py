@@ -137,6 +137,14 @@ def inside(boxes: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return np.stack([x0, y0, x1 - x0, y1 - y0], 1)
 
 
+def _check_frames(every: int, max_frames: int | None) -> None:
+    """ValueError unless ``every`` >= 1 and ``max_frames`` is None or >= 1 (checked before any input is read)."""
+    if every < 1:
+        raise ValueError(f"every must be >= 1, got {every}")
+    if max_frames is not None and max_frames < 1:
+        raise ValueError(f"max_frames must be >= 1, got {max_frames}")
+
+
 def _thread_governor():  # -> hardware.ThreadGovernor
     """A thread governor setting both torch's and OpenCV's thread counts (see :class:`ThreadGovernor`)."""
     import cv2
@@ -302,27 +310,29 @@ class Recognizer:
         return [r.faces for r in self._run(frames(), crops, keep_images=False)]
 
     def predict_many(self, inputs: Iterable[str | Path] | str | Path, crops: bool = False, every: int = 1,
-                     progress: bool = False, keep_images: bool = False) -> Iterator[Result]:
+                     progress: bool = False, keep_images: bool = False,
+                     max_frames: int | None = None) -> Iterator[Result]:
         """Stream one :class:`Result` per image or kept video frame, for files and folders (recursive); one path
-        alone is a list of one.
+        alone is a list of one. Videos: every ``every``-th frame of the first ``max_frames`` (None: all).
 
         A file that cannot be read (missing, corrupt, not an image, too large) gives a Result whose ``error``
         says why, and the rest go on. Faces are classified in batches of ``batch_size``; ``progress`` shows a
         bar over the files; ``keep_images`` keeps each decoded image in ``Result.image`` (for annotation).
         """
+        _check_frames(every, max_frames)
         files = collect_inputs(inputs)
-        yield from self._run(self._file_frames(files, every, progress), crops, keep_images)
+        yield from self._run(self._file_frames(files, every, progress, max_frames), crops, keep_images)
 
     # ------------------------------------------------------------------ pipeline
-    def _file_frames(self, files: list[Path], every: int,
-                     progress: bool) -> Iterator[tuple[Result, np.ndarray | None]]:
+    def _file_frames(self, files: list[Path], every: int, progress: bool,
+                     max_frames: int | None = None) -> Iterator[tuple[Result, np.ndarray | None]]:
         from tqdm.auto import tqdm
 
         with tqdm(total=len(files), unit="file", disable=not progress, dynamic_ncols=True) as bar:
             for f in files:
                 try:
                     if is_video(f):
-                        yield from self._video_frames(f, every)
+                        yield from self._video_frames(f, every, max_frames)
                     else:
                         yield Result(str(f)), read_image(f, self.max_pixels)
                 except (ImageError, OSError) as e:
@@ -330,22 +340,25 @@ class Recognizer:
                     yield Result(str(f), error=msg[len(f"{f}: "):] if msg.startswith(f"{f}: ") else msg), None
                 bar.update(1)
 
-    def _video_frames(self, path: Path, every: int) -> Iterator[tuple[Result, np.ndarray]]:
+    def _video_frames(self, path: Path, every: int,
+                      max_frames: int | None = None) -> Iterator[tuple[Result, np.ndarray]]:
         self._video_passes += 1
         run = self._video_passes  # reading the same video again starts new tracks
-        for f in read_video_frames(path, every, self.max_pixels):
+        for f in read_video_frames(path, every, self.max_pixels, max_frames):
             yield Result(str(path), frame=f.index, time=f.time, video_pass=run), f.image
 
-    def track(self, video: str | Path, every: int = 1, crops: bool = False) -> Iterator[Result]:
-        """Stream the frames of ``video`` (every ``every``-th), each with its faces; a face keeps its ``track``
-        number while the person stays in view, with ``time`` in seconds and ``smoothed`` probabilities."""
-        yield from self._run(self._video_frames(Path(video), every), crops, keep_images=False)
+    def track(self, video: str | Path, every: int = 1, crops: bool = False,
+              max_frames: int | None = None) -> Iterator[Result]:
+        """Stream the frames of ``video`` (every ``every``-th of the first ``max_frames``), each with its faces; a
+        face keeps its ``track`` number while the person stays in view, with ``time`` in seconds and ``smoothed``
+        probabilities."""
+        _check_frames(every, max_frames)
+        yield from self._run(self._video_frames(Path(video), every, max_frames), crops, keep_images=False)
 
     def camera(self, index: int = 0, every: int = 1, max_frames: int | None = None) -> Iterator[Result]:
         """Stream tracked faces from camera ``index`` (every ``every``-th frame, ``max_frames`` read at most), each
         frame answered as soon as it is read; ``time`` is seconds since the first frame."""
-        if every < 1:
-            raise ValueError(f"every must be >= 1, got {every}")
+        _check_frames(every, max_frames)
         self._video_passes += 1
         run = self._video_passes
 

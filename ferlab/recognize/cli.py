@@ -83,17 +83,26 @@ class Annotator:
         self.out_dir = out_dir
         parents = [str(f.resolve().parent) for f in files] or [str(Path.cwd())]
         self.root = Path(os.path.commonpath(parents))
+        self.written: dict[str, tuple[str, int | None]] = {}  # target (case-folded) -> the input drawn there
 
     def target(self, file: str, frame: int | None) -> Path:
-        """Where the annotated image of ``file`` (or of its video frame ``frame``) goes: its relative path, so
-        inputs never share a name (``clip.mp4`` frame 7 -> ``clip_mp4_f000007.jpg``, apart from ``clip.avi``'s)."""
+        """Where the annotated image of ``file`` (or of its video frame ``frame``) goes: its relative path
+        (``clip.mp4`` frame 7 -> ``clip_mp4_f000007.jpg``, apart from ``clip.avi``'s); a name another input of this
+        run already took (``a.jpg`` and ``a.JPG``, a photo named like a video frame) gets ``_2``, ``_3``, ..."""
         src = Path(file).resolve()
         rel = src.relative_to(self.root)
         if frame is not None:
             ext = rel.suffix.lstrip(".").lower()
-            return self.out_dir / rel.parent / f"{rel.stem}{'_' + ext if ext else ''}_f{frame:06d}.jpg"
-        suffix = rel.suffix.lower() if rel.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp", ".bmp") else ".png"
-        return self.out_dir / rel.with_suffix(suffix)
+            out = self.out_dir / rel.parent / f"{rel.stem}{'_' + ext if ext else ''}_f{frame:06d}.jpg"
+        else:
+            suffix = rel.suffix.lower() if rel.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp", ".bmp") else ".png"
+            out = self.out_dir / rel.with_suffix(suffix)
+        key, k = (str(src), frame), 1
+        candidate = out
+        while self.written.setdefault(str(candidate).casefold(), key) != key:
+            k += 1
+            candidate = out.with_name(f"{out.stem}_{k}{out.suffix}")
+        return candidate
 
     def write(self, result: Any) -> None:
         import cv2
@@ -142,6 +151,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     if args.every < 1:
         raise ValueError(f"--every must be >= 1, got {args.every}")
+    if args.max_frames is not None and args.max_frames < 1:
+        raise ValueError(f"--max-frames must be >= 1, got {args.max_frames}")
     if args.json and args.format not in (None, "json"):
         raise ValueError(f"--json and --format {args.format} contradict each other; give one")
     fmt = "json" if args.json else args.format or ("json" if args.out and args.out.lower().endswith(".json")
@@ -179,7 +190,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     try:
         writer = WRITERS[fmt](out_f, rec.class_names, weights=rec.weights, videos=videos)
         results = (rec.predict_many(files, crops=args.crops, every=args.every, progress=not args.no_progress,
-                                    keep_images=annotator is not None) if args.webcam is None
+                                    keep_images=annotator is not None, max_frames=args.max_frames)
+                   if args.webcam is None
                    else _camera_results(rec, args, note))
         for r in results:
             counts[r.status] += 1
@@ -245,8 +257,10 @@ def _write_tracks(log: Any, args: argparse.Namespace, note: Any) -> None:
             note("--timeline: no face was tracked, so no timeline was drawn")
             return
         Path(args.timeline).parent.mkdir(parents=True, exist_ok=True)
-        log.plot(args.timeline)
-        note(f"timeline of {len(summaries)} track(s) in {args.timeline}")
+        drawn = log.plot(args.timeline)
+        note(f"timeline of {len(summaries)} track(s) in {args.timeline}" if drawn == len(summaries) else
+             f"timeline of the {drawn} longest of {len(summaries)} tracks in {args.timeline} (--tracks sums up "
+             "every one)")
 
 
 # --------------------------------------------------------------------------- export
@@ -299,7 +313,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--webcam", nargs="?", type=int, const=0, default=None, metavar="INDEX",
                    help="read a camera instead of files (INDEX: the camera's number, default 0): each frame is "
                         "answered as it is read, with tracks; Ctrl-C (or --max-frames) ends it and writes the outputs")
-    p.add_argument("--max-frames", type=int, default=None, metavar="N", help="--webcam: stop after N frames")
+    p.add_argument("--max-frames", type=int, default=None, metavar="N",
+                   help="videos and --webcam: read at most N frames of each (with --every, every N-th of them is "
+                        "classified)")
     p.add_argument("--model", default=None, help="run directory, .safetensors checkpoint, shipped model or ensemble "
                    "name (`ferlab models --pretrained`) or exported .onnx file (default: the shipped default model)")
     p.add_argument("--backend", choices=("torch", "onnx"), default=None,

@@ -139,8 +139,9 @@ class TrackLog:
                                     max(share, key=share.__getitem__)))
         return out
 
-    def plot(self, path: str, max_tracks: int = 12) -> None:
-        """One strip per track (the longest ``max_tracks``): its smoothed probabilities over time."""
+    def plot(self, path: str, max_tracks: int = 12) -> int:
+        """One strip per track (the longest ``max_tracks``): its smoothed probabilities over time. Returns how
+        many tracks were drawn."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -166,3 +167,4 @@ class TrackLog:
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)
+        return len(items)
