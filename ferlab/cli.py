@@ -7,13 +7,14 @@ import dataclasses
 import importlib
 import json
 import os
+import shlex
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from ferlab.hardware import PRECISIONS
-from ferlab.inference.options import tta_argument
+from ferlab.inference.options import positive_int, tta_argument
 
 JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
 # Keep freed pages (no decay) and no background thread: the allocator then never hands the activations' memory
@@ -194,6 +195,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         cfg = _train_config(args)
         run_dir = Path(args.out) if args.out else default_run_dir(cfg)
+        if run_dir.exists() and not run_dir.is_dir():
+            raise ValueError(f"--out {run_dir} is a file; name a folder for the run")
         if (run_dir / "last.pt").exists():
             raise FileExistsError(f"{run_dir} already holds a run; use --resume {run_dir} or another --out")
     summary = fit(cfg, run_dir, resume=bool(args.resume), progress=not args.no_progress)
@@ -216,7 +219,7 @@ def evaluate_hint(run_dir: Path) -> str:
         sizes = {}
     split = "test" if sizes.get("test", 1) else "val"
     note = "" if split == "test" else "  (the data has no test split; val is the part held out for selection)"
-    return f"next: ferlab evaluate {run_dir} --split {split}{note}"
+    return f"next: ferlab evaluate {shlex.quote(str(run_dir))} --split {split}{note}"
 
 
 def resume_data_path(cfg: Any, saved: dict[str, Any]) -> Any:
@@ -259,17 +262,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- evaluate
-def positive_int(text: str) -> int:
-    """An argparse type: an integer of at least 1."""
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
-    return v
-
-
 def _labels_suffix(labels: str | None, checkpoint: Path) -> str:
     """The output folder's label suffix: ``-ferplus`` when FER+ labels are asked for, ``-fer2013`` when FER2013's
     are asked for a model trained on FER+ (so that scoring a run on the other labels never overwrites its own
@@ -463,7 +455,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (DataError, CheckpointError, OSError, ValueError, KeyError) as e:  # OSError: a path's problem
+    # OSError: a path's problem; FloatingPointError: a diverging loss (the epochs before it stay saved)
+    except (DataError, CheckpointError, OSError, ValueError, KeyError, FloatingPointError) as e:
         if os.environ.get("FERLAB_DEBUG", "0") not in ("", "0"):
             raise  # the whole traceback, for bug reports
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e

@@ -12,6 +12,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+MAX_THREADS = 1024  # more threads is a typing slip (and crashes the thread pools), not a machine
+
 
 def cpu_name() -> str:
     """The CPU's model name from /proc/cpuinfo (Linux), else what ``platform`` knows."""

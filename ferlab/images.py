@@ -10,6 +10,7 @@ composited over white. Bad input raises :class:`ImageError` naming the file.
 from __future__ import annotations
 
 import math
+import os
 import struct
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -19,14 +20,22 @@ from typing import NamedTuple
 import numpy as np
 
 DEFAULT_MAX_PIXELS = 50_000_000  # 50 MP: larger than any camera photo, far below a bomb
-
-
-def pixel_count(text: str) -> int:
-    """A ``--max-pixels`` value: an integer, also written as 50e6."""
-    return int(float(text))
 DEFAULT_MAX_BYTES = 256 * 2**20  # refuse image files over 256 MiB before reading them
 IMAGE_EXTS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 VIDEO_EXTS: tuple[str, ...] = (".mp4", ".avi", ".mov", ".mkv")
+
+
+def pixel_count(text: str) -> int:
+    """A ``--max-pixels`` value: a positive whole number of pixels, also written as 50e6."""
+    import argparse
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 1):
+        raise argparse.ArgumentTypeError(f"a positive number of pixels, such as 50e6, expected, got {text!r}")
+    return int(value)
 
 
 class ImageError(ValueError):
@@ -268,7 +277,10 @@ def read_image(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS,
     """
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"{p}: no such file" + (" (it is a directory)" if p.is_dir() else ""))
+        if p.is_dir():
+            raise FileNotFoundError(f"{p}: a folder, not a file" + ("" if os.access(p, os.R_OK | os.X_OK) else
+                                                                    " (its files cannot be listed: no permission)"))
+        raise FileNotFoundError(f"{p}: no such file" + (" (a link to nothing)" if p.is_symlink() else ""))
     size = p.stat().st_size
     if size > max_bytes:
         raise ImageError(f"{p}: file of {size / 2**20:.0f} MiB is over the limit of {max_bytes / 2**20:.0f} MiB")
@@ -416,14 +428,26 @@ def collect_inputs(paths: Iterable[str | Path] | str | Path) -> list[Path]:
     seen: set[Path] = set()  # a file reached twice (named and in a named folder) is read once
     for raw in paths:
         p = Path(raw)
-        found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTS + VIDEO_EXTS) \
-            if p.is_dir() else [p]
+        found = _media_in(p) if p.is_dir() else [p]
         for f in found:
             key = f.resolve()
             if key not in seen:
                 seen.add(key)
                 out.append(f)
     return out
+
+
+def _media_in(folder: Path) -> list[Path]:
+    """The images and videos under ``folder``, sorted; a subfolder that cannot be listed and a link to nothing
+    are listed too, so that the caller reports them rather than skipping them unseen."""
+    found: list[Path] = []
+    unlisted: list[Path] = []
+    for root, _, names in os.walk(folder, onerror=lambda e: unlisted.append(Path(e.filename))):
+        for name in names:
+            f = Path(root) / name
+            if f.suffix.lower() in IMAGE_EXTS + VIDEO_EXTS and (f.is_file() or f.is_symlink()):
+                found.append(f)
+    return sorted(found + unlisted)
 
 
 def one_line(error: BaseException) -> str:

@@ -18,6 +18,11 @@ def predict_csv(checkpoint: str | Path, data_path: str, out: str | Path, *, spli
     :func:`ferlab.inference.loader.checkpoint_precision`."""
     if Path(out).is_dir():  # checked before the work, not after it
         raise ValueError(f"--out {out} is a directory; name the CSV file to write, e.g. {Path(out) / 'submission.csv'}")
+    target, src = Path(out), Path(data_path)
+    if target.is_file() and ((src.is_file() and target.samefile(src))
+                             or (src.is_dir() and src.resolve() in target.resolve().parents)):
+        raise ValueError(f"--out {out} is {'the data file' if src.is_file() else 'a file of the data folder'} "
+                         f"{data_path}; writing it would destroy it: name another file")
     model = load_model(checkpoint)
     data = open_data(data_path)
     idx = data.indices(split)

@@ -181,6 +181,23 @@ def pretrained_path(name: str) -> Path:
     return path
 
 
+def entry_for_file(path: str | Path) -> dict[str, Any] | None:
+    """The manifest entry of the shipped single model whose weights file holds the same bytes as ``path`` (the
+    shelf's file named by its path, or a copy of it), else None."""
+    import hashlib
+
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return None
+    for name, entry in _manifest().items():
+        if entry.get("kind") == "single" and entry.get("size_bytes") == size and entry.get("sha256"):
+            if hashlib.sha256(path.read_bytes()).hexdigest() == entry["sha256"]:
+                return {"name": name, **entry}
+    return None
+
+
 def default_name() -> str:
     """The shipped model used when none is named: the entry with role ``default`` (or the legacy ``"default":
     true``), else the first one; ValueError when nothing ships."""

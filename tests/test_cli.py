@@ -372,7 +372,16 @@ def test_a_run_trained_with_skip_bad_is_evaluated_on_its_own_data(tmp_path, caps
 
 @pytest.mark.parametrize("argv, message", [
     (["--eval-batch-size", "0"], "eval_batch_size must be >= 1, got 0"),
-    (["--threads", "-1"], "threads must be >= 0"),
+    (["--threads", "-1"], "threads must be in [0, 1024]"),
+    (["--threads", "100000"], "threads must be in [0, 1024]"),
+    (["--label-smoothing", "2"], "label_smoothing must be in [0, 1), got 2"),
+    (["--weight-decay", "-1"], "weight_decay must be a finite number >= 0, got -1"),
+    (["--warmup-epochs", "nan"], "warmup_epochs must be a finite number >= 0, got nan"),
+    (["--time-limit", "nan"], "time_limit must be a finite number >= 0, got nan"),
+    (["--momentum", "nan"], "momentum must be a finite number >= 0, got nan"),
+    (["--plateau-factor", "0"], "plateau_factor must be in (0, 1), got 0"),
+    (["--early-stopping", "-1"], "early_stopping must be a finite number >= 0, got -1"),
+    (["--model-arg", "foo=1"], "model fer-resnet-s takes no option(s) foo; its options: drop, input_scale"),
     (["--synthetic", '{"n_trian": 10}'], "unknown synthetic option(s) ['n_trian']; known: n_train"),
     (["--synthetic", "[1]"], "synthetic must be a table of make_synthetic() arguments"),
     (["--augment", '{"fill": "nearst"}'], "fill must be 'nearest' or 'zeros', got 'nearst'"),
@@ -401,3 +410,94 @@ def test_every_option_of_every_command_has_help_and_max_pixels_has_one_default()
     assert missing == []
     assert parser.parse_args(["predict", "x.jpg"]).max_pixels == DEFAULT_MAX_PIXELS
     assert parser.parse_args(["serve"]).max_pixels == DEFAULT_MAX_PIXELS
+
+
+def test_a_config_file_value_of_the_wrong_type_names_its_option(tmp_path, capsys):
+    for text, message in (('lr = "0.1"', "lr must be a number, got '0.1'"),
+                          ('epochs = "1"', "epochs must be a whole number, got '1'"),
+                          ("skip_bad = 1", "skip_bad must be true or false, got 1")):
+        cfg = tmp_path / "c.toml"
+        cfg.write_text(text + "\n")
+        assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "r")]) == 2
+        assert f"{cfg}: {message}" in capsys.readouterr().err
+    png = tmp_path / "c.png"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
+    assert main(["train", "--config", str(png)]) == 2
+    assert "c.png: not a text file" in capsys.readouterr().err
+    assert main(["train", "--config", str(tmp_path)]) == 2
+    assert "is a folder; name a .toml or .json file" in capsys.readouterr().err
+    (tmp_path / "afile").write_text("x")
+    assert main(["train", "--out", str(tmp_path / "afile")]) == 2
+    assert "--out" in capsys.readouterr().err
+
+
+def test_a_diverging_loss_is_a_one_line_error_not_a_traceback(tmp_path, capsys):
+    assert main(["train", "--synthetic", '{"n_train": 64, "n_val": 32, "n_test": 32}', "--epochs", "3",
+                 "--batch-size", "16", "--optimizer", "sgd", "--lr", "1e4", "--schedule", "none", "--out",
+                 str(tmp_path / "r"), "--no-progress", "--threads", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "error: loss is" in err and "lower the learning rate" in err and "Traceback" not in err
+
+
+def test_predict_csv_refuses_to_write_over_its_data(trained_tiny_run, tmp_path, capsys):
+    data = tmp_path / "test.csv"
+    data.write_text("id,feature\n0," + " ".join(["0"] * 2304) + "\n")
+    before = data.read_text()
+    assert main(["predict-csv", str(trained_tiny_run), "--data", str(data), "--out", str(data)]) == 2
+    assert "is the data file" in capsys.readouterr().err and data.read_text() == before
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--webcam", "-1"], "argument --webcam: must be at least 0, got -1"),
+    (["x.jpg", "--max-channels", "0"], None),  # not a predict option: argparse's own error
+])
+def test_predict_usage_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as ei:
+        main(["predict", *argv])
+    assert ei.value.code == 2 and (message is None or message in capsys.readouterr().err)
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--threads", "-1"], "threads must be in [0, 1024]"),
+    (["--threads", "100000"], "threads must be in [0, 1024]"),
+    (["--margin", "inf"], "margin must be a finite number >= 0, got inf"),
+    (["--margin", "nan"], "margin must be a finite number >= 0, got nan"),
+    (["--min-face", "-5"], "min_face must be >= 1 pixel, got -5"),
+    (["--out", "same.json", "--tracks", "same.json"], "--out and --tracks both name same.json"),
+    (["--timeline", "t.xyz"], "--timeline t.xyz: name a .png, .jpg, .pdf or .svg file"),
+    (["--annotate", "afile"], "--annotate afile is a file"),
+])
+def test_predict_option_errors_come_before_any_work(argv, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "clip.mp4").write_bytes(b"not read: the options fail first")
+    (tmp_path / "afile").write_text("x")
+    assert main(["predict", "clip.mp4", "--model", "fer2013-fast", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_figure_options_are_checked_before_the_work(trained_tiny_run, tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    for argv, message in ((["filters", str(trained_tiny_run), "--layer", "stages.0", "--out", "f.xyz"],
+                           "cannot write a figure as '.xyz'"),
+                          (["feature-maps", str(trained_tiny_run), "--layer", "stages.0", "--image", "data:val:0",
+                            "--out", str(tmp_path / "afile" / "m.png")], "afile is a file, not a folder"),
+                          (["explain", str(trained_tiny_run), "--images", "data:val:2", "--out",
+                            str(tmp_path / "afile")],
+                           "is a file; name a folder")):
+        assert main(argv) == 2
+        assert message in capsys.readouterr().err
+    for flag in ("--steps", "--max-filters"):
+        with pytest.raises(SystemExit):
+            main(["filters", str(trained_tiny_run), "--layer", "stages.0", flag, "0"])
+
+
+def test_a_link_to_nothing_in_a_folder_is_reported_not_skipped(tmp_path):
+    from ferlab.images import collect_inputs
+
+    (tmp_path / "broken.jpg").symlink_to(tmp_path / "gone.jpg")
+    (tmp_path / "notes.txt").write_text("not an image")
+    assert collect_inputs(tmp_path) == [tmp_path / "broken.jpg"]
+    from ferlab.recognize.api import Recognizer
+
+    (result,) = Recognizer("fer2013-fast").predict_many(tmp_path)
+    assert "no such file (a link to nothing)" in result.error

@@ -224,3 +224,17 @@ def test_a_weighted_ensemble_weighs_its_members_everywhere(weighted_shelf, faces
     out = tmp_path / "weighted.onnx"
     assert main(["export", "--onnx", ENSEMBLE, "--out", str(out)]) == 0
     assert np.abs(Recognizer(str(out)).classify(x) - want).max() < 1e-4
+
+
+def test_a_shipped_file_named_by_its_path_or_copied_keeps_its_calibration(monkeypatch, tmp_path, trained_tiny_run):
+    from ferlab import pretrained
+    from ferlab.inference.loader import load_model
+
+    monkeypatch.delenv("FERLAB_WEIGHTS_DIR", raising=False)
+    name = "fer2013-fast"
+    path = pretrained.pretrained_path(name)
+    copy = tmp_path / "copy.safetensors"
+    copy.write_bytes(path.read_bytes())
+    expected = load_model(name).calibration
+    assert expected and all(load_model(str(p)).calibration == expected for p in (path, copy))
+    assert load_model(str(trained_tiny_run)).calibration == {}  # not on the shelf: none

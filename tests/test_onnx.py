@@ -157,7 +157,10 @@ def test_empty_or_garbage_onnx_files_name_the_file(tmp_path):
 
 
 @pytest.mark.parametrize("key,value", [("ferlab", "{not json"), ("class_names", "[1, 2"),
-                                       ("ferlab", "[1]"), ("class_names", "[1, 2]")])
+                                       ("ferlab", "[1]"), ("class_names", "[1, 2]"),
+                                       ("class_names", '["a", "b"]'),  # two names for seven outputs
+                                       ("ferlab", '{"inference": "x", "model": {"name": "m"}}'),
+                                       ("ferlab", '{"inference": {"tta": "none", "members": []}}')])
 def test_damaged_ferlab_metadata_in_onnx_names_the_file(tmp_path, key, value):
     import onnx
 
@@ -187,6 +190,26 @@ def test_export_cli_names_and_errors(tmp_path, monkeypatch, capsys):
     assert main(["export", "--onnx", str(tmp_path / "nowhere")]) == 2
     assert "no such checkpoint" in capsys.readouterr().err
     assert main(["export", "--onnx", str(run), "--out", "x.pt"]) == 2
+    (tmp_path / "adir.onnx").mkdir()
+    (tmp_path / "afile").write_text("x")
+    for out, message in (("adir.onnx", "adir.onnx is a directory"), ("afile/x.onnx", "afile is a file, not a folder")):
+        capsys.readouterr()
+        assert main(["export", "--onnx", str(run), "--out", out]) == 2
+        assert message in capsys.readouterr().err
+    for opset, tta in (("9", "none"), ("99", "none"), ("15", "affine")):
+        assert main(["export", "--onnx", str(run), "--opset", opset, "--tta", tta]) == 2
+        assert f"ONNX opset {opset} is not supported" in capsys.readouterr().err
+
+
+def test_both_backends_refuse_faces_of_another_size(tmp_path, faces):
+    ckpt = make_checkpoint(tmp_path / "c.safetensors", "fer-mobile")
+    out = tmp_path / "c.onnx"
+    assert main(["export", "--onnx", str(ckpt), "--out", str(out)]) == 0
+    for backend in (TorchBackend.from_spec(str(ckpt)), OnnxBackend(out)):
+        assert backend.probabilities(faces[:3]).shape == (3, 7)
+        for wrong in (np.zeros((2, 1, 64, 64), np.uint8), faces[:2, 0]):
+            with pytest.raises(ValueError, match=r"takes gray faces \(batch, 1, 48, 48\)"):
+                backend.probabilities(wrong)
 
 
 @pytest.mark.parametrize("opset", [13, 17])

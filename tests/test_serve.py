@@ -689,7 +689,10 @@ def test_live_stream_frames_keep_their_track_ids(recognizer):
 
 @pytest.mark.parametrize("query,message", [("stream=a%20b", "stream must be"),
                                            ("stream=a&t=soon", "t must be a number"),
-                                           ("stream=a&t=-2", "t must be a finite")])
+                                           ("stream=a&t=-2", "t must be a finite"),
+                                           ("t=nan", "give stream too"),
+                                           ("model=other&tta=affine", "unknown query parameter(s) 'model', 'tta'"),
+                                           ("explain=maybe", "explain must be one of")])
 def test_bad_live_parameters_are_400(server, query, message):
     status, _, body = server.request("POST", f"/predict?{query}", encode(astronaut(), ".png"),
                                      {"Content-Type": "image/png"})
@@ -702,3 +705,34 @@ def test_live_predict_over_http(server):
                                          {"Content-Type": "image/png"})[2]) for t in (0, 0.2)]
     assert [a["faces"][0]["track"] for a in answers] == [1, 1]
     assert answers[1]["faces"][0]["gradcam"] is None
+
+
+def test_a_stream_whose_time_goes_back_is_400_and_off_is_a_way_to_say_no(server):
+    png = encode(astronaut(), ".png")
+    answers = [server.request("POST", f"/predict?stream=back-1&t={t}&explain=off", png,
+                              {"Content-Type": "image/png"}) for t in (5, 5, 4)]
+    assert [a[0] for a in answers] == [200, 400, 400]
+    assert "t must grow within a stream" in json.loads(answers[2][2])["error"]
+    assert json.loads(answers[0][2])["faces"][0]["gradcam"] is None  # explain=off: no heat map
+
+
+def test_a_file_field_without_a_file_name_is_the_image_and_a_long_boundary_is_400(server):
+    png = encode(astronaut(), ".png")
+    boundary = "b" * 40
+    body = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"\r\n\r\n').encode() + png + \
+        f"\r\n--{boundary}--\r\n".encode()  # what curl -F "file=<photo.png" sends
+    status, _, raw = server.request("POST", "/predict", body,
+                                    {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    assert status == 200 and len(json.loads(raw)["faces"]) == 1
+    long = "b" * 300  # over the multipart parser's limit
+    status, _, raw = server.request("POST", "/predict", body.replace(boundary.encode(), long.encode()),
+                                    {"Content-Type": f"multipart/form-data; boundary={long}"})
+    assert status == 400 and "malformed multipart" in json.loads(raw)["error"]
+
+
+@pytest.mark.parametrize(("option", "value"), [("max_upload_mb", float("inf")), ("max_pixels", 0)])
+def test_limits_must_be_positive_and_finite(recognizer, option, value):
+    from ferlab.serve.app import create_app
+
+    with pytest.raises(ValueError, match=f"{option} must be a positive finite number"):
+        create_app(recognizer, **{option: value})

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from ferlab.explain import METHODS
+from ferlab.inference.options import positive_int
 
 MODEL_HELP = "run directory, .safetensors checkpoint or shipped model name"
 
@@ -63,6 +64,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
         raise ValueError(f"--faith-steps must be at least 2, got {args.faith_steps}")
     if args.count < 1:
         raise ValueError(f"--count must be at least 1, got {args.count}")
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out} is a file; name a folder for the figures and the report")
     m = _load(args.model)
     model, meta, norm, names = m.module, m.meta, m.normalizer, m.class_names
     faces = load_faces(args.images, meta, default_count=args.count, data_path=args.data)
@@ -91,9 +94,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- filters, feature maps, layers
 def cmd_filters(args: argparse.Namespace) -> int:
-    from ferlab.explain.figures import image_grid_figure, save_figure
+    from ferlab.explain.figures import figure_path, image_grid_figure, save_figure
     from ferlab.explain.filters import AscentConfig, check_layer, stretch, visualize_filters
 
+    out = figure_path(args.out) if args.out else None  # checked before the work, not after it
     m = _load(args.model)
     model, norm = m.module, m.normalizer
     info = check_layer(model, args.layer)
@@ -101,7 +105,7 @@ def cmd_filters(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     res = visualize_filters(model, args.layer, norm, chans, AscentConfig(steps=args.steps, seed=args.seed))
     secs = time.perf_counter() - t0
-    out = Path(args.out) if args.out else _default_out(args.model, f"filters-{args.layer}.png")
+    out = out or _default_out(args.model, f"filters-{args.layer}.png")
     fig = image_grid_figure([stretch(im) for im in res.images], titles=[str(c) for c in res.channels],
                             suptitle=f"{m.architecture} {args.layer}: inputs maximising each filter's mean "
                                      f"activation ({args.steps} steps from grey noise)")
@@ -117,10 +121,11 @@ def cmd_filters(args: argparse.Namespace) -> int:
 def cmd_feature_maps(args: argparse.Namespace) -> int:
     import torch
 
-    from ferlab.explain.figures import image_grid_figure, save_figure
+    from ferlab.explain.figures import figure_path, image_grid_figure, save_figure
     from ferlab.explain.filters import check_layer, feature_maps
     from ferlab.explain.inputs import load_one_face
 
+    out = figure_path(args.out) if args.out else None  # checked before the work, not after it
     m = _load(args.model)
     model, meta, norm = m.module, m.meta, m.normalizer
     info = check_layer(model, args.layer)
@@ -141,8 +146,7 @@ def cmd_feature_maps(args: argparse.Namespace) -> int:
                             cmap=["gray"] + ["viridis"] * len(chans),
                             suptitle=f"{m.architecture} {args.layer} {tuple(maps.shape)} on {face.names[0]} "
                                      f"(pred {names[k]} {float(probs[k]):.2f}{true})")
-    out = Path(args.out) if args.out else _default_out(args.model, f"feature-maps-{args.layer}.png")
-    out = save_figure(fig, out)
+    out = save_figure(fig, out or _default_out(args.model, f"feature-maps-{args.layer}.png"))
     print(f"{args.layer}: {len(chans)} of {maps.shape[0]} maps of {maps.shape[1]}x{maps.shape[2]}; wrote {out}")
     return 0
 
@@ -191,9 +195,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     f = sub.add_parser("filters", help="gradient-ascent images maximising each filter of a layer (grid PNG)")
     f.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     f.add_argument("--layer", required=True, help="layer name (see `ferlab layers MODEL`)")
-    f.add_argument("--steps", type=int, default=96, help="gradient-ascent steps")
+    f.add_argument("--steps", type=positive_int, default=96, help="gradient-ascent steps")
     f.add_argument("--channels", help="all, A-B or A,B,C (default: the first --max-filters)")
-    f.add_argument("--max-filters", type=int, default=32, help="most filters drawn without --channels (default 32)")
+    f.add_argument("--max-filters", type=positive_int, default=32,
+                   help="most filters drawn without --channels (default 32)")
     f.add_argument("--seed", type=int, default=0, help="seed of the starting noise images (default 0)")
     f.add_argument("--out", help="PNG path (default RUN_DIR/filters-LAYER.png)")
     f.set_defaults(func=cmd_filters)
@@ -205,7 +210,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--data", help="data path for data:SPLIT faces (default: the data the model was trained on; "
                                    "needed for shipped models)")
     m.add_argument("--channels", help="all, A-B or A,B,C (default: the first --max-channels)")
-    m.add_argument("--max-channels", type=int, default=64, help="most channels drawn without --channels (default 64)")
+    m.add_argument("--max-channels", type=positive_int, default=64,
+                   help="most channels drawn without --channels (default 64)")
     m.add_argument("--out", help="PNG path (default RUN_DIR/feature-maps-LAYER.png)")
     m.set_defaults(func=cmd_feature_maps)
 

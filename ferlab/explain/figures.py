@@ -163,14 +163,29 @@ def image_grid_figure(
     return fig
 
 
-def save_figure(fig, path: str | Path) -> Path:
-    """Write a figure to ``path`` (its suffix names the format; none: PNG, ``.png`` added), creating the folder;
-    returns the path written."""
+def figure_path(path: str | Path) -> Path:
+    """The file a figure named ``path`` is written to (no suffix: ``.png`` added); ValueError, before any work,
+    for a folder, a format matplotlib cannot write, or a parent that is a file."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
     p = Path(path)
     if p.is_dir():
         raise ValueError(f"{p} is a folder: name the image file to write, e.g. {p / 'figure.png'}")
     if not p.suffix:
         p = p.with_suffix(".png")
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if p.suffix.lower().lstrip(".") not in formats:
+        raise ValueError(f"{p}: cannot write a figure as {p.suffix!r}; use one of "
+                         f"{', '.join('.' + f for f in sorted(formats))}")
+    blocking = next((q for q in p.parents if q.exists() and not q.is_dir()), None)
+    if blocking is not None:
+        raise ValueError(f"{p}: {blocking} is a file, not a folder")
+    return p
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Write a figure to ``path`` (see :func:`figure_path`), creating the folder; returns the path written."""
+    p = figure_path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(p)
     return p

@@ -96,7 +96,7 @@ class TorchBackend:
     def _views(self, pixels: np.ndarray) -> list[Any]:
         import torch
 
-        x = torch.from_numpy(np.ascontiguousarray(pixels, np.uint8))  # (B, 1, H, W) uint8
+        x = torch.from_numpy(check_faces(pixels, self.input_size, self.weights))  # (B, 1, H, W) uint8
         return [m.view_logits(x, tta=self.tta, batch_size=max(1, len(x)), precision=self.precision,
                               channels_last=self.channels_last) for m in self.members]  # each (V, B, K)
 
@@ -144,6 +144,13 @@ class OnnxBackend:
                              f"{inp.shape}; export it with `ferlab export --onnx`")
         self.input_name = inp.name
         self.class_names = list(self.meta["class_names"])
+        widths = {o.name: o.shape[-1] for o in self.session.get_outputs() if o.shape}
+        if set(widths) != {"logits", "probabilities"}:
+            raise ValueError(f"{name}: expected the outputs 'logits' and 'probabilities', found {sorted(widths)}; "
+                             "export it with `ferlab export --onnx`")
+        if any(isinstance(k, int) and k != len(self.class_names) for k in widths.values()):
+            raise ValueError(f"{name}: damaged ferlab metadata in ONNX model ({len(self.class_names)} class names "
+                             f"for {widths['probabilities']} outputs)")
         self.input_size = (int(inp.shape[2]), int(inp.shape[3]))
         inference = self.meta.get("inference", {})  # written by the export: the views and members in the graph
         self.tta = tta_mode(inference.get("tta", "none"))
@@ -178,11 +185,11 @@ class OnnxBackend:
         return cls.from_loaded(load_model(spec), tta=tta, threads=threads, weights=str(spec))
 
     def probabilities(self, pixels: np.ndarray) -> np.ndarray:
-        x = np.ascontiguousarray(pixels, np.uint8)  # (B, 1, H, W)
+        x = check_faces(pixels, self.input_size, self.weights)  # (B, 1, H, W)
         return self.session.run(["probabilities"], {self.input_name: x})[0]  # (B, K)
 
     def logits(self, pixels: np.ndarray) -> np.ndarray:
-        x = np.ascontiguousarray(pixels, np.uint8)  # (B, 1, H, W)
+        x = check_faces(pixels, self.input_size, self.weights)  # (B, 1, H, W)
         return self.session.run(["logits"], {self.input_name: x})[0]  # (B, K)
 
 
@@ -200,8 +207,23 @@ def read_onnx_meta(custom: dict[str, str], source: str) -> dict[str, Any]:
                          f"got {type(meta).__name__})")
     if not isinstance(class_names, list) or not all(isinstance(n, str) for n in class_names):
         raise ValueError(f"{source}: damaged ferlab metadata in ONNX model (class_names must be a list of strings)")
+    model, inference = meta.get("model"), meta.get("inference", {})
+    if not (isinstance(model, dict) and isinstance(model.get("name"), str)):
+        raise ValueError(f"{source}: damaged ferlab metadata in ONNX model (no model name)")
+    if not (isinstance(inference, dict) and isinstance(inference.get("tta", "none"), str)
+            and isinstance(inference.get("members", []), list)):
+        raise ValueError(f"{source}: damaged ferlab metadata in ONNX model (inference must hold tta and members)")
     meta["class_names"] = class_names
     return meta
+
+
+def check_faces(pixels: np.ndarray, input_size: tuple[int, ...], source: str) -> np.ndarray:
+    """``pixels`` as a contiguous uint8 (B, 1, H, W) array; ValueError unless (H, W) is the model's input size."""
+    x = np.ascontiguousarray(pixels, np.uint8)
+    if x.ndim != 4 or x.shape[1] != 1 or tuple(x.shape[2:]) != tuple(input_size):
+        raise ValueError(f"{source} takes gray faces (batch, 1, {input_size[0]}, {input_size[1]}), got an array of "
+                         f"shape {tuple(x.shape)}: crop and resize them first (ferlab.recognize does)")
+    return x
 
 
 def _from_onnxruntime(e: BaseException) -> bool:

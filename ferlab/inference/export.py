@@ -31,6 +31,8 @@ from ferlab.transforms import Normalizer, tta_mode
 INPUT_NAME = "pixels"
 OUTPUT_NAMES = ("logits", "probabilities")
 DEFAULT_OPSET = 17
+MIN_OPSET, MAX_OPSET = 13, 20  # opsets this exporter writes and ONNX Runtime runs for these nets
+AFFINE_MIN_OPSET = 16  # the affine views' resampling (GridSample) first exists in opset 16
 
 
 def untrained_meta(model_name: str, model: nn.Module, model_args: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -43,6 +45,14 @@ def untrained_meta(model_name: str, model: nn.Module, model_args: dict[str, Any]
             "preprocess": {"normalize": Normalizer("unit").state(), "input_size": list(model.input_size)},
             "class_names": list(CLASS_NAMES)[: model.num_classes], "train": {"precision": "fp32"},
             "untrained": True}
+
+
+def check_opset(opset: int, tta: str = "none") -> None:
+    """ValueError unless ``opset`` can hold a model exported with the views of TTA mode ``tta``."""
+    low = AFFINE_MIN_OPSET if tta == "affine" else MIN_OPSET
+    if not (isinstance(opset, int) and low <= opset <= MAX_OPSET):
+        raise ValueError(f"ONNX opset {opset} is not supported" + (" with --tta affine" if tta == "affine" else "")
+                         + f": use {low} to {MAX_OPSET} (default {DEFAULT_OPSET})")
 
 
 def export_onnx(model: nn.Module | LoadedModel | Ensemble, meta: dict[str, Any] | None = None,
@@ -64,6 +74,7 @@ def export_onnx(model: nn.Module | LoadedModel | Ensemble, meta: dict[str, Any] 
         model = LoadedModel.from_checkpoint(model, meta, source=f"{meta['model']['name']} (in memory)")
     loaded = model
     mode = tta_mode(tta)
+    check_opset(opset, mode)
     h, w = loaded.input_size
     members = loaded.members
     temperature = loaded.temperature(mode)  # a shipped model's calibration, baked into the graph

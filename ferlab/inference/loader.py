@@ -186,11 +186,15 @@ def load_model(spec: ModelSpec | LoadedModel | Ensemble) -> LoadedModel | Ensemb
 
 
 def _load_single(spec: str, calibration: dict[str, Any] | None = None) -> LoadedModel:
+    """``spec`` loaded with ``calibration``; without one, a shipped file named by its path (or a copy of it) gets
+    its manifest entry's, as by its name."""
     from ferlab.checkpoint import resolve
 
     path = resolve(spec)
     module, meta = load_checkpoint(path)
     loaded = LoadedModel.from_checkpoint(module, meta, source=spec, path=path)
+    if calibration is None and (entry := pretrained.entry_for_file(path)) is not None:
+        calibration = entry.get("calibration")
     loaded.calibration = dict(calibration or {})
     return loaded
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 TTA_CHOICES = ("none", "flip", "shift", "affine")
@@ -49,3 +50,23 @@ def tta_argument(default: str | None = "none", more_help: str = "") -> dict[str,
 
 # predict and serve: no --tta means none, or an .onnx file's own mode
 PER_FILE_TTA: dict[str, Any] = {"default": None, "more_help": " (default: none; an .onnx file: its own mode)"}
+
+
+def int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: a whole number of at least ``low``."""
+    import argparse
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if v < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {v}")
+        return v
+
+    parse.__name__ = f"int_at_least_{low}"  # what argparse names in its own messages
+    return parse
+
+
+positive_int = int_at_least(1)

@@ -58,8 +58,18 @@ def get_entry(name: str) -> ModelEntry:
 
 
 def create_model(name: str, num_classes: int = 7, in_chans: int = 1, **kwargs) -> FerModel:
-    """Build the registered model ``name``."""
-    model = get_entry(name).factory(num_classes=num_classes, in_chans=in_chans, **kwargs)
+    """Build the registered model ``name``; ValueError for an option its factory does not take."""
+    import inspect
+
+    factory = get_entry(name).factory
+    params = inspect.signature(factory).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        unknown = sorted(set(kwargs) - set(params))
+        if unknown:
+            options = [p for p in params if p not in ("num_classes", "in_chans")]
+            raise ValueError(f"model {name} takes no option(s) {', '.join(unknown)}; its options: "
+                             f"{', '.join(options) or 'none'}")
+    model = factory(num_classes=num_classes, in_chans=in_chans, **kwargs)
     model.num_classes = num_classes
     model.in_chans = in_chans
     return model

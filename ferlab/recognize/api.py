@@ -11,6 +11,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from ferlab.hardware import MAX_THREADS
 from ferlab.images import (
     DEFAULT_MAX_PIXELS,
     ImageError,
@@ -197,8 +199,12 @@ class Recognizer:
                  threads: int | None = None, smooth: float = 0.5, track_iou: float = 0.3) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if margin is not None and margin < 0:
-            raise ValueError(f"margin must be >= 0, got {margin}")
+        if margin is not None and not (math.isfinite(margin) and margin >= 0):
+            raise ValueError(f"margin must be a finite number >= 0, got {margin}")
+        if min_face < 1:
+            raise ValueError(f"min_face must be >= 1 pixel, got {min_face}")
+        if threads is not None and not 0 <= threads <= MAX_THREADS:
+            raise ValueError(f"threads must be in [0, {MAX_THREADS}] (0 or None: the library's default), got {threads}")
         if backend is not None and not isinstance(backend, str):
             if model is not None:
                 raise ValueError("pass either a model spec or a ready backend, not both")

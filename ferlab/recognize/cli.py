@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from ferlab.images import DEFAULT_MAX_PIXELS, pixel_count
-from ferlab.inference.options import PER_FILE_TTA, tta_argument
+from ferlab.inference.options import PER_FILE_TTA, int_at_least, tta_argument
 from ferlab.recognize.detect import DEFAULT_ALIGN, DEFAULT_DETECTOR, DETECTORS
 
 PROG = "ferlab predict"
@@ -131,14 +131,26 @@ def _camera_results(rec: Any, args: argparse.Namespace, note: Any) -> Any:
 
 
 def _refuse_overwriting_inputs(args: argparse.Namespace, files: list[Path]) -> None:
-    """ValueError if --out, --tracks or --timeline names one of the inputs (writing it would destroy it)."""
+    """ValueError if --out, --tracks or --timeline names one of the inputs (writing it would destroy it) or
+    another of these outputs, or --annotate names a file."""
+    seen: dict[Path, str] = {}
     for flag in ("out", "tracks", "timeline"):
         target = Path(getattr(args, flag)) if getattr(args, flag) else None
-        if target is not None and target.is_file():
+        if target is None:
+            continue
+        key = target.resolve()
+        if key in seen:
+            raise ValueError(f"--{seen[key]} and --{flag} both name {target}; one would overwrite the other")
+        seen[key] = flag
+        if target.is_file():
             hit = next((f for f in files if f.is_file() and target.samefile(f)), None)
             if hit is not None:
                 raise ValueError(f"--{flag} {target} is one of the inputs ({hit}); writing it would destroy it: "
                                  "name another file")
+    if args.annotate and Path(args.annotate).exists() and not Path(args.annotate).is_dir():
+        raise ValueError(f"--annotate {args.annotate} is a file; name a folder for the annotated images")
+    if args.timeline and Path(args.timeline).suffix.lower() not in ("", ".png", ".jpg", ".jpeg", ".pdf", ".svg"):
+        raise ValueError(f"--timeline {args.timeline}: name a .png, .jpg, .pdf or .svg file")
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -182,6 +194,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.out and Path(args.out).is_dir():
         raise ValueError(f"--out {args.out} is a directory; name the file to write, "
                          f"e.g. {Path(args.out) / 'faces.csv'}")
+    if args.timeline and not Path(args.timeline).suffix:
+        args.timeline += ".png"  # what matplotlib writes, so the path printed is the file written
     _refuse_overwriting_inputs(args, files)
     counts = {"ok": 0, "no_face": 0, "error": 0, "faces": 0, "not_annotated": 0}
     video_no_face: dict[str, list[int]] = {}  # video -> [frames read, frames without a face]
@@ -278,13 +292,20 @@ def cmd_export(args: argparse.Namespace) -> int:
     import numpy as np
 
     from ferlab.inference.backends import OnnxBackend, TorchBackend
-    from ferlab.inference.export import export_onnx
+    from ferlab.inference.export import check_opset, export_onnx
     from ferlab.inference.loader import load_model
+    from ferlab.transforms import tta_mode
 
     spec = args.onnx
     out = Path(args.out) if args.out else default_onnx_name(spec)
     if out.suffix.lower() != ".onnx":
         raise ValueError(f"--out {out}: use a .onnx file name")
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a directory; name the file to write, e.g. {out / default_onnx_name(spec)}")
+    blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise ValueError(f"--out {out}: {blocking} is a file, not a folder")
+    check_opset(args.opset, tta_mode(args.tta))  # before the model is loaded and traced
     loaded = load_model(spec)
     data = export_onnx(loaded, out=out, opset=args.opset, tta=args.tta)
     # self-check: ONNX Runtime against PyTorch fp32 on random pixels
@@ -310,7 +331,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                        "no face, gets a message on stderr and the rest go on.")
     p.add_argument("paths", nargs="*", metavar="PATH", help="images (jpg png webp bmp), videos (mp4 avi mov mkv) "
                    "or folders (searched recursively)")
-    p.add_argument("--webcam", nargs="?", type=int, const=0, default=None, metavar="INDEX",
+    p.add_argument("--webcam", nargs="?", type=int_at_least(0), const=0, default=None, metavar="INDEX",
                    help="read a camera instead of files (INDEX: the camera's number, default 0): each frame is "
                         "answered as it is read, with tracks; Ctrl-C (or --max-frames) ends it and writes the outputs")
     p.add_argument("--max-frames", type=int, default=None, metavar="N",
@@ -367,5 +388,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                      "shipped ensemble's name (one graph averaging its members' probabilities)")
     e.add_argument("--tta", **tta_argument(more_help="; the views become part of the graph (default: none)"))
     e.add_argument("--out", default=None, metavar="FILE", help="output .onnx file (default: NAME.onnx here)")
-    e.add_argument("--opset", type=int, default=17, help="ONNX opset version (default 17)")
+    e.add_argument("--opset", type=int, default=17, help="ONNX opset version, 13 to 20 (16 or more with --tta affine; "
+                   "default 17)")
     e.set_defaults(func=cmd_export)

@@ -53,6 +53,7 @@ class FaceTracker:
         self.iou_threshold, self.max_missed, self.smooth_s = iou_threshold, max_missed, smooth_s
         self.tracks: list[Track] = []
         self.next_id = 1
+        self.last_time: float | None = None  # of the last frame updated
 
     def update(self, boxes: np.ndarray, probs: np.ndarray, time: float) -> tuple[list[int], np.ndarray]:
         """The track id of each face (boxes (F, 4), probabilities (F, K)) of the frame at ``time`` seconds, and
@@ -90,6 +91,7 @@ class FaceTracker:
                 self.tracks.append(Track(self.next_id, boxes[c], time, probs[c].copy()))
                 ids[c] = self.next_id
                 self.next_id += 1
+        self.last_time = time
         return ids, smoothed
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 import time
 from pathlib import Path
@@ -83,9 +84,9 @@ def create_app(recognizer: Any, *, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
         uvicorn.run(app, host="127.0.0.1", port=8000)
     """
     for name, v in (("max_upload_mb", max_upload_mb), ("max_active", max_active), ("body_timeout", body_timeout),
-                    ("upload_deadline", upload_deadline)):
-        if not v > 0:
-            raise ValueError(f"{name} must be positive, got {v}")
+                    ("upload_deadline", upload_deadline), ("max_pixels", max_pixels)):
+        if not (v > 0 and math.isfinite(v)):
+            raise ValueError(f"{name} must be a positive finite number, got {v}")
     own_limit = getattr(recognizer, "max_pixels", None)
     if own_limit is not None and own_limit < max_pixels:  # it would refuse, with a 500, images the app accepts
         raise ValueError(f"max_pixels={max_pixels:,} is above the recognizer's own limit of {own_limit:,} pixels: "
@@ -156,7 +157,10 @@ def create_app(recognizer: Any, *, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
             def analyse() -> dict[str, Any]:  # CPU work, off the event loop
                 with decoding:  # bounds the memory of decoded images held at once
                     image = decode_image(data, max_pixels=max_pixels, name=name)  # (H, W, 3) BGR
-                    return service.analyse(image, stream=stream, t=t, explain=explain)
+                    try:
+                        return service.analyse(image, stream=stream, t=t, explain=explain)
+                    except StreamError as e:  # e.g. a stream's time going back
+                        raise UploadError(str(e)) from None
 
             return await run_in_threadpool(analyse)
         finally:
@@ -166,23 +170,37 @@ def create_app(recognizer: Any, *, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
     return app
 
 
+QUERY_PARAMETERS = ("stream", "t", "explain")
+_YES, _NO = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
 def live_params(request: Request) -> tuple[str | None, float | None, bool]:
     """The query parameters of a live webcam frame: ``stream`` (an id that ties the frames of one page together,
-    so their faces are tracked), ``t`` (the frame's time in seconds) and ``explain`` (0 skips the heat maps)."""
+    so their faces are tracked), ``t`` (the frame's time in seconds) and ``explain`` (0 skips the heat maps). Any
+    other parameter, or a value these do not take, is an UploadError (400): a client asking for what the server
+    does not do learns it."""
     q = request.query_params
+    unknown = sorted(set(q) - set(QUERY_PARAMETERS))
+    if unknown:
+        raise UploadError(f"unknown query parameter(s) {', '.join(map(repr, unknown))}: /predict takes "
+                          f"{', '.join(QUERY_PARAMETERS)} (the model and its TTA are the server's)")
     stream, t = q.get("stream"), None
     if q.get("t") is not None:
         try:
             t = float(q["t"])
         except ValueError:
             raise UploadError(f"t must be a number of seconds, got {q['t'][:40]!r}") from None
-    if stream is not None:
-        try:
+    try:
+        if stream is not None:
             check_stream(stream, t)
-        except StreamError as e:
-            raise UploadError(str(e)) from None
-    explain = q.get("explain", "1").lower() not in ("0", "false", "no")
-    return stream, t, explain
+        elif t is not None:
+            raise StreamError("t is the time of a live stream's frame: give stream too")
+    except StreamError as e:
+        raise UploadError(str(e)) from None
+    explain = q.get("explain", "1").lower()
+    if explain not in _YES + _NO:
+        raise UploadError(f"explain must be one of {', '.join(_YES + _NO)}, got {q['explain'][:40]!r}")
+    return stream, t, explain in _YES
 
 
 def _client(request: Request) -> str:

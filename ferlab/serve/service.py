@@ -134,6 +134,9 @@ class FaceService:
         self._streams[stream] = tracker  # now the most recent
         while len(self._streams) > MAX_STREAMS:
             self._streams.popitem(last=False)
+        if tracker.last_time is not None and t <= tracker.last_time:  # its smoothing would ignore the frame
+            raise StreamError(f"t must grow within a stream: {t} after {tracker.last_time} on stream {stream!r} "
+                              "(a restarted clock starts a new stream id)")
         boxes = np.array([f.box for f in faces], np.float64).reshape(-1, 4)  # (F, 4)
         probs = np.array([[f.probabilities[c] for c in self.class_names] for f in faces], np.float64)
         return tracker.update(boxes, probs.reshape(len(faces), len(self.class_names)), t)

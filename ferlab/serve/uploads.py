@@ -106,6 +106,7 @@ class MultipartFileCollector:
     """
 
     def __init__(self, content_type: str, limit: int, field: str = "file") -> None:
+        from python_multipart.exceptions import FormParserError
         from python_multipart.multipart import MultipartParser, parse_options_header
 
         _, params = parse_options_header(content_type)
@@ -125,7 +126,10 @@ class MultipartFileCollector:
             "on_headers_finished": self._headers_finished,
             "on_part_data": self._part_data,
         }
-        self._parser = MultipartParser(boundary, callbacks)
+        try:
+            self._parser = MultipartParser(boundary, callbacks)
+        except FormParserError as e:  # e.g. a boundary over the parser's 256 characters
+            raise UploadError(f"malformed multipart/form-data request: {e}") from e
         self._current: CappedBuffer | None = None
 
     def _part_begin(self) -> None:
@@ -142,12 +146,12 @@ class MultipartFileCollector:
 
         _, params = parse_options_header(self._headers.get("content-disposition", ""))
         name, filename = params.get(b"name"), params.get(b"filename")
-        if filename is None:  # a plain form field: ignored, not stored
-            self._current = None
+        if filename is None and (name or b"").decode("utf-8", "replace") != self.field:
+            self._current = None  # a plain form field: ignored, not stored
             return
         self._current = CappedBuffer(self.limit)
         self.parts.append((name.decode("utf-8", "replace") if name else None,
-                           filename.decode("utf-8", "replace"), self._current))
+                           filename.decode("utf-8", "replace") if filename is not None else None, self._current))
 
     def _part_data(self, data: bytes, start: int, end: int) -> None:
         if self._current is not None:

@@ -13,7 +13,7 @@ from typing import Any
 
 from ferlab import hardware
 from ferlab.data.ferplus import LABEL_MODES
-from ferlab.hardware import PRECISIONS
+from ferlab.hardware import MAX_THREADS, PRECISIONS
 from ferlab.transforms import AUGMENT_PRESETS, NORMALIZE_MODES, PROGRESSIVE_MULTIPLE, TTA_MODES, AugmentConfig
 
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -102,6 +102,8 @@ class TrainConfig:
     time_limit: float = 0.0
 
     def __post_init__(self) -> None:
+        self._check_types()
+        self._check_ranges()
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} = {getattr(self, name)!r} is not one of {', '.join(allowed)}")
@@ -111,8 +113,6 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.threads < 0:
-            raise ValueError(f"threads must be >= 0 (0: the cores not busy at start), got {self.threads}")
         self._check_synthetic()
         for name in ("mixup", "cutmix"):
             if getattr(self, name) < 0:
@@ -149,6 +149,46 @@ class TrainConfig:
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
 
+    def _check_types(self) -> None:
+        """ValueError naming the option whose value has the wrong type (``lr = "0.1"`` in a TOML file)."""
+        kinds: dict[str, tuple[tuple[type, ...], str]] = {
+            "int": ((int,), "a whole number"), "float": ((int, float), "a number"), "bool": ((bool,), "true or false"),
+            "str": ((str,), "a string"), "str | None": ((str, type(None)), "a string"),
+            "str | dict[str, Any]": ((str, dict), "a preset name or a table of options"),
+            "dict[str, Any]": ((dict,), "a table of options"), "list[str]": ((list, str), "a list of names")}
+        for f in fields(self):  # the annotations are strings (postponed evaluation)
+            if f.name == "synthetic":
+                continue  # _check_synthetic says what it takes
+            value, (allowed, words) = getattr(self, f.name), kinds.get(str(f.type), ((object,), ""))
+            if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+                raise ValueError(f"{f.name} must be {words}, got {value!r}")
+
+    def _check_ranges(self) -> None:
+        """ValueError for a number outside its range (NaN is outside every range)."""
+        import math
+
+        def at_least(name: str, low: float, strict: bool = False) -> None:
+            v = getattr(self, name)
+            if not (math.isfinite(v) and (v > low if strict else v >= low)):
+                raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} {low}, got {v}")
+
+        at_least("lr", 0, strict=True)
+        for name in ("weight_decay", "warmup_epochs", "mixup", "cutmix", "sam_rho", "time_limit", "val_fraction",
+                     "distill_weight", "ema_decay", "label_smoothing", "momentum"):
+            at_least(name, 0)
+        for name in ("plateau_patience", "early_stopping", "offline_copies", "size_start", "size_ramp_epochs"):
+            at_least(name, 0)
+        at_least("distill_temperature", 0, strict=True)
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if not 0 <= self.momentum <= 1:
+            raise ValueError(f"momentum must be in [0, 1], got {self.momentum}")
+        if not 0 < self.plateau_factor < 1:
+            raise ValueError(f"plateau_factor must be in (0, 1), got {self.plateau_factor}")
+        if not 0 <= self.threads <= MAX_THREADS:
+            raise ValueError(f"threads must be in [0, {MAX_THREADS}] (0: the cores not busy at start), "
+                             f"got {self.threads}")
+
     def _check_synthetic(self) -> None:
         """ValueError unless ``synthetic`` holds arguments that make_synthetic() takes."""
         import inspect
@@ -183,13 +223,19 @@ class TrainConfig:
     def from_file(cls, path: str | Path, **overrides: Any) -> TrainConfig:
         """Read a TOML or JSON config; ``overrides`` (e.g. from the command line) win."""
         path = Path(path)
+        if path.is_dir():
+            raise ValueError(f"config file {path} is a folder; name a .toml or .json file")
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} does not exist")
-        text = path.read_text()
         try:
+            text = path.read_text(encoding="utf-8")
             d = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+        except UnicodeDecodeError:
+            raise ValueError(f"{path}: not a text file (a config is TOML or JSON)") from None
         except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
             raise ValueError(f"{path}: cannot parse config: {e}") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"{path}: a config is a table of options, got {type(d).__name__}")
         d.update(overrides)
         try:
             return cls.from_dict(d)
