@@ -154,6 +154,11 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     from safetensors import safe_open
 
     p = resolve(path)
+    try:
+        with open(p, "rb"):
+            pass
+    except OSError as e:  # e.g. no permission: said as such, not as a missing or malformed file
+        raise CheckpointError(f"{p}: cannot read ({e.strerror or e})") from None
     kind = pickle_kind(p)
     if kind is not None:
         raise CheckpointError(f"{p}: {kind}, not a safetensors checkpoint; {PICKLE_REFUSED}")

@@ -203,3 +203,20 @@ def test_broken_int8_files_name_the_tensor(tmp_path, case, edit, expected):
     with pytest.raises(CheckpointError, match=expected) as err:
         load_checkpoint(path)
     assert str(path) in str(err.value), case
+
+
+def test_a_checkpoint_that_cannot_be_read_says_so(tmp_path, monkeypatch):
+    import builtins
+
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(path, create_model("fer-resnet-s"), meta_for("fer-resnet-s"))
+    real_open = builtins.open
+
+    def no_permission(file, *a, **k):
+        if str(file) == str(path):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *a, **k)
+
+    monkeypatch.setattr(builtins, "open", no_permission)
+    with pytest.raises(CheckpointError, match="m.safetensors: cannot read \\(Permission denied\\)"):
+        read_meta(path)

@@ -176,7 +176,8 @@ def load_model(spec: ModelSpec | LoadedModel | Ensemble) -> LoadedModel | Ensemb
         return spec
     text = str(spec)
     if text.lower().endswith(".onnx"):
-        raise ValueError(f"{spec}: an .onnx model runs on the onnx backend (backend='onnx', --backend onnx)")
+        raise ValueError(f"{spec}: an exported .onnx graph only predicts (`ferlab predict` and `ferlab serve` run it; "
+                         "in Python, backend='onnx'); here, name the checkpoint or shipped model it was exported from")
     if not Path(text).exists() and pretrained.is_pretrained(text):
         entry = pretrained.pretrained_entry(text)  # warns for a renamed model; refuses a removed one
         if entry.get("kind") == "ensemble":

@@ -335,7 +335,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="read a camera instead of files (INDEX: the camera's number, default 0): each frame is "
                         "answered as it is read, with tracks; Ctrl-C (or --max-frames) ends it and writes the outputs")
     p.add_argument("--max-frames", type=int, default=None, metavar="N",
-                   help="videos and --webcam: read at most N frames of each (with --every, every N-th of them is "
+                   help="videos and --webcam: read at most N frames of each (with --every K, every K-th of them is "
                         "classified)")
     p.add_argument("--model", default=None, help="run directory, .safetensors checkpoint, shipped model or ensemble "
                    "name (`ferlab models --pretrained`) or exported .onnx file (default: the shipped default model)")
