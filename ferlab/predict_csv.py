@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from ferlab.data.formats import DATA_FILE_NAMES
 from ferlab.data.source import open_data
 from ferlab.inference.loader import load_model
 
@@ -20,8 +21,9 @@ def predict_csv(checkpoint: str | Path, data_path: str, out: str | Path, *, spli
         raise ValueError(f"--out {out} is a directory; name the CSV file to write, e.g. {Path(out) / 'submission.csv'}")
     target, src = Path(out), Path(data_path)
     if target.is_file() and ((src.is_file() and target.samefile(src))
-                             or (src.is_dir() and src.resolve() in target.resolve().parents)):
-        raise ValueError(f"--out {out} is {'the data file' if src.is_file() else 'a file of the data folder'} "
+                             or (src.is_dir() and target.resolve().parent == src.resolve()
+                                 and target.name in DATA_FILE_NAMES)):
+        raise ValueError(f"--out {out} is {'the data file' if src.is_file() else 'a data file of the folder'} "
                          f"{data_path}; writing it would destroy it: name another file")
     model = load_model(checkpoint)
     data = open_data(data_path)

@@ -445,6 +445,8 @@ def test_predict_csv_refuses_to_write_over_its_data(trained_tiny_run, tmp_path, 
     before = data.read_text()
     assert main(["predict-csv", str(trained_tiny_run), "--data", str(data), "--out", str(data)]) == 2
     assert "is the data file" in capsys.readouterr().err and data.read_text() == before
+    assert main(["predict-csv", str(trained_tiny_run), "--data", str(tmp_path), "--out", str(data)]) == 2
+    assert "is a data file of the folder" in capsys.readouterr().err and data.read_text() == before
 
 
 @pytest.mark.parametrize(("argv", "message"), [

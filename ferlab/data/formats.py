@@ -49,6 +49,9 @@ __all__ = ["LAYOUTS", "DataError", "DataWarning", "detect_layout", "load_data"]
 logger = logging.getLogger(__name__)
 
 LAYOUTS: tuple[str, ...] = ("fer2013-csv", "icml-csv", "course-csv", "image-folder")
+# the files a data folder's CSV layouts are read from
+DATA_FILE_NAMES: tuple[str, ...] = tuple(f"{name}{gz}" for gz in ("", ".gz")
+                                         for name in ("train.csv", "test.csv", "fer2013.csv", "icml_face_data.csv"))
 PACK_LAYOUT = "ferlab-pack"  # how a pack is found and cached; it loads with its source's layout
 # IMAGE_SIZE, N_PIXELS, CHUNK_ROWS, IMAGE_EXTENSIONS and MAX_IMAGE_PIXELS can still be imported from here, but each
 # lives in the module that uses it: to change one (e.g. in a test), patch it there.
