@@ -184,18 +184,16 @@ def pretrained_path(name: str) -> Path:
 def entry_for_file(path: str | Path) -> dict[str, Any] | None:
     """The manifest entry of the shipped single model whose weights file holds the same bytes as ``path`` (the
     shelf's file named by its path, or a copy of it), else None."""
-    import hashlib
+    from ferlab.data.cache import sha256_file
 
     path = Path(path)
     try:
         size = path.stat().st_size
     except OSError:
         return None
-    for name, entry in _manifest().items():
-        if entry.get("kind") == "single" and entry.get("size_bytes") == size and entry.get("sha256"):
-            if hashlib.sha256(path.read_bytes()).hexdigest() == entry["sha256"]:
-                return {"name": name, **entry}
-    return None
+    same_size = {n: e for n, e in _manifest().items() if e.get("kind") == "single" and e.get("size_bytes") == size}
+    digest = sha256_file(path) if same_size else None  # hashed once, and only when a shelf file is that large
+    return next(({"name": n, **e} for n, e in same_size.items() if e.get("sha256") == digest), None)
 
 
 def default_name() -> str:

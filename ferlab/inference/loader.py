@@ -181,7 +181,9 @@ def load_model(spec: ModelSpec | LoadedModel | Ensemble) -> LoadedModel | Ensemb
     if not Path(text).exists() and pretrained.is_pretrained(text):
         entry = pretrained.pretrained_entry(text)  # warns for a renamed model; refuses a removed one
         if entry.get("kind") == "ensemble":
-            return Ensemble([_load_single(m) for m in entry["members"]], entry["name"], entry, entry.get("weights"))
+            # members are averaged uncalibrated: no calibration to look up for them
+            return Ensemble([_load_single(m, {}) for m in entry["members"]], entry["name"], entry,
+                            entry.get("weights"))
         return _load_single(entry["name"], entry.get("calibration"))
     return _load_single(text)
 

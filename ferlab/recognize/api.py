@@ -45,7 +45,7 @@ from ferlab.recognize.detect import (
     fer2013_framing,
     framed_boxes,
 )
-from ferlab.recognize.track import FaceTracker
+from ferlab.recognize.track import FaceTracker, frame_seconds
 from ferlab.transforms import tta_mode
 
 ImageInput = str | Path | bytes | np.ndarray
@@ -379,8 +379,7 @@ class Recognizer:
         """Track ids and smoothed probabilities of a video frame's faces (a new tracker for each video)."""
         if self._tracker is None or self._tracker[0] != res.video_pass:
             self._tracker = (res.video_pass, FaceTracker(self.track_iou, smooth_s=self.smooth))
-        time = res.time if res.time is not None else float(res.frame or 0)  # no timestamps: frames as seconds
-        return self._tracker[1].update(boxes, probs, time)
+        return self._tracker[1].update(boxes, probs, frame_seconds(res.time, res.frame))
 
     def _run(self, frames: Iterator[tuple[Result, np.ndarray | None]], crops: bool,
              keep_images: bool, live: bool = False) -> Iterator[Result]:

@@ -42,6 +42,11 @@ class Track:
         return self.box + self.velocity * (self.missed + 1)
 
 
+def frame_seconds(time: float | None, frame: int | None) -> float:
+    """A video frame's time in seconds; a video without timestamps counts its frames as seconds."""
+    return float(time) if time is not None else float(frame or 0)
+
+
 class FaceTracker:
     """Assigns track ids to each frame's faces (see the module docstring). One tracker per video."""
 
@@ -127,8 +132,7 @@ class TrackLog:
             return
         raw = np.array([face.probabilities[c] for c in self.class_names])
         smooth = np.array([(face.smoothed or face.probabilities)[c] for c in self.class_names])
-        time = face.time if face.time is not None else float(face.frame or 0)  # no timestamps: frames as seconds
-        self.rows.setdefault((face.file, face.track), []).append((float(time), raw, smooth))
+        self.rows.setdefault((face.file, face.track), []).append((frame_seconds(face.time, face.frame), raw, smooth))
 
     def summaries(self) -> list[TrackSummary]:
         out = []
